@@ -1,0 +1,3 @@
+from phasecast.cli import main
+
+main()

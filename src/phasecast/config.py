@@ -1,0 +1,118 @@
+"""Server settings: defaults, overridden by ``PHASECAST_*`` environment variables, overridden
+by command-line options."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phasecast.engines import DEFAULT_ENGINE_URL
+from phasecast.errors import ConfigurationError
+
+SUPPORTED_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "ES256")
+
+
+@dataclass(slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = DEFAULT_ENGINE_URL
+    # JWT verification: a shared secret for HS*, or a PEM public key (text or file path)
+    # for RS256/ES256. ``jwt_private_key`` is only for ``phasecast token`` with RS/ES.
+    jwt_secret: str | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_public_key: str | None = None
+    jwt_private_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_seconds: float = 30.0
+    weights: str | None = None  # JSON: {"kind": {"PHASE": weight}}
+    ping_interval: float = 15.0
+    sse_retry_ms: int = 2000
+    ws_auth_timeout: float = 10.0
+    max_subscriptions: int = 100
+    log_json: bool = False
+    log_level: str = "info"
+    cors_origins: list[str] = field(default_factory=list)
+    # Where RunPod (or anything else) reaches this server from outside; used in webhook URLs.
+    public_url: str | None = None
+    webhook_secret: str | None = None
+    runpod_api_key: str | None = None
+    runpod_base_url: str = "https://api.runpod.ai/v2"
+    runpod_endpoint: str | None = None
+    archive: str | None = None  # postgresql://… for durable job records
+    demo: bool = False
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"PHASECAST_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _coerce(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.jwt_algorithm not in SUPPORTED_ALGORITHMS:
+            raise ConfigurationError(
+                f"PHASECAST_JWT_ALGORITHM={self.jwt_algorithm!r} is not supported; "
+                f"use one of {', '.join(SUPPORTED_ALGORITHMS)}"
+            )
+        if (
+            self.jwt_algorithm.startswith("HS")
+            and self.jwt_secret is not None
+            and len(self.jwt_secret.encode()) < 32
+        ):
+            raise ConfigurationError(
+                "PHASECAST_JWT_SECRET must be at least 32 bytes for HMAC signing; generate one "
+                "with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        if self.jwt_algorithm[:2] in ("RS", "ES") and self.jwt_public_key is None:
+            raise ConfigurationError(
+                f"{self.jwt_algorithm} needs PHASECAST_JWT_PUBLIC_KEY (PEM text or a file path)"
+            )
+        if not 0 < self.ping_interval <= 300:
+            raise ConfigurationError("ping_interval must be between 0 and 300 seconds")
+
+    def key_material(self, which: str) -> str:
+        """The PEM text of ``jwt_public_key`` or ``jwt_private_key``, read from a file if it
+        names one."""
+        value = getattr(self, which)
+        if value is None:
+            raise ConfigurationError(f"{which} is not configured")
+        text = str(value)
+        if "-----BEGIN" not in text:
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise ConfigurationError(f"{which}: {text!r} is neither PEM text nor a file")
+            text = path.read_text()
+        return text
+
+
+def _coerce(name: str, kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    try:
+        if kind.startswith("bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("list"):
+            return [part.strip() for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigurationError(
+            f"PHASECAST_{name.upper()}={raw!r} is not a valid {kind.split('[')[0]}"
+        ) from None
+    return raw

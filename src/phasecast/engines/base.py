@@ -1,0 +1,145 @@
+"""The storage interface every engine implements.
+
+An engine stores job states, refuses a write whose base is stale (compare-and-set on
+``seq``), keeps a bounded history per job, learns typical phase durations, and delivers every
+accepted change to the process that registered ``on_change``. The rules about which change
+is allowed live in ``phasecast.model``; engines only guarantee that a change is applied to
+exactly the state it was computed from.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from phasecast.model import JobState, Phase, parse_time
+from phasecast.progress import PhaseStats
+
+DEFAULT_HISTORY_LIMIT = 1000
+
+
+@dataclass(slots=True)
+class Change:
+    """One accepted state change. Built once per change per process and shared by every
+    watcher, so each wire frame is encoded once, not once per watcher."""
+
+    job_id: str
+    seq: int
+    terminal: bool
+    state_json: str
+    changed_at: float  # Unix seconds of ``updated_at``: the start of delivery latency
+    _ws: str | None = field(default=None, repr=False, compare=False)
+    _sse: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, state: JobState, state_json: str | None = None) -> Change:
+        return cls(
+            job_id=state.job_id,
+            seq=state.seq,
+            terminal=state.terminal,
+            state_json=state_json if state_json is not None else state.to_json(),
+            changed_at=parse_time(state.updated_at).timestamp(),
+        )
+
+    def ws_frame(self) -> str:
+        if self._ws is None:
+            self._ws = '{"type":"state","job":' + self.state_json + "}"
+        return self._ws
+
+    def sse_frame(self) -> str:
+        if self._sse is None:
+            self._sse = f"id: {self.seq}\nevent: state\ndata: {self.state_json}\n\n"
+        return self._sse
+
+    def encode(self) -> str:
+        """Compact transport form for pub/sub: header fields, then the state JSON."""
+        return f"{self.seq}|{int(self.terminal)}|{self.changed_at:.3f}|{self.job_id}|{self.state_json}"
+
+    @classmethod
+    def decode(cls, payload: str) -> Change:
+        seq, terminal, changed_at, job_id, state_json = payload.split("|", 4)
+        return cls(job_id, int(seq), terminal == "1", state_json, float(changed_at))
+
+
+ChangeHandler = Callable[[Change], None]
+
+
+def history_entry(state: JobState) -> dict[str, Any]:
+    """What the per-job history keeps of each change: enough to draw a timeline."""
+    return {
+        "seq": state.seq,
+        "at": state.updated_at,
+        "phase": state.phase.value,
+        "phase_progress": state.phase_progress,
+        "progress": state.progress,
+        "message": state.message,
+    }
+
+
+class Engine(abc.ABC):
+    """Storage and change feed for job states. Chosen by URL scheme (``engines.open_engine``)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._on_change: ChangeHandler | None = None
+
+    @property
+    def shared(self) -> bool:
+        """True when several server processes may use the same store at once."""
+        return False
+
+    def _emit(self, change: Change) -> None:
+        if self._on_change is not None:
+            self._on_change(change)
+
+    @abc.abstractmethod
+    async def start(self, on_change: ChangeHandler | None = None) -> None:
+        """Connect and begin delivering changes of listened jobs to ``on_change``."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise ``EngineUnavailable`` if the store cannot be reached."""
+
+    @abc.abstractmethod
+    async def insert(self, state: JobState) -> None:
+        """Store a new job; raise ``JobExists`` if its id is taken."""
+
+    @abc.abstractmethod
+    async def load(self, job_id: str) -> JobState | None: ...
+
+    @abc.abstractmethod
+    async def replace(self, state: JobState, expected_seq: int) -> bool:
+        """Store ``state`` only if the stored seq is still ``expected_seq``; append it to the
+        history and publish it, all at once. Return False if another write came first."""
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self, owner: str | None, *, active_only: bool, limit: int
+    ) -> list[JobState]:
+        """Newest first. ``owner=None`` lists every owner's jobs."""
+
+    @abc.abstractmethod
+    async def history(self, job_id: str, *, limit: int) -> list[dict[str, Any]]:
+        """The most recent ``limit`` changes, oldest first."""
+
+    @abc.abstractmethod
+    async def load_stats(self, kind: str) -> PhaseStats: ...
+
+    @abc.abstractmethod
+    async def record_durations(self, kind: str, durations: dict[Phase, float]) -> None:
+        """Fold one finished job's phase durations into the learned typical durations."""
+
+    async def listen(self, job_id: str) -> None:
+        """Make sure changes of ``job_id`` reach ``on_change``, and return once they will.
+        Engines that deliver every change anyway need not override this."""
+
+    async def unlisten(self, job_id: str) -> None:
+        """Stop delivering changes of ``job_id`` (the last local watcher left)."""
+

@@ -1,0 +1,24 @@
+-- Replace a job's state only if it is still the one the new state was computed from,
+-- so two writers can never interleave; then extend its life, append history and announce.
+-- KEYS: 1 state hash, 2 history stream, 3 owner index (zset)
+-- ARGV: 1 expected seq, 2 state json, 3 new seq, 4 ttl seconds, 5 history maxlen,
+--       6 history entry json, 7 channel, 8 pub/sub payload, 9 terminal (0/1)
+local current = redis.call('HMGET', KEYS[1], 'seq', 'terminal')
+if not current[1] then
+  return -1
+end
+if current[1] ~= ARGV[1] then
+  return 0
+end
+-- The rules ran against this exact state; re-check the two that must hold whatever a
+-- caller computed: a finished job never changes, and seq only moves up by one.
+if current[2] == '1' or tonumber(ARGV[3]) ~= tonumber(ARGV[1]) + 1 then
+  return -2
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'seq', ARGV[3], 'terminal', ARGV[9])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return 1

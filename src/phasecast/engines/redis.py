@@ -1,0 +1,356 @@
+"""Redis engine: state with a TTL, bounded history, pub/sub fan-out across server processes.
+
+Writes are Lua scripts (``engines/lua/``): the compare-and-set on ``seq``, the TTL refresh,
+the history append and the PUBLISH happen as one step, so two writers never interleave and
+no watcher ever sees a change that was not stored.
+
+Each server process holds exactly one pub/sub connection. A job's channel is subscribed when
+its first local watcher arrives and unsubscribed when its last one leaves. If that connection
+drops, the listener reconnects with capped exponential backoff, subscribes again and reloads
+every listened job from the stored state, so a change published while it was away is not
+missed: watchers receive the newest state instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from phasecast.engines.base import (
+    DEFAULT_HISTORY_LIMIT,
+    Change,
+    ChangeHandler,
+    Engine,
+    history_entry,
+)
+from phasecast.engines.redis_keys import RedisKeys
+from phasecast.errors import ConfigurationError, EngineUnavailable, JobExists, JobTerminal
+from phasecast.model import JobState, Phase, parse_time
+from phasecast.progress import LEARNING_RATE, PhaseStat, PhaseStats
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
+    raise ConfigurationError(
+        "the Redis engine needs redis-py: pip install 'phasecast[redis]'"
+    ) from exc
+
+log = logging.getLogger("phasecast.engines.redis")
+
+DEFAULT_TTL_SECONDS = 24 * 3600
+RECONNECT_BASE_SECONDS = 0.1
+RECONNECT_CAP_SECONDS = 5.0
+SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+
+
+def _script(name: str) -> str:
+    return resources.files("phasecast.engines").joinpath("lua", name).read_text()
+
+
+class RedisEngine(Engine):
+    schemes = ("redis", "rediss", "unix")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_seconds: int | None = None,
+        history_limit: int = DEFAULT_HISTORY_LIMIT,
+        prefix: str | None = None,
+    ) -> None:
+        super().__init__(url)
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        try:
+            self.ttl_seconds = int(query.pop("ttl", ttl_seconds or DEFAULT_TTL_SECONDS))
+        except ValueError as exc:
+            raise ConfigurationError(f"ttl in {url!r} must be a number of seconds") from exc
+        if self.ttl_seconds <= 0:
+            raise ConfigurationError("ttl must be a positive number of seconds")
+        self.keys = RedisKeys(prefix or query.pop("prefix", "phasecast"))
+        self.history_limit = history_limit
+        self._connection_url = urlunsplit(parts._replace(query=urlencode(query)))
+        self._client: aioredis.Redis | None = None
+        self._listened: set[str] = set()
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: Any = None
+        self._connected = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise EngineUnavailable("the Redis engine is not started")
+        return self._client
+
+    async def start(self, on_change: ChangeHandler | None = None) -> None:
+        self._on_change = on_change
+        self._client = aioredis.Redis.from_url(
+            self._connection_url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        self._insert = self._client.register_script(_script("insert.lua"))
+        self._replace = self._client.register_script(_script("replace.lua"))
+        self._learn = self._client.register_script(_script("learn.lua"))
+        await self.ping()
+        if on_change is not None:
+            self._listener = asyncio.create_task(self._listen_forever(), name="phasecast-pubsub")
+            try:
+                await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT_SECONDS)
+            except TimeoutError as exc:
+                raise EngineUnavailable(
+                    f"cannot open a pub/sub connection to {self._redacted_url()}"
+                ) from exc
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _redacted_url(self) -> str:
+        parts = urlsplit(self._connection_url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc, query=""))
+
+    async def ping(self) -> None:
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"Redis at {self._redacted_url()} is unreachable: {exc}") from exc
+
+    # --- writes --------------------------------------------------------------------------
+
+    async def insert(self, state: JobState) -> None:
+        state_json = state.to_json()
+        change = Change.of(state, state_json)
+        created = parse_time(state.created_at).timestamp()
+        try:
+            created_new = await self._insert(
+                keys=[
+                    self.keys.job(state.job_id),
+                    self.keys.history(state.job_id),
+                    self.keys.owner_index(state.owner),
+                    self.keys.all_jobs(),
+                ],
+                args=[
+                    state_json,
+                    state.seq,
+                    self.ttl_seconds,
+                    self.history_limit,
+                    json.dumps(history_entry(state), separators=(",", ":")),
+                    self.keys.channel(state.job_id),
+                    change.encode(),
+                    state.job_id,
+                    created,
+                    int(state.terminal),
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot store job {state.job_id!r} in Redis: {exc}") from exc
+        if created_new == 0:
+            raise JobExists(state.job_id)
+
+    async def replace(self, state: JobState, expected_seq: int) -> bool:
+        state_json = state.to_json()
+        try:
+            result = await self._replace(
+                keys=[
+                    self.keys.job(state.job_id),
+                    self.keys.history(state.job_id),
+                    self.keys.owner_index(state.owner),
+                ],
+                args=[
+                    expected_seq,
+                    state_json,
+                    state.seq,
+                    self.ttl_seconds,
+                    self.history_limit,
+                    json.dumps(history_entry(state), separators=(",", ":")),
+                    self.keys.channel(state.job_id),
+                    Change.of(state, state_json).encode(),
+                    int(state.terminal),
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot update job {state.job_id!r} in Redis: {exc}") from exc
+        if result == -2:
+            current = await self.load(state.job_id)
+            raise JobTerminal(state.job_id, current.phase if current else Phase.FAILED)
+        # -1: the job expired between read and write; the caller reloads and reports not found.
+        return bool(result == 1)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def load(self, job_id: str) -> JobState | None:
+        try:
+            raw = await self.client.hget(self.keys.job(job_id), "state")
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot read job {job_id!r} from Redis: {exc}") from exc
+        return None if raw is None else JobState.from_json(raw)
+
+    async def list_jobs(
+        self, owner: str | None, *, active_only: bool, limit: int
+    ) -> list[JobState]:
+        index = self.keys.owner_index(owner) if owner is not None else self.keys.all_jobs()
+        found: list[JobState] = []
+        expired: list[str] = []
+        start = 0
+        page = max(limit, 50)
+        try:
+            while len(found) < limit:
+                ids = [str(i) for i in await self.client.zrevrange(index, start, start + page - 1)]
+                if not ids:
+                    break
+                start += page
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for job_id in ids:
+                        pipe.hmget(self.keys.job(job_id), "state", "terminal")
+                    rows = await pipe.execute()
+                for job_id, (raw, terminal) in zip(ids, rows, strict=True):
+                    if raw is None:
+                        expired.append(job_id)
+                    elif not (active_only and terminal == "1"):
+                        found.append(JobState.from_json(raw))
+                        if len(found) == limit:
+                            break
+            if expired:
+                # Index entries outlive the jobs they name (the job's TTL expired first).
+                await self.client.zrem(index, *expired)
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot list jobs in Redis: {exc}") from exc
+        return found
+
+    async def history(self, job_id: str, *, limit: int) -> list[dict[str, Any]]:
+        try:
+            entries = await self.client.xrevrange(self.keys.history(job_id), count=limit)
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot read history of {job_id!r}: {exc}") from exc
+        return [json.loads(fields["e"]) for _, fields in reversed(entries or []) if fields]
+
+    async def load_stats(self, kind: str) -> PhaseStats:
+        try:
+            raw = {str(k): str(v) for k, v in (await self.client.hgetall(self.keys.stats(kind))).items()}
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot read phase statistics: {exc}") from exc
+        stats: PhaseStats = {}
+        for phase in Phase:
+            mean = raw.get(f"{phase.value}:mean")
+            if mean is not None:
+                stats[phase] = PhaseStat(float(mean), int(raw.get(f"{phase.value}:n", "1")))
+        return stats
+
+    async def record_durations(self, kind: str, durations: dict[Phase, float]) -> None:
+        if not durations:
+            return
+        args: list[str | float] = [LEARNING_RATE]
+        for phase, seconds in durations.items():
+            args += [phase.value, seconds]
+        try:
+            await self._learn(keys=[self.keys.stats(kind)], args=args)
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot record phase durations: {exc}") from exc
+
+    # --- fan-out -------------------------------------------------------------------------
+
+    async def listen(self, job_id: str) -> None:
+        if job_id in self._listened:
+            return
+        self._listened.add(job_id)
+        if self._pubsub is None or not self._connected.is_set():
+            return  # the listener subscribes everything listened when it (re)connects
+        channel = self.keys.channel(job_id)
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[channel] = confirmed
+        try:
+            await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_SECONDS)
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The listener will resubscribe and resync this job once the link is back.
+            log.warning("subscribe to %s not confirmed: %s", channel, exc)
+        finally:
+            self._confirmations.pop(channel, None)
+
+    async def unlisten(self, job_id: str) -> None:
+        if job_id not in self._listened:
+            return
+        self._listened.discard(job_id)
+        if self._pubsub is not None and self._connected.is_set():
+            try:
+                await self._pubsub.unsubscribe(self.keys.channel(job_id))
+            except (RedisError, OSError) as exc:
+                log.warning("unsubscribe from %s failed: %s", job_id, exc)
+
+    async def _listen_forever(self) -> None:
+        failures = 0
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=False)
+            try:
+                # A placeholder channel makes the connection a subscriber right away, so
+                # get_message has something to wait on even before any job is watched.
+                await pubsub.subscribe(self.keys.channel("*idle*"))
+                listened = list(self._listened)
+                if listened:
+                    await pubsub.subscribe(*(self.keys.channel(j) for j in listened))
+                self._pubsub = pubsub
+                self._connected.set()
+                if failures:
+                    self.reconnects += 1
+                    log.info("pub/sub reconnected after %d failures; resyncing %d jobs",
+                             failures, len(listened))
+                    await self._resync(listened)
+                failures = 0
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None:
+                        continue
+                    kind = message["type"]
+                    if kind == "message":
+                        self._emit(Change.decode(message["data"]))
+                    elif kind == "subscribe":
+                        future = self._confirmations.get(message["channel"])
+                        if future is not None and not future.done():
+                            future.set_result(None)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self._connected.clear()
+                self._pubsub = None
+                failures += 1
+                delay = min(RECONNECT_CAP_SECONDS, RECONNECT_BASE_SECONDS * 2 ** min(failures, 10))
+                delay = random.uniform(delay / 2, delay)
+                log.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _resync(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            if job_id not in self._listened:
+                continue
+            try:
+                state = await self.load(job_id)
+            except EngineUnavailable:
+                return  # the link dropped again; the next reconnect resyncs
+            if state is not None:
+                self._emit(Change.of(state))

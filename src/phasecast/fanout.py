@@ -1,0 +1,163 @@
+"""Local fan-out: from one change feed to every watcher in this process.
+
+Each connection owns one ``Mailbox``. A mailbox keeps at most one pending change per job and
+replaces it when a newer one arrives (latest wins), so a watcher that cannot keep up costs a
+bounded amount of memory and, once it reads again, gets the newest state. Nothing after a
+terminal state exists, so the terminal state itself is never replaced and never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from phasecast.engines.base import Change, Engine
+
+log = logging.getLogger("phasecast.fanout")
+
+# Control messages (errors, acknowledgements) a connection may have queued at once; past
+# this the oldest are dropped, since they describe requests the client has moved on from.
+MAX_CONTROL_MESSAGES = 64
+
+
+class Mailbox:
+    """Latest-wins buffer of changes waiting to be written to one connection."""
+
+    __slots__ = ("_delivered", "_pending", "_ready", "conflated", "control")
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Change] = {}
+        self._delivered: dict[str, int] = {}
+        self._ready = asyncio.Event()
+        self.control: deque[str] = deque(maxlen=MAX_CONTROL_MESSAGES)
+        self.conflated = 0
+
+    def set_floor(self, job_id: str, seq: int) -> None:
+        """The watcher already has everything up to ``seq`` of this job."""
+        self._delivered[job_id] = max(seq, self._delivered.get(job_id, 0))
+
+    def offer(self, change: Change) -> None:
+        if change.seq <= self._delivered.get(change.job_id, 0):
+            return
+        pending = self._pending.get(change.job_id)
+        if pending is not None:
+            if pending.seq >= change.seq:
+                return
+            self.conflated += 1
+        self._pending[change.job_id] = change
+        self._ready.set()
+
+    def say(self, frame: str) -> None:
+        self.control.append(frame)
+        self._ready.set()
+
+    def take(self) -> list[Change]:
+        """Everything pending, marked as delivered; the caller writes it out."""
+        changes = list(self._pending.values())
+        self._pending.clear()
+        self._ready.clear()
+        for change in changes:
+            self._delivered[change.job_id] = change.seq
+        return changes
+
+    def forget(self, job_id: str) -> None:
+        self._pending.pop(job_id, None)
+        self._delivered.pop(job_id, None)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending) or bool(self.control)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until something is pending; False if ``timeout`` passed first."""
+        if self.has_pending:
+            return True
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass(slots=True)
+class _JobWatchers:
+    ready: asyncio.Future[None]
+    mailboxes: set[Mailbox] = field(default_factory=set)
+
+
+class Hub:
+    """Which local mailboxes watch which job; tells the engine which jobs to listen to."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._jobs: dict[str, _JobWatchers] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        # Called once per change with the number of local watchers (metrics).
+        self.observers: list[Callable[[Change, int], None]] = []
+
+    @property
+    def watched_jobs(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def watchers(self) -> int:
+        return sum(len(entry.mailboxes) for entry in self._jobs.values())
+
+    def dispatch(self, change: Change) -> None:
+        """Called by the engine for every change of a listened job (or of every job)."""
+        entry = self._jobs.get(change.job_id)
+        if entry is None:
+            return
+        for mailbox in entry.mailboxes:
+            mailbox.offer(change)
+        for observer in self.observers:
+            observer(change, len(entry.mailboxes))
+
+    async def add(self, job_id: str, mailbox: Mailbox) -> None:
+        """Returns once every later change of ``job_id`` is guaranteed to reach ``mailbox``:
+        load the state after this, not before, and nothing falls in between."""
+        entry = self._jobs.get(job_id)
+        if entry is not None:
+            entry.mailboxes.add(mailbox)
+            await asyncio.shield(entry.ready)
+            return
+        entry = _JobWatchers(asyncio.get_running_loop().create_future(), {mailbox})
+        self._jobs[job_id] = entry
+        try:
+            await self._engine.listen(job_id)
+        finally:
+            if not entry.ready.done():
+                entry.ready.set_result(None)
+
+    def remove(self, job_id: str, mailbox: Mailbox) -> None:
+        """Synchronous so that it is safe in a ``finally`` of a cancelled task; the engine
+        is told to stop listening in the background."""
+        mailbox.forget(job_id)
+        entry = self._jobs.get(job_id)
+        if entry is None:
+            return
+        entry.mailboxes.discard(mailbox)
+        if entry.mailboxes:
+            return
+        del self._jobs[job_id]
+        task = asyncio.get_running_loop().create_task(self._unlisten(job_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _unlisten(self, job_id: str) -> None:
+        if job_id in self._jobs:
+            return  # a new watcher arrived meanwhile
+        try:
+            await self._engine.unlisten(job_id)
+        except Exception:
+            log.exception("engine failed to stop listening to job %s", job_id)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,442 @@
+"""Phases, job state and the rules that decide whether an update may be applied.
+
+Everything here is pure: no I/O, no clocks read implicitly. Engines store what these
+functions return; the tracker feeds them the current state and the time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from phasecast.errors import InvalidUpdate, JobTerminal
+
+
+class Phase(StrEnum):
+    QUEUED = "QUEUED"
+    ANALYZING = "ANALYZING"
+    GENERATING = "GENERATING"
+    POST_PROCESSING = "POST_PROCESSING"
+    COMPLETE = "COMPLETE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_PHASES
+
+    @property
+    def rank(self) -> int:
+        # Terminal phases all rank after every working phase: a job can end from anywhere.
+        return _RANK[self]
+
+
+WORKING_PHASES: tuple[Phase, ...] = (
+    Phase.QUEUED,
+    Phase.ANALYZING,
+    Phase.GENERATING,
+    Phase.POST_PROCESSING,
+)
+TERMINAL_PHASES: frozenset[Phase] = frozenset({Phase.COMPLETE, Phase.FAILED, Phase.CANCELLED})
+_RANK: dict[Phase, int] = {p: i for i, p in enumerate(WORKING_PHASES)} | {
+    p: len(WORKING_PHASES) for p in TERMINAL_PHASES
+}
+
+StepStatus = Literal["pending", "running", "done", "failed"]
+STEP_STATUSES: tuple[str, ...] = ("pending", "running", "done", "failed")
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+STEP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+MAX_METADATA_BYTES = 16 * 1024
+MAX_MESSAGE_CHARS = 500
+MAX_STEPS = 1000
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339, UTC, millisecond precision: ``2026-11-29T04:10:00.123Z``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def new_epoch() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass(slots=True)
+class JobError:
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+@dataclass(slots=True)
+class JobState:
+    """The public state of one job. ``to_dict`` is the wire contract (docs/protocol.md)."""
+
+    job_id: str
+    owner: str
+    kind: str
+    phase: Phase
+    phase_progress: float
+    progress: float
+    message: str
+    eta_seconds: float | None
+    seq: int
+    epoch: str
+    created_at: str
+    updated_at: str
+    phases: dict[str, dict[str, str | None]] = field(default_factory=dict)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps_total: int | None = None
+    error: JobError | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase.terminal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "owner": self.owner,
+            "kind": self.kind,
+            "phase": self.phase.value,
+            "phase_progress": self.phase_progress,
+            "progress": self.progress,
+            "message": self.message,
+            "eta_seconds": self.eta_seconds,
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "phases": self.phases,
+            "steps": self.steps,
+            "steps_total": self.steps_total,
+            "error": None if self.error is None else self.error.to_dict(),
+            "metadata": self.metadata,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobState:
+        error = data.get("error")
+        return cls(
+            job_id=data["job_id"],
+            owner=data["owner"],
+            kind=data["kind"],
+            phase=Phase(data["phase"]),
+            phase_progress=float(data["phase_progress"]),
+            progress=float(data["progress"]),
+            message=data.get("message", ""),
+            eta_seconds=data.get("eta_seconds"),
+            seq=int(data["seq"]),
+            epoch=data["epoch"],
+            created_at=data["created_at"],
+            updated_at=data["updated_at"],
+            phases=data.get("phases") or {},
+            steps=data.get("steps") or {},
+            steps_total=data.get("steps_total"),
+            error=None if not error else JobError(code=error["code"], message=error["message"]),
+            metadata=data.get("metadata") or {},
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobState:
+        return cls.from_dict(json.loads(text))
+
+    def copy(self) -> JobState:
+        return copy.deepcopy(self)
+
+
+# --- Updates -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class ProgressUpdate:
+    """A report from a worker. Either ``phase_progress`` or a ``step`` report (or neither:
+    entering a phase, or only changing the message)."""
+
+    phase: Phase
+    phase_progress: float | None = None
+    step: str | None = None
+    step_progress: float | None = None
+    step_status: StepStatus | None = None
+    steps_total: int | None = None
+    message: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    """What happened to an update: ``applied`` is False for a late or duplicate report,
+    which is acknowledged but changes nothing."""
+
+    applied: bool
+    state: JobState
+
+
+def validate_job_id(job_id: str) -> str:
+    if not JOB_ID_PATTERN.match(job_id):
+        raise InvalidUpdate(
+            "job_id",
+            "must be 1-128 characters of letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or digit",
+        )
+    return job_id
+
+
+def validate_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(metadata, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise InvalidUpdate(
+            "metadata", f"is {size} bytes of JSON; the limit is {MAX_METADATA_BYTES} bytes"
+        )
+    return metadata
+
+
+def validate_percent(name: str, value: float) -> float:
+    if value != value or value < 0 or value > 100:  # value != value catches NaN
+        raise InvalidUpdate(name, f"must be a number from 0 to 100, got {value!r}")
+    return float(value)
+
+
+def validate_update(update: ProgressUpdate) -> None:
+    if update.phase.terminal:
+        raise InvalidUpdate(
+            "phase",
+            f"{update.phase.value} is terminal; use the complete, fail or cancel call instead",
+        )
+    if update.phase_progress is not None:
+        validate_percent("phase_progress", update.phase_progress)
+    if update.step_progress is not None:
+        validate_percent("step_progress", update.step_progress)
+        if update.step is None:
+            raise InvalidUpdate("step", "is required when step_progress is given")
+    if update.step is not None:
+        if not STEP_ID_PATTERN.match(update.step):
+            raise InvalidUpdate("step", "must be 1-64 characters of letters, digits, '.', '_', ':' or '-'")
+        if update.phase_progress is not None:
+            raise InvalidUpdate(
+                "phase_progress",
+                "cannot be sent with a step: a phase with steps takes the mean of its steps",
+            )
+    if update.step_status is not None and update.step_status not in STEP_STATUSES:
+        raise InvalidUpdate("step_status", f"must be one of {', '.join(STEP_STATUSES)}")
+    if update.steps_total is not None and not 1 <= update.steps_total <= MAX_STEPS:
+        raise InvalidUpdate("steps_total", f"must be from 1 to {MAX_STEPS}")
+    if update.message is not None and len(update.message) > MAX_MESSAGE_CHARS:
+        raise InvalidUpdate("message", f"must be at most {MAX_MESSAGE_CHARS} characters")
+
+
+def new_job(
+    *,
+    job_id: str,
+    owner: str,
+    kind: str,
+    metadata: dict[str, Any],
+    now: datetime,
+    message: str = "Queued",
+) -> JobState:
+    stamp = format_time(now)
+    return JobState(
+        job_id=validate_job_id(job_id),
+        owner=owner,
+        kind=kind,
+        phase=Phase.QUEUED,
+        phase_progress=0.0,
+        progress=0.0,
+        message=message,
+        eta_seconds=None,
+        seq=1,
+        epoch=new_epoch(),
+        created_at=stamp,
+        updated_at=stamp,
+        phases={Phase.QUEUED.value: {"started_at": stamp, "finished_at": None}},
+        metadata=validate_metadata(metadata),
+    )
+
+
+def _enter_phase(state: JobState, phase: Phase, stamp: str) -> None:
+    current = state.phases.get(state.phase.value)
+    if current is not None and current.get("finished_at") is None:
+        current["finished_at"] = stamp
+    state.phases[phase.value] = {
+        "started_at": stamp,
+        "finished_at": stamp if phase.terminal else None,
+    }
+    state.phase = phase
+    state.phase_progress = 100.0 if phase is Phase.COMPLETE else 0.0
+    state.steps = {}
+    state.steps_total = None
+
+
+def _apply_step(state: JobState, update: ProgressUpdate) -> None:
+    assert update.step is not None
+    step = state.steps.get(update.step)
+    if step is None:
+        if len(state.steps) >= MAX_STEPS:
+            raise InvalidUpdate("step", f"a phase may have at most {MAX_STEPS} steps")
+        step = {"progress": 0.0, "status": "pending"}
+        state.steps[update.step] = step
+    if step["status"] == "done":
+        return  # a finished step stays finished; late reports about it change nothing
+    status = update.step_status
+    progress = update.step_progress
+    if status == "done":
+        progress = 100.0
+    if progress is not None:
+        step["progress"] = max(float(step["progress"]), float(progress))
+    if status is not None:
+        step["status"] = status
+    elif step["status"] in ("pending", "failed") and progress is not None:
+        step["status"] = "running"
+    if step["progress"] >= 100.0 and step["status"] != "failed":
+        step["status"] = "done"
+
+
+def steps_mean(steps: dict[str, dict[str, Any]], steps_total: int | None) -> float:
+    count = max(len(steps), steps_total or 0)
+    if count == 0:
+        return 0.0
+    return sum(float(s["progress"]) for s in steps.values()) / count
+
+
+def apply_progress(
+    state: JobState, update: ProgressUpdate, now: datetime, weights: dict[Phase, float]
+) -> Outcome:
+    """Apply a worker's report to a copy of ``state``.
+
+    Raises ``JobTerminal`` for a job that has ended and ``InvalidUpdate`` for a report that
+    could never be valid. A report that is merely late (an earlier phase, lower progress) or a
+    repeat of what is already known returns ``Outcome(applied=False)`` with the state unchanged.
+    """
+    validate_update(update)
+    if state.terminal:
+        raise JobTerminal(state.job_id, state.phase)
+    if update.phase.rank < state.phase.rank:
+        return Outcome(False, state)
+
+    new = state.copy()
+    stamp = format_time(now)
+    if update.phase.rank > state.phase.rank:
+        _enter_phase(new, update.phase, stamp)
+    if update.steps_total is not None:
+        new.steps_total = max(new.steps_total or 0, update.steps_total)
+    if update.step is not None:
+        _apply_step(new, update)
+    if new.steps:
+        # Monotonic by construction: a report that would lower the mean (say, a larger
+        # steps_total arriving late) leaves the phase's progress where viewers last saw it.
+        new.phase_progress = max(new.phase_progress, round(steps_mean(new.steps, new.steps_total), 3))
+    elif update.phase_progress is not None:
+        if update.phase_progress < new.phase_progress:
+            return Outcome(False, state)
+        new.phase_progress = float(update.phase_progress)
+    if update.message is not None:
+        new.message = update.message
+    new.progress = max(state.progress, overall_progress(new.phase, new.phase_progress, weights))
+
+    if _same_content(state, new):
+        return Outcome(False, state)
+    new.seq = state.seq + 1
+    new.updated_at = stamp
+    return Outcome(True, new)
+
+
+def apply_terminal(
+    state: JobState,
+    phase: Phase,
+    now: datetime,
+    *,
+    message: str | None = None,
+    error: JobError | None = None,
+) -> Outcome:
+    """End a job. Repeating the same ending is acknowledged and ignored; ending a job that
+    already ended differently raises ``JobTerminal``."""
+    if not phase.terminal:
+        raise ValueError(f"{phase} is not a terminal phase")
+    if message is not None and len(message) > MAX_MESSAGE_CHARS:
+        raise InvalidUpdate("message", f"must be at most {MAX_MESSAGE_CHARS} characters")
+    if state.terminal:
+        if state.phase is phase:
+            return Outcome(False, state)
+        raise JobTerminal(state.job_id, state.phase)
+    new = state.copy()
+    stamp = format_time(now)
+    steps, steps_total = new.steps, new.steps_total
+    _enter_phase(new, phase, stamp)
+    if phase is not Phase.COMPLETE:
+        # Keep the picture of how far each step got when the job stopped.
+        new.steps, new.steps_total = steps, steps_total
+    new.progress = 100.0 if phase is Phase.COMPLETE else state.progress
+    new.phase_progress = 100.0 if phase is Phase.COMPLETE else state.phase_progress
+    new.message = message if message is not None else _DEFAULT_END_MESSAGE[phase]
+    new.error = error
+    new.eta_seconds = 0.0 if phase is Phase.COMPLETE else None
+    new.seq = state.seq + 1
+    new.updated_at = stamp
+    return Outcome(True, new)
+
+
+_DEFAULT_END_MESSAGE = {
+    Phase.COMPLETE: "Complete",
+    Phase.FAILED: "Failed",
+    Phase.CANCELLED: "Cancelled",
+}
+
+
+def overall_progress(phase: Phase, phase_progress: float, weights: dict[Phase, float]) -> float:
+    """Weighted sum over the working phases: every earlier phase counts in full, the current
+    one by its own progress. Rounded to 0.001 so repeated reports compare equal."""
+    if phase is Phase.COMPLETE:
+        return 100.0
+    total = sum(weights.get(p, 0.0) for p in WORKING_PHASES)
+    if total <= 0:
+        return 0.0
+    if phase.terminal:
+        raise ValueError("overall progress of a failed or cancelled job is where it stopped")
+    done = sum(weights.get(p, 0.0) for p in WORKING_PHASES if p.rank < phase.rank)
+    current = weights.get(phase, 0.0) * phase_progress / 100.0
+    return round(min(100.0, 100.0 * (done + current) / total), 3)
+
+
+def _same_content(old: JobState, new: JobState) -> bool:
+    return (
+        old.phase is new.phase
+        and old.phase_progress == new.phase_progress
+        and old.message == new.message
+        and old.steps == new.steps
+        and old.steps_total == new.steps_total
+    )
+
+
+def phase_durations(state: JobState) -> dict[Phase, float]:
+    """Seconds spent in each working phase that both started and finished."""
+    out: dict[Phase, float] = {}
+    for name, span in state.phases.items():
+        phase = Phase(name)
+        if phase.terminal or not span.get("finished_at") or not span.get("started_at"):
+            continue
+        start, end = parse_time(str(span["started_at"])), parse_time(str(span["finished_at"]))
+        out[phase] = max(0.0, (end - start).total_seconds())
+    return out

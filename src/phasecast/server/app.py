@@ -1,0 +1,120 @@
+"""The ASGI application: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from phasecast import __version__
+from phasecast.config import Settings
+from phasecast.engines import open_engine
+from phasecast.errors import EngineUnavailable
+from phasecast.progress import WeightTable
+from phasecast.server import routes, sse
+from phasecast.server.auth import TokenVerifier
+from phasecast.server.deps import Services, install_error_handlers
+from phasecast.server.logs import RequestContextMiddleware
+from phasecast.server.metrics import Metrics
+from phasecast.server.websocket import websocket_endpoint
+from phasecast.tracker import ProgressTracker
+
+log = logging.getLogger("phasecast.server")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# Hooks that other parts of the package (integrations, the demo) attach to an app: each is
+# called with the app and its services once the tracker has started, and may return an
+# async callable to run at shutdown.
+Startup = Callable[[FastAPI, Services], Awaitable[Callable[[], Awaitable[None]] | None]]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    tracker: ProgressTracker | None = None,
+    startup: list[Startup] | None = None,
+) -> FastAPI:
+    verifier = TokenVerifier(settings)
+    if tracker is None:
+        weights = WeightTable.from_json(settings.weights) if settings.weights else WeightTable()
+        tracker = ProgressTracker(open_engine(settings.engine), weights=weights)
+    metrics = Metrics()
+    metrics.bind_hub(tracker.hub)
+    tracker.count_update = lambda result: metrics.updates.labels(result).inc()
+    found = Services(settings=settings, tracker=tracker, verifier=verifier, metrics=metrics)
+    hooks = list(startup or [])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await tracker.start()
+        log.info("engine started", extra={"engine": type(tracker.engine).__name__})
+        stoppers: list[Callable[[], Awaitable[None]]] = []
+        try:
+            for hook in hooks:
+                stop = await hook(app, found)
+                if stop is not None:
+                    stoppers.append(stop)
+            yield
+        finally:
+            for stop in reversed(stoppers):
+                try:
+                    await stop()
+                except Exception:
+                    log.exception("shutdown hook failed")
+            await tracker.stop()
+
+    app = FastAPI(
+        title="Phasecast",
+        version=__version__,
+        summary="Live progress of long-running generation jobs",
+        lifespan=lifespan,
+    )
+    app.state.services = found
+    install_error_handlers(app)
+    app.include_router(routes.router)
+    app.include_router(sse.router)
+    app.add_api_websocket_route("/v1/ws", websocket_endpoint)
+    app.add_middleware(RequestContextMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+        )
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["service"])
+    async def readyz(request: Request) -> JSONResponse:
+        try:
+            await tracker.engine.ping()
+        except EngineUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "reason": exc.message}, 503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if (STATIC_DIR / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+    else:
+        @app.get("/", include_in_schema=False)
+        async def index_fallback() -> HTMLResponse:
+            return HTMLResponse((Path(__file__).parent / "fallback.html").read_text())
+
+    return app

@@ -1,0 +1,117 @@
+"""Structured logging with a request id and job id on every record, and an access log that
+never prints query strings (they may carry ``access_token``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+job_id_var: ContextVar[str | None] = ContextVar("job_id", default=None)
+
+access_log = logging.getLogger("phasecast.access")
+
+_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_var.get()
+        if getattr(record, "job_id", None) is None:
+            record.job_id = job_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and value is not None:
+                payload[key] = value
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        extras = {
+            k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and v is not None
+        }
+        if extras:
+            base += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        return base
+
+
+def configure_logging(*, json_output: bool, level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(ContextFilter())
+    if json_output:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("phasecast")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (``X-Request-ID`` if the client sent a sane one), echoes it
+    in the response, and writes one access-log line per HTTP request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request_id = _client_request_id(scope) or uuid.uuid4().hex[:16]
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["type"] == "http":
+                access_log.info(
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],  # never the query string: it may hold access_token
+                    status,
+                    extra={"duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+                )
+            request_id_var.reset(token)
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            if 0 < len(text) <= 64 and text.replace("-", "").replace("_", "").isalnum():
+                return text
+    return None

@@ -1,0 +1,265 @@
+"""``/v1/ws``: one connection, many watched jobs.
+
+Two tasks per connection: this one reads client messages; a writer drains the connection's
+mailbox. Only the writer ever sends, so frames never interleave, and a client that stops
+reading blocks nothing but its own writer while its mailbox conflates to the newest state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from phasecast.engines.base import Change
+from phasecast.errors import JobNotFound, PhasecastError
+from phasecast.fanout import Mailbox
+from phasecast.model import JOB_ID_PATTERN
+from phasecast.server.auth import Principal, Unauthorized
+from phasecast.server.deps import Services
+
+log = logging.getLogger("phasecast.ws")
+
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_SERVICE_RESTART = 1012
+MAX_CLIENT_MESSAGE_BYTES = 64 * 1024
+
+PING_FRAME = '{"type":"ping"}'
+PONG_FRAME = '{"type":"pong"}'
+
+
+def _frame(kind: str, job_id: str | None, **fields: Any) -> str:
+    return json.dumps({"type": kind, "job_id": job_id, **fields}, separators=(",", ":"))
+
+
+def _error(job_id: str | None, code: str, message: str) -> str:
+    return _frame("error", job_id, code=code, message=message)
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, services: Services) -> None:
+        self.ws = websocket
+        self.services = services
+        self.hub = services.tracker.hub
+        self.mailbox = Mailbox()
+        self.jobs: set[str] = set()
+        self.principal: Principal | None = None
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        metrics = self.services.metrics
+        metrics.connections.labels("websocket").inc()
+        writer: asyncio.Task[None] | None = None
+        try:
+            if not await self._authenticate():
+                return
+            writer = asyncio.create_task(self._write_forever())
+            reader = asyncio.create_task(self._read_forever())
+            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (writer, reader):
+                if task not in done:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            for task in done:
+                exc = task.exception()
+                if exc is not None and not isinstance(exc, WebSocketDisconnect | _Closed):
+                    log.error("websocket connection failed", exc_info=exc)
+        finally:
+            for job_id in list(self.jobs):
+                self.hub.remove(job_id, self.mailbox)
+            self.jobs.clear()
+            metrics.connections.labels("websocket").dec()
+
+    # --- authentication ------------------------------------------------------------------
+
+    async def _authenticate(self) -> bool:
+        token = self.ws.query_params.get("access_token")
+        if token is None:
+            try:
+                raw = await asyncio.wait_for(
+                    self.ws.receive_text(), self.services.settings.ws_auth_timeout
+                )
+            except TimeoutError:
+                await self._close(CLOSE_UNAUTHORIZED, "no auth message received in time")
+                return False
+            except WebSocketDisconnect:
+                return False
+            message = _parse(raw)
+            if not isinstance(message, dict) or message.get("op") != "auth":
+                await self._close(
+                    CLOSE_UNAUTHORIZED,
+                    "authenticate first: ?access_token= or {\"op\":\"auth\",\"token\":…}",
+                )
+                return False
+            token = message.get("token")
+        return await self._accept_token(token)
+
+    async def _accept_token(self, token: object) -> bool:
+        if not isinstance(token, str) or not token:
+            await self._close(CLOSE_UNAUTHORIZED, "the token is missing")
+            return False
+        try:
+            principal = self.services.verifier.verify(token)
+        except Unauthorized as exc:
+            self.services.metrics.rejected_requests.labels("unauthorized").inc()
+            log.info("websocket rejected: %s", exc.message)
+            await self._close(CLOSE_UNAUTHORIZED, exc.message)
+            return False
+        if not principal.can_watch:
+            log.info("websocket rejected: token has no watch scope", extra={"sub": principal.sub})
+            await self._close(CLOSE_FORBIDDEN, "the token has no scope that allows watching jobs")
+            return False
+        if self.principal is not None and principal.sub != self.principal.sub:
+            await self._close(CLOSE_FORBIDDEN, "a connection cannot switch to another user")
+            return False
+        self.principal = principal
+        return True
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.ws.client_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code, reason[:120])
+
+    # --- reading -------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        while True:
+            raw = await self.ws.receive_text()
+            if len(raw) > MAX_CLIENT_MESSAGE_BYTES:
+                await self._close(1009, "message too large")
+                raise _Closed
+            message = _parse(raw)
+            if not isinstance(message, dict):
+                self.mailbox.say(_error(None, "invalid_message", "messages must be JSON objects"))
+                continue
+            op = message.get("op")
+            if op == "subscribe":
+                await self._subscribe(message)
+            elif op == "unsubscribe":
+                self._unsubscribe(message)
+            elif op == "ping":
+                self.mailbox.say(PONG_FRAME)
+            elif op == "auth":
+                if not await self._accept_token(message.get("token")):
+                    raise _Closed
+            else:
+                self.mailbox.say(_error(
+                    None, "invalid_message",
+                    f"unknown op {op!r}; use subscribe, unsubscribe, auth or ping",
+                ))
+
+    async def _subscribe(self, message: dict[str, Any]) -> None:
+        assert self.principal is not None
+        job_id = message.get("job_id")
+        since = message.get("since", 0)
+        if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
+            self.mailbox.say(_error(
+                job_id if isinstance(job_id, str) else None, "invalid",
+                "job_id must be a string of 1-128 letters, digits, '.', '_', ':' or '-'",
+            ))
+            return
+        if since is None:
+            since = 0
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            self.mailbox.say(_error(job_id, "invalid", "since must be a non-negative integer seq"))
+            return
+        if self.principal.expired:
+            await self._close(CLOSE_UNAUTHORIZED, "the token has expired; reconnect with a new one")
+            raise _Closed
+        if job_id in self.jobs:
+            # Re-subscribing means "send me what I am missing": honour the new since.
+            self.mailbox.set_floor(job_id, since)
+            self.mailbox.say(_frame("subscribed", job_id))
+            return
+        if len(self.jobs) >= self.services.settings.max_subscriptions:
+            self.mailbox.say(_error(
+                job_id, "too_many_subscriptions",
+                f"a connection may watch {self.services.settings.max_subscriptions} jobs at once",
+            ))
+            return
+        self.jobs.add(job_id)
+        self.mailbox.set_floor(job_id, since)
+        try:
+            await self.hub.add(job_id, self.mailbox)
+            state = await self.services.tracker.get(job_id)
+        except PhasecastError as exc:
+            self._drop(job_id)
+            log.info("subscribe refused: %s", exc.message, extra={"job_id": job_id})
+            self.mailbox.say(_error(job_id, exc.code, exc.message))
+            return
+        if not self.principal.can_read(state):
+            self._drop(job_id)
+            log.info("subscribe refused: another user's job", extra={"job_id": job_id})
+            self.mailbox.say(_error(job_id, "forbidden", f"job {job_id!r} belongs to another user"))
+            return
+        self.mailbox.say(_frame("subscribed", job_id))
+        if state.terminal and state.seq <= since:
+            self._drop(job_id)  # the client has the final state already
+            return
+        self.mailbox.offer(Change.of(state))
+
+    def _unsubscribe(self, message: dict[str, Any]) -> None:
+        job_id = message.get("job_id")
+        if not isinstance(job_id, str) or job_id not in self.jobs:
+            self.mailbox.say(_error(
+                job_id if isinstance(job_id, str) else None, "not_subscribed",
+                "this connection is not watching that job",
+            ))
+            return
+        self._drop(job_id)
+        self.mailbox.say(_frame("unsubscribed", job_id))
+
+    def _drop(self, job_id: str) -> None:
+        self.jobs.discard(job_id)
+        self.hub.remove(job_id, self.mailbox)
+
+    # --- writing -------------------------------------------------------------------------
+
+    async def _write_forever(self) -> None:
+        interval = self.services.settings.ping_interval
+        metrics = self.services.metrics
+        send = self.ws.send_text
+        next_ping = time.monotonic() + interval
+        while True:
+            if not await self.mailbox.wait(max(0.0, next_ping - time.monotonic())):
+                await send(PING_FRAME)
+                next_ping = time.monotonic() + interval
+                continue
+            while self.mailbox.control:
+                await send(self.mailbox.control.popleft())
+            for change in self.mailbox.take():
+                if change.job_id not in self.jobs:
+                    continue  # unsubscribed while this was pending
+                await send(change.ws_frame())
+                metrics.delivered("websocket", change)
+                if change.terminal:
+                    self._drop(change.job_id)
+            if time.monotonic() >= next_ping:
+                await send(PING_FRAME)
+                next_ping = time.monotonic() + interval
+
+
+class _Closed(Exception):
+    """The connection was closed on purpose; end quietly."""
+
+
+def _parse(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    services: Services = websocket.app.state.services
+    await Connection(websocket, services).run()
+
+
+__all__ = ["JobNotFound", "websocket_endpoint"]

@@ -1,0 +1,314 @@
+"""``ProgressTracker``: the service API, used in-process by generation code and by the server.
+
+Every change is read-compute-write: load the stored state, apply the rules from
+``phasecast.model`` to it, and store the result only if nothing else was stored meanwhile
+(compare-and-set on ``seq``). A lost race is retried against the newer state, so concurrent
+writers, in this process or in others sharing a Redis, never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from phasecast.engines.base import Change, Engine
+from phasecast.errors import EngineUnavailable, JobNotFound
+from phasecast.fanout import Hub, Mailbox
+from phasecast.model import (
+    JobError,
+    JobState,
+    Outcome,
+    Phase,
+    ProgressUpdate,
+    StepStatus,
+    apply_progress,
+    apply_terminal,
+    new_job,
+    new_job_id,
+    phase_durations,
+    utc_now,
+)
+from phasecast.progress import PhaseStats, WeightTable, estimate_eta
+
+log = logging.getLogger("phasecast.tracker")
+
+MAX_WRITE_ATTEMPTS = 50
+STATS_CACHE_SECONDS = 30.0
+
+
+class Archive(Protocol):
+    """Durable copy of job records (PostgreSQL). ``record`` must not block: delivery to
+    watchers never waits for the archive."""
+
+    def record(self, state: JobState) -> None: ...
+
+    async def load(self, job_id: str) -> JobState | None: ...
+
+
+Observer = Callable[[JobState], None]
+UpdateCounter = Callable[[str], None]
+
+
+class ProgressTracker:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        weights: WeightTable | None = None,
+        archive: Archive | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.engine = engine
+        self.weights = weights or WeightTable()
+        self.archive = archive
+        self.hub = Hub(engine)
+        self._clock = clock
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._stats: dict[str, tuple[float, PhaseStats]] = {}
+        self._observers: list[Observer] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self.count_update: UpdateCounter = lambda result: None
+        self._started = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.engine.start(self.hub.dispatch)
+        self._started = True
+
+    async def stop(self) -> None:
+        await self.hub.close()
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
+        await self.engine.stop()
+        self._started = False
+
+    async def __aenter__(self) -> ProgressTracker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def observe(self, observer: Observer) -> None:
+        """Call ``observer(state)`` after every change this process stores (not those made by
+        other processes). It must return quickly; it runs on the write path."""
+        self._observers.append(observer)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobState:
+        state = await self.engine.load(job_id)
+        if state is None and self.archive is not None:
+            state = await self.archive.load(job_id)
+        if state is None:
+            raise JobNotFound(job_id)
+        return state
+
+    async def list(
+        self, owner: str | None, *, active_only: bool = False, limit: int = 100
+    ) -> builtins.list[JobState]:
+        return await self.engine.list_jobs(owner, active_only=active_only, limit=limit)
+
+    async def history(self, job_id: str, *, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        await self.get(job_id)
+        return await self.engine.history(job_id, limit=limit)
+
+    # --- writes --------------------------------------------------------------------------
+
+    async def create(
+        self,
+        kind: str = "comic",
+        *,
+        owner: str,
+        job_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> JobState:
+        state = new_job(
+            job_id=job_id or new_job_id(),
+            owner=owner,
+            kind=kind,
+            metadata=metadata or {},
+            now=self._clock(),
+        )
+        state.eta_seconds = estimate_eta(
+            state, self._clock(), await self._phase_stats(kind), self.weights.for_kind(kind)
+        )
+        await self.engine.insert(state)
+        self._after_write(state)
+        return state
+
+    async def update(self, job_id: str, update: ProgressUpdate) -> Outcome:
+        return await self._mutate(
+            job_id,
+            lambda state, now: apply_progress(state, update, now, self.weights.for_kind(state.kind)),
+        )
+
+    async def report(
+        self,
+        job_id: str,
+        phase: Phase | str,
+        phase_progress: float | None = None,
+        message: str | None = None,
+    ) -> Outcome:
+        return await self.update(
+            job_id, ProgressUpdate(Phase(phase), phase_progress=phase_progress, message=message)
+        )
+
+    async def step(
+        self,
+        job_id: str,
+        phase: Phase | str,
+        step: str,
+        progress: float | None = None,
+        *,
+        status: StepStatus | None = None,
+        steps_total: int | None = None,
+        message: str | None = None,
+    ) -> Outcome:
+        return await self.update(
+            job_id,
+            ProgressUpdate(
+                Phase(phase),
+                step=step,
+                step_progress=progress,
+                step_status=status,
+                steps_total=steps_total,
+                message=message,
+            ),
+        )
+
+    async def complete(self, job_id: str, message: str | None = None) -> Outcome:
+        return await self._mutate(
+            job_id, lambda state, now: apply_terminal(state, Phase.COMPLETE, now, message=message)
+        )
+
+    async def fail(
+        self, job_id: str, code: str, error_message: str, *, message: str | None = None
+    ) -> Outcome:
+        error = JobError(code=code, message=error_message)
+        return await self._mutate(
+            job_id,
+            lambda state, now: apply_terminal(state, Phase.FAILED, now, message=message, error=error),
+        )
+
+    async def cancel(self, job_id: str, reason: str | None = None) -> Outcome:
+        return await self._mutate(
+            job_id, lambda state, now: apply_terminal(state, Phase.CANCELLED, now, message=reason)
+        )
+
+    async def _mutate(
+        self, job_id: str, rule: Callable[[JobState, datetime], Outcome]
+    ) -> Outcome:
+        async with self._job_lock(job_id):
+            for _ in range(MAX_WRITE_ATTEMPTS):
+                current = await self.engine.load(job_id)
+                if current is None:
+                    raise JobNotFound(job_id)
+                now = self._clock()
+                try:
+                    outcome = rule(current, now)
+                except Exception as exc:
+                    self.count_update("rejected")
+                    log.info("update rejected", extra={"job_id": job_id, "reason": str(exc)})
+                    raise
+                if not outcome.applied:
+                    self.count_update("ignored")
+                    return outcome
+                new = outcome.state
+                if not new.terminal:
+                    new.eta_seconds = estimate_eta(
+                        new, now, await self._phase_stats(new.kind), self.weights.for_kind(new.kind)
+                    )
+                if await self.engine.replace(new, current.seq):
+                    self.count_update("applied")
+                    self._after_write(new)
+                    return outcome
+            raise EngineUnavailable(
+                f"job {job_id!r} is changing too fast to update; gave up after "
+                f"{MAX_WRITE_ATTEMPTS} attempts"
+            )
+
+    def _after_write(self, state: JobState) -> None:
+        for observer in self._observers:
+            try:
+                observer(state)
+            except Exception:
+                log.exception("observer failed", extra={"job_id": state.job_id})
+        if self.archive is not None:
+            self.archive.record(state)
+        if state.phase is Phase.COMPLETE:
+            self._spawn(self._learn(state))
+
+    async def _learn(self, state: JobState) -> None:
+        try:
+            await self.engine.record_durations(state.kind, phase_durations(state))
+        except EngineUnavailable as exc:
+            log.warning("could not record phase durations: %s", exc)
+        self._stats.pop(state.kind, None)
+
+    async def _phase_stats(self, kind: str) -> PhaseStats:
+        cached = self._stats.get(kind)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        stats = await self.engine.load_stats(kind)
+        self._stats[kind] = (time.monotonic() + STATS_CACHE_SECONDS, stats)
+        return stats
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @contextlib.asynccontextmanager
+    async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
+        # Serialising writers of one job inside this process avoids compare-and-set retries
+        # between them; across processes the compare-and-set alone keeps writes correct.
+        lock, users = self._locks.get(job_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[job_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[job_id]
+            if users <= 1:
+                del self._locks[job_id]
+            else:
+                self._locks[job_id] = (lock, users - 1)
+
+    # --- watching ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str, since: int = 0) -> AsyncIterator[AsyncIterator[JobState]]:
+        """``async with tracker.watch(job_id) as states: async for state in states: …``
+
+        Yields the current state (unless its seq is not above ``since``), then every newer
+        one, ending after the terminal state. A slow reader skips intermediate states and
+        gets the newest; it never gets an older one after a newer one."""
+        mailbox = Mailbox()
+        mailbox.set_floor(job_id, since)
+        await self.hub.add(job_id, mailbox)
+        try:
+            state = await self.get(job_id)
+            mailbox.offer(Change.of(state))
+            yield _drain(mailbox, ended=state.terminal and state.seq <= since)
+        finally:
+            self.hub.remove(job_id, mailbox)
+
+
+async def _drain(mailbox: Mailbox, *, ended: bool) -> AsyncIterator[JobState]:
+    while not ended:
+        await mailbox.wait()
+        for change in mailbox.take():
+            yield JobState.from_json(change.state_json)
+            if change.terminal:
+                return
