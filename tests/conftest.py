@@ -1,0 +1,109 @@
+"""Shared fixtures: real engines, real servers, tokens.
+
+Tests share the machine's Redis only through a unique key prefix per test, and delete their
+keys afterwards; tests that kill, restart or flush Redis start a private redis-server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from phasecast.config import Settings
+from phasecast.engines import Engine, open_engine
+from phasecast.server.auth import mint_token
+from phasecast.testing.process import TEST_SECRET, ServerProcess
+from phasecast.tracker import ProgressTracker
+
+REDIS_URL = os.environ.get("PHASECAST_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+TokenFactory = Callable[..., str]
+
+
+def redis_available() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def test_settings() -> Settings:
+    return Settings(jwt_secret=TEST_SECRET)
+
+
+@pytest.fixture(scope="session")
+def make_token(test_settings: Settings) -> TokenFactory:
+    def make(sub: str = "alice", scopes: tuple[str, ...] = ("jobs:read",), ttl: int = 3600) -> str:
+        return mint_token(test_settings, sub, scopes, ttl)
+
+    return make
+
+
+@pytest.fixture
+def worker_token(make_token: TokenFactory) -> str:
+    return make_token("worker", ("jobs:write",))
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis, removed afterwards."""
+    if not redis_available():
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}; start it (see README, Testing)")
+    prefix = f"pctest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def redis_engine_url(redis_prefix: str) -> str:
+    return f"{REDIS_URL}?prefix={redis_prefix}"
+
+
+@pytest.fixture
+def sqlite_engine_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'phasecast.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def engine_url(request: pytest.FixtureRequest) -> str:
+    """Every contract test runs once per engine."""
+    name = "sqlite_engine_url" if request.param == "sqlite" else "redis_engine_url"
+    url: str = request.getfixturevalue(name)
+    return url
+
+
+@pytest.fixture
+async def engine(engine_url: str) -> AsyncIterator[Engine]:
+    found = open_engine(engine_url)
+    await found.start()
+    yield found
+    await found.stop()
+
+
+@pytest.fixture
+async def tracker(engine_url: str) -> AsyncIterator[ProgressTracker]:
+    async with ProgressTracker(open_engine(engine_url)) as found:
+        yield found
+
+
+@pytest.fixture
+def server(engine_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real ``phasecast serve`` on each engine, with a short ping interval."""
+    process = ServerProcess(
+        engine_url,
+        env={"PHASECAST_PING_INTERVAL": "1"},
+        log_path=tmp_path / "server.log",
+    )
+    process.start()
+    yield process
+    process.stop()
