@@ -115,7 +115,9 @@ def serve(
             f"Using the development secret in {DEV_SECRET_FILE}; set PHASECAST_JWT_SECRET in "
             "production.", fg="yellow", err=True,
         )
-    _run_server(settings, startup=[])
+    from phasecast.integrations import startup_hooks
+
+    _run_server(settings, startup=startup_hooks(settings))
 
 
 @app.command()
@@ -141,7 +143,9 @@ def demo(
     options = DemoOptions(speed=speed, auto_jobs=auto_jobs, every_seconds=every,
                           failure_rate=failure_rate)
     typer.secho(f"Phasecast demo: open http://{settings.host}:{settings.port}/", fg="green", err=True)
-    _run_server(settings, startup=[demo_startup(options)])
+    from phasecast.integrations import startup_hooks
+
+    _run_server(settings, startup=[*startup_hooks(settings), demo_startup(options)])
 
 
 @app.command()

@@ -46,6 +46,10 @@ class Archive(Protocol):
     """Durable copy of job records (PostgreSQL). ``record`` must not block: delivery to
     watchers never waits for the archive."""
 
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
     def record(self, state: JobState) -> None: ...
 
     async def load(self, job_id: str) -> JobState | None: ...
@@ -80,6 +84,8 @@ class ProgressTracker:
 
     async def start(self) -> None:
         await self.engine.start(self.hub.dispatch)
+        if self.archive is not None:
+            await self.archive.start()
         self._started = True
 
     async def stop(self) -> None:
@@ -87,6 +93,8 @@ class ProgressTracker:
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
+        if self.archive is not None:
+            await self.archive.stop()
         await self.engine.stop()
         self._started = False
 

@@ -44,7 +44,12 @@ def create_app(
     verifier = TokenVerifier(settings)
     if tracker is None:
         weights = WeightTable.from_json(settings.weights) if settings.weights else WeightTable()
-        tracker = ProgressTracker(open_engine(settings.engine), weights=weights)
+        archive = None
+        if settings.archive:
+            from phasecast.archive import open_archive
+
+            archive = open_archive(settings.archive)
+        tracker = ProgressTracker(open_engine(settings.engine), weights=weights, archive=archive)
     metrics = Metrics()
     metrics.bind_hub(tracker.hub)
     tracker.count_update = lambda result: metrics.updates.labels(result).inc()
