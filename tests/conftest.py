@@ -107,3 +107,32 @@ def server(engine_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
     process.start()
     yield process
     process.stop()
+
+
+# --- delivery latency, reported at the end of the run (measured, never asserted) --------
+
+LATENCIES: dict[str, list[float]] = {}
+
+
+@pytest.fixture
+def record_latency() -> Callable[[str, float], None]:
+    def record(label: str, seconds: float) -> None:
+        LATENCIES.setdefault(label, []).append(seconds)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not LATENCIES:
+        return
+    terminalreporter.section("delivery latency (change accepted -> watcher read it)")
+    for label, values in sorted(LATENCIES.items()):
+        ordered = sorted(values)
+
+        def pct(p: float, ordered: list[float] = ordered) -> float:
+            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+        terminalreporter.write_line(
+            f"{label}: n={len(ordered)} p50={pct(0.5):.1f} ms p99={pct(0.99):.1f} ms "
+            f"max={ordered[-1] * 1000:.1f} ms"
+        )

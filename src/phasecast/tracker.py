@@ -105,6 +105,11 @@ class ProgressTracker:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    async def settled(self) -> None:
+        """Wait for background work started so far (learning phase durations)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     def observe(self, observer: Observer) -> None:
         """Call ``observer(state)`` after every change this process stores (not those made by
         other processes). It must return quickly; it runs on the write path."""

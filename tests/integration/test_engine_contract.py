@@ -1,0 +1,137 @@
+"""One contract, every engine: the ``engine`` fixture runs each test on SQLite and on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from phasecast.engines import Engine, open_engine
+from phasecast.engines.base import Change
+from phasecast.errors import ConfigurationError, JobExists
+from phasecast.model import JobState, Phase, ProgressUpdate, apply_progress, new_job, utc_now
+from phasecast.progress import COMIC_WEIGHTS
+
+
+def make(job_id: str = "job-1", owner: str = "alice") -> JobState:
+    return new_job(job_id=job_id, owner=owner, kind="comic", metadata={"n": 1}, now=utc_now())
+
+
+def step(state: JobState, progress: float) -> JobState:
+    update = ProgressUpdate(Phase.ANALYZING, phase_progress=progress)
+    later = utc_now() + timedelta(milliseconds=1)
+    outcome = apply_progress(state, update, later, COMIC_WEIGHTS)
+    assert outcome.applied
+    return outcome.state
+
+
+async def test_insert_then_load_returns_the_same_state(engine: Engine) -> None:
+    state = make()
+    await engine.insert(state)
+    assert await engine.load("job-1") == state
+    assert await engine.load("missing") is None
+
+
+async def test_insert_refuses_a_taken_id(engine: Engine) -> None:
+    await engine.insert(make())
+    with pytest.raises(JobExists):
+        await engine.insert(make())
+
+
+async def test_replace_is_compare_and_set_on_seq(engine: Engine) -> None:
+    first = make()
+    await engine.insert(first)
+    second = step(first, 10)
+    assert await engine.replace(second, expected_seq=1)
+    # A writer that computed from the old state loses and changes nothing.
+    stale = step(first, 20)
+    assert not await engine.replace(stale, expected_seq=1)
+    stored = await engine.load("job-1")
+    assert stored is not None and stored.seq == 2 and stored.phase_progress == 10
+
+
+async def test_concurrent_writers_never_interleave(engine: Engine) -> None:
+    base = make()
+    await engine.insert(base)
+    contenders = [step(base, float(p)) for p in range(1, 21)]
+    results = await asyncio.gather(*(engine.replace(s, expected_seq=1) for s in contenders))
+    assert sum(results) == 1
+    stored = await engine.load("job-1")
+    assert stored is not None and stored.seq == 2
+
+
+async def test_list_filters_by_owner_and_activity_newest_first(engine: Engine) -> None:
+    for index, owner in enumerate(["alice", "bob", "alice"]):
+        await engine.insert(make(f"job-{index}", owner))
+        await asyncio.sleep(0.002)  # distinct creation times, so the order is defined
+    ended = await engine.load("job-0")
+    assert ended is not None
+    finished = ended.copy()
+    finished.phase, finished.seq = Phase.COMPLETE, 2
+    assert await engine.replace(finished, expected_seq=1)
+
+    alice = [s.job_id for s in await engine.list_jobs("alice", active_only=False, limit=10)]
+    assert alice == ["job-2", "job-0"]
+    active = [s.job_id for s in await engine.list_jobs("alice", active_only=True, limit=10)]
+    assert active == ["job-2"]
+    everyone = await engine.list_jobs(None, active_only=False, limit=2)
+    assert [s.job_id for s in everyone] == ["job-2", "job-1"]
+
+
+async def test_history_keeps_each_change_in_order(engine: Engine) -> None:
+    state = make()
+    await engine.insert(state)
+    for progress in (10, 20, 30):
+        new = step(state, progress)
+        assert await engine.replace(new, expected_seq=state.seq)
+        state = new
+    history = await engine.history("job-1", limit=10)
+    assert [e["seq"] for e in history] == [1, 2, 3, 4]
+    assert [e["phase_progress"] for e in history] == [0.0, 10.0, 20.0, 30.0]
+    assert [e["seq"] for e in await engine.history("job-1", limit=2)] == [3, 4]
+
+
+async def test_phase_durations_are_learned_per_kind(engine: Engine) -> None:
+    assert await engine.load_stats("comic") == {}
+    await engine.record_durations("comic", {Phase.ANALYZING: 10.0, Phase.GENERATING: 40.0})
+    await engine.record_durations("comic", {Phase.ANALYZING: 20.0})
+    stats = await engine.load_stats("comic")
+    assert stats[Phase.ANALYZING].samples == 2
+    assert stats[Phase.ANALYZING].mean_seconds == pytest.approx(13.0)
+    assert stats[Phase.GENERATING].mean_seconds == pytest.approx(40.0)
+    assert await engine.load_stats("video") == {}
+
+
+async def test_listened_changes_are_delivered_once_each_in_order(engine_url: str) -> None:
+    received: list[Change] = []
+    arrived = asyncio.Event()
+
+    def on_change(change: Change) -> None:
+        received.append(change)
+        if change.seq == 3:
+            arrived.set()
+
+    engine = open_engine(engine_url)
+    await engine.start(on_change)
+    try:
+        await engine.listen("job-1")
+        state = make()
+        await engine.insert(state)
+        for progress in (10, 20):
+            new = step(state, progress)
+            assert await engine.replace(new, expected_seq=state.seq)
+            state = new
+        await asyncio.wait_for(arrived.wait(), 5)
+        mine = [c for c in received if c.job_id == "job-1"]
+        assert [c.seq for c in mine] == [1, 2, 3]
+        assert JobState.from_json(mine[-1].state_json) == state
+    finally:
+        await engine.stop()
+
+
+def test_unknown_engine_urls_are_explained() -> None:
+    with pytest.raises(ConfigurationError, match="unknown engine URL"):
+        open_engine("mysql://localhost/x")
+    with pytest.raises(ConfigurationError, match="names no file"):
+        open_engine("sqlite://")
