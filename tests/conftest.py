@@ -6,6 +6,7 @@ keys afterwards; tests that kill, restart or flush Redis start a private redis-s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -50,18 +51,26 @@ def worker_token(make_token: TokenFactory) -> str:
     return make_token("worker", ("jobs:write",))
 
 
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own on the shared Redis, removed afterwards."""
+@contextlib.contextmanager
+def private_prefix() -> Iterator[str]:
+    """A key prefix of our own on the shared Redis, its keys removed afterwards."""
     if not redis_available():
         pytest.fail(f"Redis is not reachable at {REDIS_URL}; start it (see README, Testing)")
     prefix = f"pctest-{uuid.uuid4().hex[:12]}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    with private_prefix() as prefix:
+        yield prefix
 
 
 @pytest.fixture
@@ -107,6 +116,23 @@ def server(engine_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def module_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One server per engine for a whole module, for tests that never restart it; each test
+    uses job ids of its own."""
+    folder = tmp_path_factory.mktemp("server")
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{folder / 'phasecast.db'}"
+        else:
+            url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
+        process = ServerProcess(url, env={"PHASECAST_PING_INTERVAL": "1"}, log_path=folder / "server.log")
+        stack.enter_context(process)
+        yield process
 
 
 # --- delivery latency, reported at the end of the run (measured, never asserted) --------
