@@ -43,6 +43,13 @@ class Settings:
     runpod_api_key: str | None = None
     runpod_base_url: str = "https://api.runpod.ai/v2"
     runpod_endpoint: str | None = None
+    # RunPod tuning (seconds). The defaults suit production; tests make them small.
+    runpod_poll_interval: float = 2.0  # while IN_PROGRESS: progress shows up only in /status
+    runpod_queue_poll_interval: float = 5.0  # while IN_QUEUE: nothing changes quickly
+    runpod_max_poll_interval: float = 30.0  # cap of the backoff after errors and 429s
+    runpod_lease_seconds: float = 15.0  # another instance takes a job over this long after its poller died
+    runpod_request_timeout: float = 10.0
+    runpod_max_retries: int = 2  # default for the "retry" failure policy
     archive: str | None = None  # postgresql://… for durable job records
     demo: bool = False
 
@@ -80,6 +87,14 @@ class Settings:
             )
         if not 0 < self.ping_interval <= 300:
             raise ConfigurationError("ping_interval must be between 0 and 300 seconds")
+        for name in ("runpod_poll_interval", "runpod_queue_poll_interval",
+                     "runpod_max_poll_interval", "runpod_lease_seconds", "runpod_request_timeout"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ConfigurationError(
+                    f"PHASECAST_{name.upper()} must be a number of seconds above 0 and at most 3600"
+                )
+        if not 0 <= self.runpod_max_retries <= 10:
+            raise ConfigurationError("PHASECAST_RUNPOD_MAX_RETRIES must be from 0 to 10")
 
     def key_material(self, which: str) -> str:
         """The PEM text of ``jwt_public_key`` or ``jwt_private_key``, read from a file if it
