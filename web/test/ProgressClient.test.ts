@@ -1,0 +1,418 @@
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { backoffCeiling, backoffDelay } from '../src/client/backoff';
+import { ProgressClient, type ProgressClientOptions } from '../src/client/ProgressClient';
+import type { FetchLike } from '../src/client/transport';
+import { fakeFetch, FakeEventSource, FakeWebSocket, job, jsonResponse, ThrowingWebSocket } from './fakes';
+
+const settle = () => vi.advanceTimersByTimeAsync(0);
+
+function makeClient(options: ProgressClientOptions = {}): ProgressClient {
+  return new ProgressClient({
+    baseUrl: 'http://phasecast.test',
+    token: 'tok',
+    random: () => 0.5,
+    WebSocket: FakeWebSocket,
+    EventSource: FakeEventSource,
+    fetch: fakeFetch(() => new Error('network down')) as unknown as FetchLike,
+    ...options,
+  });
+}
+
+/** Subscribe and record every snapshot the listener sees. */
+function watch(client: ProgressClient, jobId: string) {
+  const seen: number[] = [];
+  const stop = client.subscribe(jobId, () => {
+    const state = client.getJob(jobId).state;
+    if (state) seen.push(state.seq);
+  });
+  return { seen, stop };
+}
+
+async function connectedSocket(): Promise<FakeWebSocket> {
+  await settle();
+  const socket = FakeWebSocket.last;
+  socket.open();
+  socket.receive({ type: 'subscribed', job_id: 'comic-1' });
+  return socket;
+}
+
+beforeEach(() => {
+  vi.useFakeTimers();
+  FakeWebSocket.reset();
+  FakeEventSource.reset();
+  ThrowingWebSocket.attempts = 0;
+});
+
+afterEach(() => {
+  vi.useRealTimers();
+});
+
+describe('backoff', () => {
+  it('doubles the ceiling from base up to the cap', () => {
+    const options = { baseMs: 500, capMs: 8_000 };
+    expect([0, 1, 2, 3, 4, 5, 6].map((n) => backoffCeiling(n, options))).toEqual([500, 1000, 2000, 4000, 8000, 8000, 8000]);
+  });
+
+  it('draws a full-jitter delay anywhere from 0 up to the ceiling', () => {
+    const options = { baseMs: 500, capMs: 8_000 };
+    expect(backoffDelay(3, options, () => 0)).toBe(0);
+    expect(backoffDelay(3, options, () => 0.5)).toBe(2000);
+    expect(backoffDelay(3, options, () => 0.999999)).toBe(3999);
+    expect(backoffCeiling(10_000, options)).toBe(8000);
+  });
+
+  it('waits the jittered delays between WebSocket reconnects', async () => {
+    const client = makeClient({ backoff: { baseMs: 1000, capMs: 4000 }, wsFailuresBeforeFallback: 10, random: () => 0.999 });
+    watch(client, 'comic-1');
+    await settle();
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    const gaps: number[] = [];
+    for (let attempt = 0; attempt < 4; attempt += 1) {
+      FakeWebSocket.last.serverClose(1006);
+      const before = FakeWebSocket.instances.length;
+      let waited = 0;
+      while (FakeWebSocket.instances.length === before) {
+        await vi.advanceTimersByTimeAsync(1);
+        waited += 1;
+      }
+      gaps.push(waited);
+    }
+    // random()≈1 picks the top of each window: 1000, 2000, 4000, then the cap.
+    expect(gaps).toEqual([999, 1998, 3996, 3996]);
+    expect(client.getConnection().status).toBe('reconnecting');
+    client.close();
+  });
+});
+
+describe('ProgressClient over WebSocket', () => {
+  it('connects once with the token in the query and subscribes every job', async () => {
+    const client = makeClient();
+    watch(client, 'comic-1');
+    watch(client, 'comic-2');
+    await settle();
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    const socket = FakeWebSocket.last;
+    expect(socket.url).toBe('ws://phasecast.test/v1/ws?access_token=tok');
+    expect(client.getConnection()).toMatchObject({ status: 'connecting', transport: 'websocket' });
+    socket.open();
+    expect(socket.subscriptions()).toEqual([
+      { op: 'subscribe', job_id: 'comic-1' },
+      { op: 'subscribe', job_id: 'comic-2' },
+    ]);
+    socket.receive({ type: 'subscribed', job_id: 'comic-1' });
+    expect(client.getConnection()).toMatchObject({ status: 'open', transport: 'websocket', error: null });
+    client.close();
+  });
+
+  it('accepts only states newer than the last seq: no duplicates, never backwards', async () => {
+    const client = makeClient();
+    const { seen } = watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    for (const seq of [3, 2, 3, 5, 4, 5, 6]) socket.state(job({ seq, progress: seq * 10 }));
+    expect(seen).toEqual([3, 5, 6]);
+    expect(client.getJob('comic-1').state?.progress).toBe(60);
+    client.close();
+  });
+
+  it('ignores states of jobs nobody watches', async () => {
+    const client = makeClient();
+    const all: string[] = [];
+    client.onState((state) => all.push(state.job_id));
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.state(job({ seq: 1 }, 'someone-else'));
+    socket.state(job({ seq: 1 }));
+    expect(all).toEqual(['comic-1']);
+    client.close();
+  });
+
+  it('reconnects after a drop and resubscribes each job with its since', async () => {
+    const client = makeClient();
+    watch(client, 'comic-1');
+    watch(client, 'comic-2');
+    const first = await connectedSocket();
+    first.state(job({ seq: 4 }));
+    first.state(job({ seq: 9 }, 'comic-2'));
+    first.serverClose(1012, 'restarting');
+    expect(client.getConnection()).toMatchObject({ status: 'reconnecting' });
+    expect(client.getConnection().error?.code).toBe('server_restart');
+    await vi.advanceTimersByTimeAsync(250); // random 0.5 × base 500
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    const second = FakeWebSocket.last;
+    second.open();
+    expect(second.subscriptions()).toEqual([
+      { op: 'subscribe', job_id: 'comic-1', since: 4 },
+      { op: 'subscribe', job_id: 'comic-2', since: 9 },
+    ]);
+    second.receive({ type: 'subscribed', job_id: 'comic-1' });
+    expect(client.getConnection()).toMatchObject({ status: 'open', error: null });
+    expect(client.getConnection().lastError?.code).toBe('server_restart');
+    client.close();
+  });
+
+  it('treats silence longer than pingTimeoutMs as a dead link', async () => {
+    const client = makeClient({ pingTimeoutMs: 20_000 });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    await vi.advanceTimersByTimeAsync(15_000);
+    socket.receive({ type: 'ping' }); // a ping re-arms the timer
+    await vi.advanceTimersByTimeAsync(19_000);
+    expect(socket.closedByClient).toBeNull();
+    await vi.advanceTimersByTimeAsync(1_000);
+    expect(socket.closedByClient).not.toBeNull();
+    expect(client.getConnection().error?.code).toBe('dead_link');
+    await vi.advanceTimersByTimeAsync(250);
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    client.close();
+  });
+
+  it('does not resubscribe finished jobs and closes the link when all have ended', async () => {
+    const client = makeClient();
+    watch(client, 'comic-1');
+    watch(client, 'comic-2');
+    const socket = await connectedSocket();
+    socket.state(job({ seq: 7, phase: 'COMPLETE', progress: 100 }));
+    expect(socket.closedByClient).toBeNull();
+    socket.serverClose(1006);
+    await vi.advanceTimersByTimeAsync(250);
+    const again = FakeWebSocket.last;
+    again.open();
+    expect(again.subscriptions()).toEqual([{ op: 'subscribe', job_id: 'comic-2' }]);
+    again.state(job({ seq: 3, phase: 'CANCELLED' }, 'comic-2'));
+    expect(again.closedByClient).not.toBeNull();
+    expect(client.getConnection().status).toBe('closed');
+    expect(client.pendingTimers).toBe(0);
+    client.close();
+  });
+
+  it('unsubscribing the last job sends unsubscribe and closes the socket', async () => {
+    const client = makeClient();
+    const a = watch(client, 'comic-1');
+    const b = watch(client, 'comic-2');
+    const socket = await connectedSocket();
+    a.stop();
+    await settle();
+    expect(socket.sent.at(-1)).toEqual({ op: 'unsubscribe', job_id: 'comic-1' });
+    expect(socket.closedByClient).toBeNull();
+    b.stop();
+    await settle();
+    expect(socket.sent.at(-1)).toEqual({ op: 'unsubscribe', job_id: 'comic-2' });
+    expect(socket.closedByClient).not.toBeNull();
+    expect(client.getConnection().status).toBe('closed');
+    expect(client.pendingTimers).toBe(0);
+  });
+
+  it('close() stops every timer, even a pending reconnect', async () => {
+    const client = makeClient();
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.serverClose(1006);
+    expect(client.pendingTimers).toBeGreaterThan(0);
+    client.close();
+    expect(client.pendingTimers).toBe(0);
+    await vi.advanceTimersByTimeAsync(60_000);
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    expect(client.getConnection().status).toBe('closed');
+  });
+
+  it('stops on a refused token and starts again after setToken', async () => {
+    const client = makeClient();
+    watch(client, 'comic-1');
+    await settle();
+    FakeWebSocket.last.serverClose(4401, 'token expired');
+    expect(client.getConnection()).toMatchObject({ status: 'closed', transport: null });
+    expect(client.getConnection().error?.code).toBe('unauthorized');
+    expect(client.getConnection().error?.message).toMatch(/setToken/);
+    await vi.advanceTimersByTimeAsync(60_000);
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    client.setToken('fresh');
+    await settle();
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    expect(FakeWebSocket.last.params.get('access_token')).toBe('fresh');
+    client.close();
+  });
+
+  it('reports a job the server refuses and keeps watching the others', async () => {
+    const client = makeClient();
+    watch(client, 'comic-1');
+    watch(client, 'missing');
+    const socket = await connectedSocket();
+    socket.receive({ type: 'error', job_id: 'missing', code: 'not_found', message: 'no such job' });
+    expect(client.getJob('missing').error).toMatchObject({ code: 'not_found', jobId: 'missing' });
+    socket.state(job({ seq: 2 }));
+    expect(client.getJob('comic-1').state?.seq).toBe(2);
+    socket.serverClose(1006);
+    await vi.advanceTimersByTimeAsync(250);
+    FakeWebSocket.last.open();
+    expect(FakeWebSocket.last.subscriptions()).toEqual([{ op: 'subscribe', job_id: 'comic-1', since: 2 }]);
+    client.close();
+  });
+
+  it('rejects a malformed job id locally with a helpful message', () => {
+    const client = makeClient();
+    watch(client, 'bad id!');
+    expect(client.getJob('bad id!').error?.message).toMatch(/not a valid job_id/);
+    expect(client.getConnection().status).toBe('closed');
+    client.close();
+  });
+
+  it('reconnects at once when the browser comes back online', async () => {
+    const client = makeClient({ backoff: { baseMs: 10_000, capMs: 60_000 } });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.serverClose(1006);
+    await settle();
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    window.dispatchEvent(new Event('online'));
+    await settle();
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    client.close();
+  });
+});
+
+describe('fallback to SSE and polling', () => {
+  async function failWebSocket(times: number) {
+    for (let n = 0; n < times; n += 1) {
+      await settle();
+      FakeWebSocket.last.serverClose(1006);
+      await vi.advanceTimersByTimeAsync(2_000);
+    }
+  }
+
+  it('switches to SSE after repeated WebSocket connect failures, resuming from the last seq', async () => {
+    const client = makeClient();
+    const { seen } = watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.state(job({ seq: 5 }));
+    socket.serverClose(1006); // a drop of a working link does not count
+    await vi.advanceTimersByTimeAsync(250);
+    await failWebSocket(3);
+    expect(FakeWebSocket.instances).toHaveLength(4);
+    expect(client.getConnection()).toMatchObject({ status: 'fallback', transport: 'sse' });
+    const [source] = FakeEventSource.live();
+    expect(source?.url).toBe('http://phasecast.test/v1/jobs/comic-1/events?since=5&access_token=tok');
+    source!.open();
+    source!.state(job({ seq: 5 }));
+    source!.state(job({ seq: 6, phase: 'POST_PROCESSING' }));
+    expect(seen).toEqual([5, 6]);
+    expect(client.getConnection().error).toBeNull();
+    client.close();
+    expect(FakeEventSource.live()).toHaveLength(0);
+  });
+
+  it('counts a socket that opens and closes without a word as a failure (proxy that kills upgrades)', async () => {
+    const client = makeClient();
+    watch(client, 'comic-1');
+    for (let n = 0; n < 3; n += 1) {
+      await settle();
+      FakeWebSocket.last.open();
+      FakeWebSocket.last.serverClose(1005);
+      await vi.advanceTimersByTimeAsync(2_000);
+    }
+    expect(client.getConnection().transport).toBe('sse');
+    client.close();
+  });
+
+  it('uses SSE straight away when constructing a WebSocket throws', async () => {
+    const client = makeClient({ WebSocket: ThrowingWebSocket as never, wsFailuresBeforeFallback: 2 });
+    watch(client, 'comic-1');
+    await vi.advanceTimersByTimeAsync(1_000);
+    expect(ThrowingWebSocket.attempts).toBe(2);
+    expect(client.getConnection().transport).toBe('sse');
+    expect(client.getConnection().lastError?.code).toBe('ws_blocked');
+    client.close();
+  });
+
+  it('probes the WebSocket in the background and moves back when it works', async () => {
+    const client = makeClient({ wsProbeIntervalMs: 5_000 });
+    const { seen } = watch(client, 'comic-1');
+    await failWebSocket(3);
+    const source = FakeEventSource.live()[0]!;
+    source.open();
+    source.state(job({ seq: 3 }));
+    const socketsBefore = FakeWebSocket.instances.length;
+    await vi.advanceTimersByTimeAsync(5_000);
+    expect(FakeWebSocket.instances.length).toBe(socketsBefore + 1);
+    const probe = FakeWebSocket.last;
+    probe.open();
+    expect(probe.subscriptions()).toEqual([{ op: 'subscribe', job_id: 'comic-1', since: 3 }]);
+    probe.receive({ type: 'subscribed', job_id: 'comic-1' });
+    expect(client.getConnection()).toMatchObject({ status: 'open', transport: 'websocket' });
+    expect(source.closed).toBe(true);
+    probe.state(job({ seq: 4 }));
+    expect(seen).toEqual([3, 4]);
+    client.close();
+  });
+
+  it('falls back to polling when SSE fails too, with auth header and backoff', async () => {
+    let answer: () => Response | Error = () => new Error('connection refused');
+    const fetch = fakeFetch(() => answer());
+    const client = makeClient({ fetch: fetch as unknown as FetchLike, wsProbeIntervalMs: 600_000, pollIntervalMs: 1_000 });
+    const { seen } = watch(client, 'comic-1');
+    await failWebSocket(3);
+    for (let n = 0; n < 3; n += 1) {
+      await settle();
+      FakeEventSource.live()[0]!.fail();
+      if (n < 2) await vi.advanceTimersByTimeAsync(2_000);
+    }
+    await settle(); // the first poll goes out at once, and fails
+    expect(client.getConnection()).toMatchObject({ status: 'fallback', transport: 'polling' });
+    expect(FakeEventSource.live()).toHaveLength(0);
+    expect(fetch.mock.calls).toHaveLength(1);
+    const [url, init] = fetch.mock.calls[0]!;
+    expect(url).toBe('http://phasecast.test/v1/jobs/comic-1');
+    expect(new Headers(init?.headers).get('Authorization')).toBe('Bearer tok');
+
+    // Failures back off: 500, 1000, 2000… (random 0.5 × pollBackoff base 1000 doubling).
+    const before = fetch.mock.calls.length;
+    await vi.advanceTimersByTimeAsync(499);
+    expect(fetch.mock.calls.length).toBe(before);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(fetch.mock.calls.length).toBe(before + 1);
+    await vi.advanceTimersByTimeAsync(999);
+    expect(fetch.mock.calls.length).toBe(before + 1);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(fetch.mock.calls.length).toBe(before + 2);
+
+    answer = () => jsonResponse(job({ seq: 8, progress: 80 }));
+    await vi.advanceTimersByTimeAsync(2_000);
+    expect(seen).toEqual([8]);
+    expect(client.getConnection().error).toBeNull();
+    // Polling recovering after failures means the server was away: try the WebSocket now.
+    expect(FakeWebSocket.instances).toHaveLength(4);
+    client.close();
+    expect(client.pendingTimers).toBe(0);
+  });
+
+  it('polling marks a missing job and stops asking for it', async () => {
+    const fetch = fakeFetch(() => jsonResponse({ error: { code: 'not_found', message: 'no job gone' } }, 404));
+    const client = makeClient({ transports: ['polling'], fetch: fetch as unknown as FetchLike });
+    watch(client, 'gone');
+    await settle();
+    expect(client.getJob('gone').error).toMatchObject({ code: 'not_found', status: 404 });
+    const calls = fetch.mock.calls.length;
+    await vi.advanceTimersByTimeAsync(30_000);
+    expect(fetch.mock.calls.length).toBe(calls);
+    expect(client.getConnection().status).toBe('closed');
+    client.close();
+  });
+
+  it('cancel() posts to the cancel endpoint and applies the returned state', async () => {
+    const fetch = fakeFetch((url, init) =>
+      url.endsWith('/cancel') && init?.method === 'POST'
+        ? jsonResponse({ applied: true, state: job({ seq: 12, phase: 'CANCELLED' }) })
+        : new Error('unexpected'),
+    );
+    const client = makeClient({ fetch: fetch as unknown as FetchLike });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.state(job({ seq: 11 }));
+    const state = await client.cancel('comic-1');
+    expect(state.phase).toBe('CANCELLED');
+    expect(client.getJob('comic-1').state?.seq).toBe(12);
+    const init = fetch.mock.calls[0]![1]!;
+    expect(JSON.parse(String(init.body))).toEqual({ reason: 'Cancelled by the user' });
+    expect(new Headers(init.headers).get('Authorization')).toBe('Bearer tok');
+    client.close();
+  });
+});
