@@ -1,0 +1,126 @@
+"""Behaviour under pressure: a watcher that stops reading, and cleanup after clients leave."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+import websockets
+
+from phasecast.engines import open_engine
+from phasecast.model import Phase
+from phasecast.testing.clients import WSWatcher, sse_events
+from phasecast.testing.process import ServerProcess
+from phasecast.tracker import ProgressTracker
+
+UPDATES = 10_000
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    assert match is not None
+    return int(match.group(1))
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_a_watcher_that_stops_reading_costs_bounded_memory_and_then_gets_the_latest(
+    redis_engine_url: str, tmp_path: Path, make_token: Callable[..., str]
+) -> None:
+    # Large states (about 10 KB each) make an unbounded queue impossible to miss:
+    # 10,000 of them would be about 100 MB.
+    metadata = {"notes": "x" * 10_000}
+    with ServerProcess(redis_engine_url, log_path=tmp_path / "server.log") as server:
+        async with ProgressTracker(open_engine(redis_engine_url)) as writer:
+            await writer.create(owner="alice", job_id="big", metadata=metadata)
+            url = f"{server.ws_url}/v1/ws?access_token={quote(make_token('alice'))}"
+            # max_queue=1: the client library stops reading the socket as soon as one message
+            # is waiting, so TCP pushes back on the server just as a stalled browser would.
+            # No compression, so the states really are 10 KB on the wire.
+            async with websockets.connect(url, max_queue=1, max_size=2**20, compression=None) as stalled:
+                await stalled.send(json.dumps({"op": "subscribe", "job_id": "big"}))
+                assert json.loads(await stalled.recv())["type"] == "subscribed"
+                first = json.loads(await stalled.recv())
+                assert first["job"]["seq"] == 1
+                baseline = rss_kib(server.pid)
+
+                for index in range(1, UPDATES + 1):
+                    await writer.report("big", Phase.GENERATING, message=f"update {index}")
+                final_seq = UPDATES + 1
+                grown = rss_kib(server.pid) - baseline
+
+                # Reading again: everything that was squeezed into socket buffers drains, then
+                # the newest state arrives; nothing in between is owed.
+                received: list[int] = []
+                async with asyncio.timeout(30):
+                    while not received or received[-1] < final_seq:
+                        message = json.loads(await stalled.recv())
+                        if message["type"] == "state":
+                            received.append(message["job"]["seq"])
+        print(f"server RSS growth while stalled: {grown} KiB; states delivered: {len(received)} of {UPDATES}")
+        assert received == sorted(set(received))
+        assert received[-1] == final_seq
+        assert len(received) < UPDATES / 2  # conflated, not queued
+        assert grown < 40 * 1024, f"server grew {grown} KiB while a watcher stalled"
+
+
+async def test_watchers_and_subscriptions_are_released(
+    server: ServerProcess, make_token: Callable[..., str], worker_token: str
+) -> None:
+    def gauge(text: str, name: str) -> float:
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    headers = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=10) as api:
+        for job_id in ("a", "b"):
+            await api.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})
+        viewer = make_token("alice")
+        sockets = [await WSWatcher(server.url, viewer).connect() for _ in range(3)]
+        for watcher in sockets:
+            await watcher.subscribe("a")
+            await watcher.subscribe("b")
+            await watcher.wait_seq("a", 1)
+            await watcher.wait_seq("b", 1)
+        sse_started = asyncio.Event()
+
+        async def sse_reader() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                async for _ in sse_events(client, f"/v1/jobs/b/events?access_token={viewer}"):
+                    sse_started.set()
+
+        sse_task = asyncio.create_task(sse_reader())
+        await asyncio.wait_for(sse_started.wait(), 5)
+        busy = (await api.get("/metrics")).text
+        assert gauge(busy, "phasecast_watchers") == 7
+        assert gauge(busy, "phasecast_watched_jobs") == 2
+        assert gauge(busy, "phasecast_connections") == 4
+
+        # Job a ends: its subscriptions end with it. Clients of b leave: theirs go too.
+        await api.post("/v1/jobs/a/complete", json={})
+        for watcher in sockets:
+            await watcher.wait_terminal("a")
+        sse_task.cancel()
+        await asyncio.gather(sse_task, return_exceptions=True)
+        for watcher in sockets:
+            await watcher.close()
+
+        async def released() -> bool:
+            text = (await api.get("/metrics")).text
+            return all(gauge(text, n) == 0 for n in ("phasecast_watchers", "phasecast_watched_jobs", "phasecast_connections"))
+
+        # The server notices each departure when its socket closes; poll the gauges until
+        # they settle (bounded), since there is no event to await from outside the process.
+        async with asyncio.timeout(10):
+            while not await released():
+                await asyncio.sleep(0.05)

@@ -1,0 +1,167 @@
+"""Details of the wire protocol (docs/protocol.md) against a real server on each engine."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from phasecast.testing.clients import SSEEvent, WSWatcher, sse_events
+from phasecast.testing.process import ServerProcess
+
+
+@pytest.fixture
+def server(module_server: ServerProcess) -> ServerProcess:
+    return module_server
+
+
+@pytest.fixture
+async def api(server: ServerProcess, worker_token: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {worker_token}"}) as client:
+        yield client
+
+
+async def new_job(api: httpx.AsyncClient, owner: str = "alice") -> str:
+    job_id = f"job-{uuid.uuid4().hex[:10]}"
+    reply = await api.post("/v1/jobs", json={"job_id": job_id, "owner": owner})
+    assert reply.status_code == 201, reply.text
+    assert reply.headers["location"] == f"/v1/jobs/{job_id}"
+    return job_id
+
+
+async def report(api: httpx.AsyncClient, job_id: str, progress: float) -> int:
+    reply = await api.post(f"/v1/jobs/{job_id}/progress", json={"phase": "ANALYZING", "phase_progress": progress})
+    assert reply.status_code == 200
+    seq: int = reply.json()["state"]["seq"]
+    return seq
+
+
+async def test_auth_by_first_message_and_pings(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    job_id = await new_job(api)
+    watcher = await WSWatcher(server.url, make_token("alice")).connect(token_in_url=False)
+    await watcher.send({"op": "auth", "token": make_token("alice")})
+    await watcher.subscribe(job_id)
+    await watcher.wait_message("subscribed", job_id=job_id)
+    await watcher.wait_seq(job_id, 1)
+    await watcher.wait_message("ping", timeout=5)  # the test server pings every second
+    await watcher.send({"op": "ping"})
+    await watcher.wait_message("pong")
+    await watcher.close()
+
+
+async def test_since_skips_what_the_client_has_and_resubscribe_fills_the_gap(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    job_id = await new_job(api)
+    await report(api, job_id, 10)
+    await report(api, job_id, 20)
+    watcher = await WSWatcher(server.url, make_token("alice")).connect()
+    await watcher.subscribe(job_id, since=3)
+    await watcher.wait_message("subscribed", job_id=job_id)
+    seq = await report(api, job_id, 30)
+    await watcher.wait_seq(job_id, seq)
+    assert watcher.seqs(job_id) == [4]
+
+    await watcher.send({"op": "unsubscribe", "job_id": job_id})
+    await watcher.wait_message("unsubscribed", job_id=job_id)
+    await report(api, job_id, 40)
+    await watcher.subscribe(job_id, since=4)
+    await watcher.wait_seq(job_id, 5)
+    assert watcher.seqs(job_id) == [4, 5]  # the change made while away arrives once, as the current state
+    await watcher.close()
+
+
+async def test_one_connection_watches_many_jobs_and_the_cap_is_enforced(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    jobs = [await new_job(api) for _ in range(3)]
+    watcher = await WSWatcher(server.url, make_token("alice")).connect()
+    for job_id in jobs:
+        await watcher.subscribe(job_id)
+        await watcher.wait_seq(job_id, 1)
+    for job_id in jobs:
+        await report(api, job_id, 50)
+    for job_id in jobs:
+        await watcher.wait_seq(job_id, 2)
+        assert watcher.seqs(job_id) == [1, 2]
+    more = [await new_job(api) for _ in range(98)]  # 101 in all; the default cap is 100
+    for job_id in more:
+        await watcher.subscribe(job_id)
+    refused = await watcher.wait_message("error", code="too_many_subscriptions")
+    assert refused["job_id"] == more[-1]
+    await watcher.wait_for(lambda w: len(w.states) == 100)
+    assert more[-1] not in watcher.states
+    await watcher.close()
+
+
+async def test_sse_resumes_from_last_event_id_sends_retry_and_heartbeats_and_ends(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    job_id = await new_job(api)
+    await report(api, job_id, 10)
+    await report(api, job_id, 20)
+    token = make_token("alice")
+    seen: list[SSEEvent | str] = []
+    got_heartbeat = asyncio.Event()
+    async with httpx.AsyncClient(base_url=server.url, timeout=20) as client:
+
+        async def read() -> None:
+            headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": "2"}
+            async for item in sse_events(client, f"/v1/jobs/{job_id}/events", headers=headers):
+                seen.append(item)
+                if item == ": ping":
+                    got_heartbeat.set()
+
+        reader = asyncio.create_task(read())
+        await asyncio.wait_for(got_heartbeat.wait(), 5)  # pings every second in tests
+        await api.post(f"/v1/jobs/{job_id}/complete", json={})
+        await asyncio.wait_for(reader, 10)  # ends by itself after the terminal state
+    events = [e for e in seen if isinstance(e, SSEEvent)]
+    assert [e.id for e in events] == ["3", "4"]
+    assert events[-1].json()["phase"] == "COMPLETE"
+
+
+async def test_sse_raw_format_has_retry_first(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    job_id = await new_job(api)
+    await api.post(f"/v1/jobs/{job_id}/complete", json={})
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        reply = await client.get(f"/v1/jobs/{job_id}/events", params={"access_token": make_token("alice")})
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    assert reply.headers["cache-control"] == "no-cache"
+    assert re.fullmatch(r"retry: \d+\n\nid: 2\nevent: state\ndata: \{.*\}\n\n", reply.text, re.S)
+
+
+async def test_listing_and_history(server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]) -> None:
+    owner = f"user-{uuid.uuid4().hex[:6]}"
+    first = await new_job(api, owner)
+    second = await new_job(api, owner)
+    await api.post(f"/v1/jobs/{first}/cancel", json={"reason": "changed my mind"})
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {make_token(owner)}"}) as me:
+        every = (await me.get("/v1/jobs")).json()["jobs"]
+        assert [j["job_id"] for j in every] == [second, first]
+        active = (await me.get("/v1/jobs", params={"status": "active"})).json()["jobs"]
+        assert [j["job_id"] for j in active] == [second]
+        history = (await me.get(f"/v1/jobs/{first}/history")).json()
+        assert [(e["seq"], e["phase"]) for e in history["events"]] == [(1, "QUEUED"), (2, "CANCELLED")]
+        assert history["events"][-1]["message"] == "changed my mind"
+
+
+async def test_service_endpoints(server: ServerProcess, api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json()["status"] == "ok"
+    assert (await api.get("/readyz")).json() == {"status": "ready"}
+    metrics = (await api.get("/metrics")).text
+    for name in ("phasecast_connections", "phasecast_watchers", "phasecast_updates_total",
+                 "phasecast_messages_sent_total", "phasecast_delivery_latency_seconds_bucket"):
+        assert name in metrics
+    spec = (await api.get("/openapi.json")).json()
+    assert "/v1/jobs/{job_id}/progress" in spec["paths"]
+    reply = await api.get("/healthz", headers={"X-Request-ID": "trace-123"})
+    assert reply.headers["x-request-id"] == "trace-123"
