@@ -44,6 +44,12 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | 
     raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
 
 
+def kill_and_wait(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+
 class ServerProcess:
     """``phasecast serve`` (or ``demo``) in a child process."""
 
@@ -102,9 +108,7 @@ class ServerProcess:
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks run, as in a crash."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
+        kill_and_wait(self.process)
         self.process = None
 
     def stop(self) -> None:
@@ -164,9 +168,7 @@ class PrivateRedis:
         return self
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
+        kill_and_wait(self.process)
         self.process = None
 
     def stop(self) -> None:
