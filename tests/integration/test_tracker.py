@@ -58,14 +58,14 @@ async def test_late_reports_are_acknowledged_not_applied(tracker: ProgressTracke
     assert (await tracker.get("c1")).seq == late.state.seq
 
 
-async def test_two_trackers_on_one_store_lose_no_update(engine_url: str) -> None:
-    """Two writers (two processes' worth of trackers) report steps at the same time: every
-    step lands, because a write computed from a stale state is retried, not stored."""
-    if engine_url.startswith("sqlite"):
-        pytest.skip("the SQLite engine serves one process; the in-process lock covers it")
+@pytest.mark.redis
+async def test_two_trackers_on_one_redis_lose_no_update(redis_engine_url: str) -> None:
+    """Two writers (two server processes' worth of trackers) report steps at the same time:
+    every step lands, because a write computed from a stale state is retried, not stored.
+    (SQLite serves one process, where the per-job lock already serialises writers.)"""
     async with (
-        ProgressTracker(open_engine(engine_url)) as first,
-        ProgressTracker(open_engine(engine_url)) as second,
+        ProgressTracker(open_engine(redis_engine_url)) as first,
+        ProgressTracker(open_engine(redis_engine_url)) as second,
     ):
         await first.create(owner="alice", job_id="c1")
         await first.report("c1", Phase.GENERATING)
