@@ -416,3 +416,36 @@ describe('fallback to SSE and polling', () => {
     client.close();
   });
 });
+
+describe('coming back online', () => {
+  beforeEach(() => {
+    vi.useFakeTimers();
+    FakeWebSocket.reset();
+  });
+
+  it('checks an open socket with a ping and replaces it if no answer comes', async () => {
+    const client = makeClient({ pingTimeoutMs: 35_000 });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    window.dispatchEvent(new Event('online'));
+    expect(socket.sent.at(-1)).toEqual({ op: 'ping' });
+    await vi.advanceTimersByTimeAsync(5_000);
+    expect(socket.closedByClient).not.toBeNull();
+    expect(client.getConnection().error?.code).toBe('dead_link');
+    await vi.advanceTimersByTimeAsync(250);
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    client.close();
+  });
+
+  it('keeps the socket when the server answers the ping', async () => {
+    const client = makeClient({ pingTimeoutMs: 35_000 });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    window.dispatchEvent(new Event('online'));
+    socket.receive({ type: 'pong' });
+    await vi.advanceTimersByTimeAsync(30_000);
+    expect(socket.closedByClient).toBeNull();
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    client.close();
+  });
+});

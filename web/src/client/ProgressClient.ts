@@ -221,6 +221,7 @@ export class ProgressClient {
 
   /** Skip the current backoff wait and try now (the client also does this on `online`). */
   reconnectNow(): void {
+    if (this.fatal) return;
     if (this.cancelReconnect) {
       this.cancelReconnect();
       this.cancelReconnect = null;

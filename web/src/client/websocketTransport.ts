@@ -11,6 +11,8 @@ import {
 import { apiUrl, redactToken, toWebSocketUrl } from './urls';
 
 const OPEN = 1;
+/** After the browser comes back online, how long the server gets to answer our ping. */
+const ONLINE_CHECK_MS = 5_000;
 
 /**
  * One WebSocket carrying every watched job. Single-use: when the socket ends it reports
@@ -48,8 +50,16 @@ export class WebSocketTransport implements Transport {
     if (tellServer) this.send({ op: 'unsubscribe', job_id: jobId });
   }
 
+  /**
+   * The network came back: the socket may have died silently while we were away (a new
+   * Wi-Fi means the old TCP connection is gone, yet no close event comes for minutes). Ask
+   * the server for a pong and give it a few seconds instead of the full ping timeout.
+   */
   retryNow(): void {
-    // A single socket has nothing to skip: the ProgressClient starts a new transport instead.
+    const socket = this.socket;
+    if (this.finished || !socket || socket.readyState !== OPEN) return;
+    this.send({ op: 'ping' });
+    this.armLiveness(Math.min(this.ctx.pingTimeoutMs, ONLINE_CHECK_MS));
   }
 
   close(): void {
@@ -157,9 +167,8 @@ export class WebSocketTransport implements Transport {
     this.fail(closeError(event.code, event.reason, this.healthy, redactToken(url)), isFatalClose(event.code));
   }
 
-  private armLiveness(): void {
+  private armLiveness(timeout: number = this.ctx.pingTimeoutMs): void {
     this.stopLiveness?.();
-    const timeout = this.ctx.pingTimeoutMs;
     this.stopLiveness = this.ctx.timers.after(timeout, () => {
       // No ping for longer than the server's interval: the TCP link may look open while
       // nothing gets through (sleeping laptop, dropped NAT entry). Start afresh.
@@ -168,7 +177,7 @@ export class WebSocketTransport implements Transport {
       socket?.close(4000, 'no ping from server');
       this.fail({
         code: 'dead_link',
-        message: `No message from the server for ${timeout / 1000} s although it pings every 15 s; reconnecting.`,
+        message: `No message from the server for ${timeout / 1000} s (it pings every 15 s); reconnecting.`,
       }, false);
     });
   }

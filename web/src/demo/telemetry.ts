@@ -8,6 +8,8 @@ export interface UpdateRecord {
   seq: number;
   phase: Phase;
   progress: number;
+  /** Steps the state announces (panels while GENERATING). */
+  stepsTotal: number | null;
   /** Browser receipt time, ms since the epoch (sub-millisecond precision). */
   receivedAt: number;
   /** The state's updated_at, ms since the epoch. */
@@ -55,6 +57,7 @@ export function installTelemetry(client: ProgressClient, engine: string): DemoTe
       seq: job.seq,
       phase: job.phase,
       progress: job.progress,
+      stepsTotal: job.steps_total ?? null,
       receivedAt,
       updatedAt,
       latencyMs: receivedAt - updatedAt,
