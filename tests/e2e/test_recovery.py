@@ -111,3 +111,31 @@ async def test_pubsub_link_drop_resyncs_watched_jobs(
                 await admin.aclose()
                 await watcher.close()
         assert "pub/sub connection lost" in server.log()
+
+
+@pytest.mark.redis
+async def test_redis_outage_is_a_503_and_the_server_recovers(tmp_path: Path, worker_token: str) -> None:
+    first = PrivateRedis().start()
+    second = PrivateRedis(port=first.port)
+    try:
+        with ServerProcess(first.url, log_path=tmp_path / "s.log") as server:
+            headers = {"Authorization": f"Bearer {worker_token}"}
+            async with httpx.AsyncClient(base_url=server.url, headers=headers) as api:
+                assert (await api.post("/v1/jobs", json={"job_id": "j", "owner": "alice"})).status_code == 201
+                first.kill()
+                ready = await api.get("/readyz")
+                assert ready.status_code == 503
+                assert "unreachable" in ready.json()["reason"]
+                down = await api.post("/v1/jobs/j/progress", json={"phase": "ANALYZING", "phase_progress": 5})
+                assert down.status_code == 503
+                assert down.json()["error"]["code"] == "unavailable"
+
+                second.start()  # a new, empty Redis on the same port (this one keeps nothing on disk)
+                assert (await api.get("/readyz")).status_code == 200
+                # The state lived in the lost Redis: without an archive it is gone (docs/archive.md).
+                assert (await api.get("/v1/jobs/j")).status_code == 404
+                assert (await api.post("/v1/jobs", json={"job_id": "k", "owner": "alice"})).status_code == 201
+        assert "cannot read job 'j' from Redis" in server.log()  # the engine error is logged with its reason
+    finally:
+        first.stop()
+        second.stop()
