@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from phasecast.engines.base import Change, Engine
-from phasecast.errors import EngineUnavailable, JobNotFound
+from phasecast.errors import EngineUnavailable, JobExists, JobNotFound
 from phasecast.fanout import Hub, Mailbox
 from phasecast.model import (
     JobError,
@@ -29,6 +29,8 @@ from phasecast.model import (
     StepStatus,
     apply_progress,
     apply_terminal,
+    format_time,
+    new_epoch,
     new_job,
     new_job_id,
     phase_durations,
@@ -120,10 +122,32 @@ class ProgressTracker:
     async def get(self, job_id: str) -> JobState:
         state = await self.engine.load(job_id)
         if state is None and self.archive is not None:
-            state = await self.archive.load(job_id)
+            state = await self._restore(job_id)
         if state is None:
             raise JobNotFound(job_id)
         return state
+
+    async def _restore(self, job_id: str) -> JobState | None:
+        """Bring back a job the engine lost (TTL expired, Redis flushed or restarted empty)
+        from the archive. The epoch changes, which tells watchers that history was lost;
+        seq continues from the archived one, so it never goes down for anyone."""
+        assert self.archive is not None
+        archived = await self.archive.load(job_id)
+        if archived is None:
+            return None
+        restored = archived.copy()
+        restored.epoch = new_epoch()
+        restored.seq = archived.seq + 1
+        restored.updated_at = format_time(self._clock())
+        try:
+            await self.engine.insert(restored)
+        except JobExists:
+            # Another request (or instance) restored it first; theirs is the one to use.
+            return await self.engine.load(job_id)
+        log.warning("job restored from the archive with a new epoch",
+                    extra={"job_id": job_id, "seq": restored.seq})
+        self._after_write(restored, learn=False)
+        return restored
 
     async def list(
         self, owner: str | None, *, active_only: bool = False, limit: int = 100
@@ -223,6 +247,8 @@ class ProgressTracker:
         async with self._job_lock(job_id):
             for _ in range(MAX_WRITE_ATTEMPTS):
                 current = await self.engine.load(job_id)
+                if current is None and self.archive is not None:
+                    current = await self._restore(job_id)
                 if current is None:
                     raise JobNotFound(job_id)
                 now = self._clock()
@@ -249,7 +275,7 @@ class ProgressTracker:
                 f"{MAX_WRITE_ATTEMPTS} attempts"
             )
 
-    def _after_write(self, state: JobState) -> None:
+    def _after_write(self, state: JobState, *, learn: bool = True) -> None:
         for observer in self._observers:
             try:
                 observer(state)
@@ -257,7 +283,7 @@ class ProgressTracker:
                 log.exception("observer failed", extra={"job_id": state.job_id})
         if self.archive is not None:
             self.archive.record(state)
-        if state.phase is Phase.COMPLETE:
+        if learn and state.phase is Phase.COMPLETE:
             self._spawn(self._learn(state))
 
     async def _learn(self, state: JobState) -> None:

@@ -124,7 +124,8 @@ async def test_webhook_is_retried_until_answered(sim: RunPodSimulator, client: R
     dead = f"http://127.0.0.1:{sim.port}/nowhere"
     started = await client.run({"prompt": "x"}, webhook=dead)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and len(sim.webhooks_for(started.id)) < 3:
+    while len(sim.webhooks_for(started.id)) < 3:
+        assert time.monotonic() < deadline, "the webhook was not attempted three times"
         await asyncio.sleep(0.02)
     attempts = sim.webhooks_for(started.id)
     assert [d.attempt for d in attempts] == [1, 2, 3]

@@ -390,7 +390,8 @@ class RunPodSimulator:
             await self._post(job, stale, 1, duplicate=True)
 
     async def _post(self, job: SimJob, payload: dict[str, Any], attempts: int, *, duplicate: bool) -> bool:
-        assert self._webhooks is not None and job.webhook is not None
+        assert self._webhooks is not None
+        assert job.webhook is not None
         for attempt in range(1, attempts + 1):
             status: int | None
             try:
