@@ -60,13 +60,12 @@ async def test_an_exception_fails_the_job_with_the_error_and_propagates(worker: 
 
 async def test_progress_never_goes_backwards_and_bad_values_are_refused(worker: Worker) -> None:
     await worker.create(owner="alice", job_id="w-3")
-    async with worker.job("w-3", complete_on_exit=False) as job:
-        async with job.phase("ANALYZING") as phase:
-            await phase.update(70)
-            late = await phase.update(30)  # a late report: acknowledged, ignored
-            assert late.phase_progress == 70
-            with pytest.raises(InvalidUpdate, match="phase_progress"):
-                await phase.update(120)
+    async with worker.job("w-3", complete_on_exit=False) as job, job.phase("ANALYZING") as phase:
+        await phase.update(70)
+        late = await phase.update(30)  # a late report: acknowledged, ignored
+        assert late.phase_progress == 70
+        with pytest.raises(InvalidUpdate, match="phase_progress"):
+            await phase.update(120)
     assert job.state is not None and job.state.phase.value == "ANALYZING"
 
 

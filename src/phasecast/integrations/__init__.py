@@ -13,9 +13,14 @@ from phasecast.server.deps import Services
 
 
 def startup_hooks(settings: Settings) -> list[Startup]:
-    """The hooks that the configured integrations need: RunPod when an endpoint is set."""
+    """The hooks that the configured integrations need: RunPod when an endpoint is set; in
+    the demo without one, RunPod is the local simulator (``app.state.runpod`` either way)."""
     if settings.runpod_endpoint:
         return [runpod_startup(settings)]
+    if settings.demo:
+        from phasecast.integrations.demo import demo_runpod_startup
+
+        return [demo_runpod_startup(settings)]
     return []
 
 
