@@ -232,6 +232,21 @@ describe('ProgressTracker', () => {
   });
 });
 
+describe('ProgressTracker when the token is refused', () => {
+  beforeEach(() => {
+    vi.useFakeTimers();
+    FakeWebSocket.reset();
+  });
+
+  it('says why instead of spinning', async () => {
+    const view = renderTracker(STATES.ANALYZING!);
+    await view.start();
+    act(() => FakeWebSocket.last.serverClose(4401, 'token expired'));
+    expect(screen.getByRole('alert').textContent).toMatch(/refused the token/);
+    view.client.close();
+  });
+});
+
 describe('formatEta', () => {
   it('rounds to words a person reads at a glance', () => {
     expect([null, 0, 4, 21.4, 59, 150, 7300].map(formatEta)).toEqual([

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import statistics
@@ -18,10 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from browser_support import ARTIFACTS, FAST_RECOVERY, DemoServer, save_json
 from playwright.async_api import BrowserContext, Page, WebSocketRoute
 from websockets.asyncio.client import connect
-
-from conftest import ARTIFACTS, FAST_RECOVERY, DemoServer, save_json
 
 pytestmark = pytest.mark.browser
 
@@ -52,7 +52,7 @@ async def start_generation(page: Page, panels: int = 6) -> str:
 
 async def wait_phase(page: Page, job_id: str, phase: str, timeout: float = 60_000) -> None:
     await page.wait_for_function(
-        "([id, phase]) => document.querySelector(`[data-job-id=\"${id}\"]`)?.dataset.phase === phase",
+        '([id, phase]) => document.querySelector(`[data-job-id="${id}"]`)?.dataset.phase === phase',
         arg=[job_id, phase],
         timeout=timeout,
     )
@@ -92,10 +92,12 @@ async def displayed_bars(page: Page, job_id: str) -> list[float]:
 def assert_never_backwards(updates: list[Update]) -> None:
     """seq strictly up, progress and phase never down: the client's one promise."""
     assert updates, "the page received no update"
-    for before, after in zip(updates, updates[1:], strict=False):
+    for before, after in itertools.pairwise(updates):
         assert after["seq"] > before["seq"], f"seq went from {before['seq']} to {after['seq']}"
         assert after["progress"] >= before["progress"], f"progress went back: {before} -> {after}"
-        assert RANK.get(after["phase"], 99) >= RANK.get(before["phase"], 99), f"phase went back: {before} -> {after}"
+        assert RANK.get(after["phase"], 99) >= RANK.get(before["phase"], 99), (
+            f"phase went back: {before} -> {after}"
+        )
 
 
 def phases_in_order(updates: list[Update]) -> list[str]:
@@ -110,7 +112,9 @@ async def assert_finished_display(page: Page, job_id: str) -> None:
     tracker = page.locator(f'[data-job-id="{job_id}"]')
     bar = tracker.get_by_role("progressbar", name="Overall progress")
     assert await bar.get_attribute("aria-valuenow") == "100"
-    statuses = await tracker.locator(".pc-phase").evaluate_all("(items) => items.map((i) => i.dataset.status)")
+    statuses = await tracker.locator(".pc-phase").evaluate_all(
+        "(items) => items.map((i) => i.dataset.status)"
+    )
     assert statuses == ["done"] * 5, statuses
     bars = await displayed_bars(page, job_id)
     assert bars == sorted(bars), f"the progress bar went backwards: {bars}"
@@ -138,7 +142,9 @@ class ServerWatcher:
                     self.state = message["job"]
                     self.changed.set()
 
-    async def wait_for(self, condition: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+    async def wait_for(
+        self, condition: Callable[[dict[str, Any]], bool], timeout: float = 60
+    ) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             while self.state is None or not condition(self.state):
                 self.changed.clear()
@@ -304,6 +310,9 @@ async def test_update_latency_and_screenshot(
 ) -> None:
     await open_demo(page, demo_server, query="")
     jobs = [await start_generation(page, panels=n) for n in (4, 6)]
+    await wait_phase(page, jobs[-1], "GENERATING")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "demo-running.png"), full_page=True)
     for job_id in jobs:
         await wait_phase(page, job_id, "COMPLETE")
 
@@ -312,14 +321,20 @@ async def test_update_latency_and_screenshot(
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     for value in latencies:
         record_latency("browser page (updated_at -> received, WebSocket)", value / 1000)
-    ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "demo-finished.png"), full_page=True)
     save_json(
         "latency.json",
-        {"n": len(latencies), "p50_ms": p50, "p99_ms": p99, "max_ms": max(latencies),
-         "mean_ms": statistics.fmean(latencies)},
+        {
+            "n": len(latencies),
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "max_ms": max(latencies),
+            "mean_ms": statistics.fmean(latencies),
+        },
     )
-    print(f"browser update latency: n={len(latencies)} p50={p50:.1f} ms p99={p99:.1f} ms max={max(latencies):.1f} ms")
+    print(
+        f"browser update latency: n={len(latencies)} p50={p50:.1f} ms p99={p99:.1f} ms max={max(latencies):.1f} ms"
+    )
 
     assert len(latencies) >= 30
     # Sanity only: same machine, same clock. updated_at has millisecond precision, so a

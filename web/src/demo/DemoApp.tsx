@@ -145,7 +145,7 @@ function Demo({ config }: { config: DemoConfig }) {
 
 function ConnectionPanel({ client, engine }: { client: ProgressClient; engine: string }) {
   // Any watched job gives us the connection fields; null watches nothing.
-  const { status, transport } = useGenerationProgress(null);
+  const { status, transport, error } = useGenerationProgress(null);
   const [last, setLast] = useState<{ latencyMs: number; jobId: string } | null>(null);
   const [count, setCount] = useState(0);
   useEffect(
@@ -162,11 +162,17 @@ function ConnectionPanel({ client, engine }: { client: ProgressClient; engine: s
         <dt>Transport</dt>
         <dd data-testid="transport">{transport ?? 'none'}</dd>
         <dt>Status</dt>
-        <dd data-testid="status">{status}</dd>
+        <dd data-testid="status">{status === 'closed' && !error ? 'idle (nothing running)' : status}</dd>
         <dt>Last update latency</dt>
         <dd data-testid="latency">{last ? `${Math.max(0, last.latencyMs).toFixed(1)} ms` : '–'}</dd>
         <dt>Updates received</dt>
         <dd data-testid="updates">{count}</dd>
+        {error ? (
+          <>
+            <dt>Problem</dt>
+            <dd className="demo__problem">{error.message}</dd>
+          </>
+        ) : null}
         <dt>Engine</dt>
         <dd>{engine}</dd>
       </dl>

@@ -143,6 +143,9 @@ export function ProgressTracker({ jobId, title, cancellable = false, onCancelled
 
       {progress.jobError ? (
         <p className="pc-tracker__problem" role="alert">{progress.jobError.message}</p>
+      ) : !done && progress.status === 'closed' && progress.error ? (
+        // The client gave up (refused token): retrying will not help, so say why.
+        <p className="pc-tracker__problem" role="alert">{progress.error.message}</p>
       ) : !done && progress.status === 'reconnecting' ? (
         <p className="pc-tracker__problem" role="status">Connection lost, reconnecting…</p>
       ) : null}

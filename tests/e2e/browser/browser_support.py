@@ -1,0 +1,184 @@
+"""Support for the browser end-to-end tests: a real ``phasecast demo`` server in a child
+process (killable and restartable on the same port and engine), where Chromium is, and
+where artifacts go. Imported by conftest.py and the tests (a module name of its own, so it
+cannot clash with the other conftest.py files).
+
+Chromium comes from Debian (``apt-get install -y chromium``): Playwright cannot download
+its own browsers here. The demo page must be built first (``npm ci && npm run build`` in
+web/), which writes it to src/phasecast/server/static/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[3]
+STATIC_INDEX = REPO / "src" / "phasecast" / "server" / "static" / "index.html"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The demo page reads client tuning from its query string: short backoff and probe
+# intervals make recovery quick enough to watch inside one test.
+FAST_RECOVERY = "?backoffBase=200&backoffCap=2000&probe=2000"
+
+
+def find_chromium() -> str | None:
+    for candidate in (os.environ.get("PHASECAST_CHROMIUM"), "/usr/bin/chromium"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class DemoServer:
+    """``python -m phasecast demo`` on a fixed port and SQLite file, so a restart after
+    SIGKILL comes back at the same address with the same jobs."""
+
+    def __init__(self, folder: Path, *, speed: float) -> None:
+        self.port = free_port()
+        self.engine = f"sqlite:///{folder / 'demo.db'}"
+        self.speed = speed
+        self.log_path = folder / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "phasecast",
+            "demo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--engine",
+            self.engine,
+            "--no-auto-jobs",
+            "--speed",
+            str(self.speed),
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"phasecast demo exited with {self.process.returncode}; log:\n{self.log()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)  # polling a child process's port: no event to await
+        raise TimeoutError(f"phasecast demo not healthy on {self.url} within {timeout}s; log:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL, like a crash: no shutdown hook runs, sockets drop without a close frame."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # ---- REST helpers, as the demo page's own token ------------------------------------
+
+    def token(self) -> str:
+        config: dict[str, Any] = httpx.get(f"{self.url}/v1/demo/config", timeout=5).json()
+        return str(config["token"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = httpx.get(
+            f"{self.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {self.token()}"}, timeout=5
+        )
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        response = httpx.get(
+            f"{self.url}/v1/jobs/{job_id}/history",
+            params={"limit": 1000},
+            headers={"Authorization": f"Bearer {self.token()}"},
+            timeout=5,
+        )
+        response.raise_for_status()
+        events: list[dict[str, Any]] = response.json()["events"]
+        return events
+
+
+# Records every value the page's overall progress bars show, per job, so a test can prove
+# the display itself never went backwards (not only the client's data).
+WATCH_BARS = """
+(() => {
+  window.__bars = {};
+  const record = (bar) => {
+    const tracker = bar.closest('[data-job-id]');
+    if (!tracker) return;
+    const id = tracker.dataset.jobId;
+    (window.__bars[id] = window.__bars[id] || []).push(Number(bar.getAttribute('aria-valuenow')));
+  };
+  new MutationObserver((mutations) => {
+    for (const m of mutations) {
+      if (m.type === 'attributes' && m.target.getAttribute('aria-label') === 'Overall progress') record(m.target);
+      for (const node of m.addedNodes || []) {
+        if (node.querySelectorAll) node.querySelectorAll('[aria-label="Overall progress"]').forEach(record);
+      }
+    }
+  }).observe(document, { subtree: true, childList: true, attributes: true, attributeFilter: ['aria-valuenow'] });
+})();
+"""
+
+
+def save_json(name: str, data: Any) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    path.write_text(json.dumps(data, indent=2))
+    return path
