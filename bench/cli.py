@@ -1,0 +1,298 @@
+"""``python -m bench [scenario] [options]``; with no scenario, ``all`` (the suite)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import report, scenarios
+from bench.common import raise_nofile
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as handle:
+        mem_kb = int(handle.readline().split()[1])
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    versions = {}
+    for name in ("uvicorn", "websockets", "starlette", "fastapi", "python-socketio", "redis", "uvloop"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "commit": commit,
+        "packages": versions,
+        "redis": redis_version,
+    }
+
+
+def repeated(times: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    runs = [run() for _ in range(times)]
+    merged = report.median_of(runs)
+    if times > 1:
+        merged["runs"] = runs
+    return merged
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    systems = ["phasecast-redis", "socketio", "redis-floor"] if args.system == "compare" else [args.system]
+    for name in systems:
+        _log(f"fanout {name}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s, {args.seconds}s")
+        result = repeated(
+            args.repeat,
+            lambda name=name: scenarios.fanout(  # type: ignore[misc]
+                name,
+                watchers=args.watchers,
+                jobs=args.jobs,
+                rate=args.rate,
+                seconds=args.seconds,
+                transport=args.transport,
+                publisher=args.publisher,
+                loadgen_procs=args.loadgen_procs,
+                profile=getattr(args, "profile", None),
+            ),
+        )
+        headline = result["transport"] in ("ws", "sio", "redis") and result["publisher"] in (
+            "tracker",
+            "sio",
+            "redis",
+        )
+        if headline and name != "phasecast-sqlite":
+            results.setdefault("fanout", {})[name] = result
+        else:
+            results.setdefault("fanout_other", []).append(result)
+        _summary(result)
+
+
+def run_transports(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    for transport in ("ws", "sse"):
+        _log(f"transports {transport}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s")
+        result = repeated(
+            args.repeat,
+            lambda t=transport: scenarios.fanout(  # type: ignore[misc]
+                "phasecast-redis",
+                watchers=args.watchers,
+                jobs=args.jobs,
+                rate=args.rate,
+                seconds=args.seconds,
+                transport=t,
+                publisher="tracker",
+                loadgen_procs=args.loadgen_procs,
+            ),
+        )
+        results.setdefault("transports", {})[transport] = result
+        _summary(result)
+
+
+def run_ingest(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
+    modes = ["http", "tracker"] if args.mode == "both" else [args.mode]
+    for engine in engines:
+        for mode in modes:
+            _log(f"ingest {engine}/{mode}: {args.seconds}s, concurrency {args.concurrency}")
+            result = repeated(
+                args.repeat,
+                lambda e=engine, m=mode: scenarios.ingest(  # type: ignore[misc]
+                    f"phasecast-{e}", mode=m, seconds=args.seconds, concurrency=args.concurrency
+                ),
+            )
+            results.setdefault("ingest", {})[f"phasecast-{engine}/{mode}"] = result
+            _log(
+                f"  {result['accepted_per_s']:,.0f} accepted/s, {result['server_cpu_us_per_update']} server CPU-µs each"
+            )
+
+
+def run_storm(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
+    for engine in engines:
+        _log(f"storm {engine}: {args.watchers} watchers over {args.jobs} jobs")
+        result = repeated(
+            args.repeat,
+            lambda e=engine: scenarios.storm(  # type: ignore[misc]
+                f"phasecast-{e}", watchers=args.watchers, jobs=args.jobs, loadgen_procs=args.loadgen_procs
+            ),
+        )
+        results.setdefault("storm", {})[f"phasecast-{engine}"] = result
+        _log(f"  resynced {result['resynced']:,} in {result['seconds_from_restart']} s from restart")
+
+
+def run_all(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The suite, sized for a few minutes on 2 cores (``--watchers`` etc. scale the head run)."""
+    base = dict(repeat=args.repeat, loadgen_procs=args.loadgen_procs)
+    run_fanout(
+        argparse.Namespace(
+            **base,
+            system="compare",
+            watchers=args.watchers,
+            jobs=args.jobs,
+            rate=args.rate,
+            seconds=args.seconds,
+            transport="ws",
+            publisher="tracker",
+        ),
+        results,
+    )
+    small = max(100, args.watchers // 5)
+    run_transports(
+        argparse.Namespace(
+            **base,
+            watchers=small,
+            jobs=max(10, args.jobs // 5),
+            rate=max(10, args.rate / 5),
+            seconds=args.seconds,
+        ),
+        results,
+    )
+    run_fanout(
+        argparse.Namespace(
+            **base,
+            system="phasecast-sqlite",
+            watchers=small,
+            jobs=max(10, args.jobs // 5),
+            rate=max(10, args.rate / 5),
+            seconds=args.seconds,
+            transport="ws",
+            publisher="http",
+        ),
+        results,
+    )
+    run_ingest(
+        argparse.Namespace(
+            repeat=args.repeat, engine="both", mode="both", seconds=args.ingest_seconds, concurrency=32
+        ),
+        results,
+    )
+    run_storm(
+        argparse.Namespace(
+            **base, engine="redis", watchers=args.storm_watchers, jobs=max(10, args.storm_watchers // 10)
+        ),
+        results,
+    )
+
+
+def _summary(result: dict[str, Any]) -> None:
+    lat = result["latency_ms"]
+    _log(
+        f"  {result['system']}/{result['transport']}: {result['connected']:,} watchers, "
+        f"{result['delivered_per_s']:,.0f}/{result['expected_per_s']:,.0f} msgs/s, lost {result['lost']}, "
+        f"p50 {lat['p50']} p99 {lat['p99']} ms, {result['server_cpu_us_per_msg']} CPU-µs/msg, "
+        f"{result['rss_kb_per_watcher']} KB/watcher"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    top.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON and Markdown")
+    top.add_argument("--repeat", type=int, default=1, help="runs per configuration; figures are medians")
+    top.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
+    sub = top.add_subparsers(dest="scenario")
+
+    def sized(p: argparse.ArgumentParser, watchers: int, jobs: int, rate: float, seconds: float) -> None:
+        p.add_argument("--watchers", type=int, default=watchers)
+        p.add_argument("--jobs", type=int, default=jobs)
+        p.add_argument("--rate", type=float, default=rate, help="updates/s over all jobs")
+        p.add_argument("--seconds", type=float, default=seconds)
+
+    everything = sub.add_parser("all", help="the whole suite (the default)")
+    sized(everything, 5000, 500, 500, 10)
+    everything.add_argument("--storm-watchers", type=int, default=10000)
+    everything.add_argument("--ingest-seconds", type=float, default=6)
+
+    fan = sub.add_parser("fanout", help="N watchers over M jobs at K updates/s")
+    sized(fan, 10000, 1000, 1000, 20)
+    fan.add_argument(
+        "--system",
+        default="compare",
+        choices=["compare", "phasecast-redis", "phasecast-sqlite", "socketio", "redis-floor"],
+    )
+    fan.add_argument("--transport", default="ws", choices=["ws", "sse"])
+    fan.add_argument("--publisher", default="tracker", choices=["tracker", "http"])
+    fan.add_argument("--profile", help="record the server with py-spy into this directory")
+
+    trans = sub.add_parser("transports", help="SSE vs WebSocket on the same workload")
+    sized(trans, 2000, 200, 200, 10)
+
+    ing = sub.add_parser("ingest", help="accepted updates/s per server process")
+    ing.add_argument("--engine", default="both", choices=["both", "redis", "sqlite"])
+    ing.add_argument("--mode", default="both", choices=["both", "http", "tracker"])
+    ing.add_argument("--seconds", type=float, default=8)
+    ing.add_argument("--concurrency", type=int, default=32)
+
+    st = sub.add_parser("storm", help="reconnect storm after a server restart")
+    st.add_argument("--engine", default="redis", choices=["both", "redis", "sqlite"])
+    st.add_argument("--watchers", type=int, default=10000)
+    st.add_argument("--jobs", type=int, default=1000)
+    return top
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], None]] = {
+    "all": run_all,
+    "fanout": run_fanout,
+    "transports": run_transports,
+    "ingest": run_ingest,
+    "storm": run_storm,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in RUNNERS for a in argv):
+        argv = [*(a for a in argv), "all"] if not argv else _insert_all(argv)
+    args = parser().parse_args(argv)
+    raise_nofile()
+    started = time.time()
+    results: dict[str, Any] = {}
+    RUNNERS[args.scenario](args, results)
+    table = report.markdown(results)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    document = {
+        "scenario": args.scenario,
+        "argv": argv,
+        "started": started,
+        "duration_s": round(time.time() - started, 1),
+        "machine": machine(),
+        "results": results,
+        "targets": [{"target": n, "figure": f, "verdict": v} for n, f, v in report.targets(results)],
+    }
+    json_path = args.out / f"{stamp}-{args.scenario}.json"
+    json_path.write_text(json.dumps(document, indent=2))
+    (args.out / f"{stamp}-{args.scenario}.md").write_text(table)
+    print(table)
+    _log(f"results: {json_path} ({document['duration_s']} s)")
+
+
+def _insert_all(argv: list[str]) -> list[str]:
+    """Global options only (``python -m bench --repeat 3``): run the suite."""
+    return [*argv, "all"]

@@ -1,0 +1,120 @@
+"""Small shared pieces: /proc readings, the latency histogram, tokens, timestamps."""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from phasecast.config import Settings
+from phasecast.server.auth import mint_token
+from phasecast.testing.process import TEST_SECRET
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Latencies are kept as counts per 10 µs bucket: small to ship between processes, exact
+# enough for percentiles in the millisecond range.
+BUCKET_US = 10
+VIEWER = "bench-viewer"
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard limit (10,000 sockets need it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    # After the ")" the fields start at #3 (state); utime and stime are #14 and #15.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+@dataclass(slots=True)
+class CpuMeter:
+    """CPU used by a set of processes between ``start`` and ``stop``."""
+
+    pids: dict[str, int]
+    _start: dict[str, float] | None = None
+    used: dict[str, float] | None = None
+
+    def start(self) -> None:
+        self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        assert self._start is not None
+        self.used = {}
+        for name, pid in self.pids.items():
+            try:
+                self.used[name] = cpu_seconds(pid) - self._start[name]
+            except OSError:  # the process ended already; its figure is reported by itself
+                self.used[name] = float("nan")
+        return self.used
+
+
+def token(scopes: Iterable[str], sub: str = VIEWER, ttl: int = 3 * 3600) -> str:
+    return mint_token(Settings(jwt_secret=TEST_SECRET), sub, list(scopes), ttl)
+
+
+class TimeParser:
+    """``updated_at`` (RFC 3339, ms) → Unix seconds, cheaply: the minute prefix is cached, so
+    a load generator receiving 10,000 messages/s does not spend its CPU in strptime."""
+
+    def __init__(self) -> None:
+        self._minutes: dict[str, float] = {}
+
+    def __call__(self, text: str) -> float:
+        prefix = text[:17]  # 2026-11-29T04:10:
+        base = self._minutes.get(prefix)
+        if base is None:
+            base = datetime.fromisoformat(prefix + "00+00:00").timestamp()
+            self._minutes[prefix] = base
+        return base + float(text[17:-1])
+
+
+def format_time(moment: float) -> str:
+    """Unix seconds → the same millisecond RFC 3339 form Phasecast writes."""
+    dt = datetime.fromtimestamp(moment, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def merge_histograms(parts: Iterable[Mapping[str, int] | Mapping[int, int]]) -> Counter[int]:
+    total: Counter[int] = Counter()
+    for part in parts:
+        for key, count in part.items():
+            total[int(key)] += count
+    return total
+
+
+def percentiles(histogram: Mapping[int, int]) -> dict[str, float | None]:
+    """p50/p90/p99/max in milliseconds from a 10 µs-bucket histogram."""
+    count = sum(histogram.values())
+    if not count:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "count": 0}
+    keys = sorted(histogram)
+    found: dict[str, float | None] = {}
+    for name, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99)):
+        rank = q * count
+        seen = 0
+        for key in keys:
+            seen += histogram[key]
+            if seen >= rank:
+                found[name] = round(key * BUCKET_US / 1000, 3)
+                break
+    found["max"] = round(keys[-1] * BUCKET_US / 1000, 3)
+    found["count"] = count
+    return found

@@ -1,0 +1,321 @@
+"""The scenarios: each starts its systems, drives them, and returns a flat dict of figures."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import CpuMeter, merge_histograms, percentiles, rss_kb, token
+from bench.control import Child, child_argv
+from bench.systems import System, create_jobs, phasecast, private_redis, redis_floor, socketio_server
+
+IDLE_SETTLE_SECONDS = 2.0
+DRAIN_SECONDS = 1.5
+
+
+@contextlib.contextmanager
+def system_for(name: str, env: dict[str, str] | None = None) -> Iterator[System]:
+    """``phasecast-redis``, ``phasecast-sqlite``, ``socketio`` or ``redis-floor``, each on a
+    private redis-server of its own (so Redis CPU is measurable and nothing is shared)."""
+    with private_redis() as redis:
+        if name == "phasecast-redis":
+            with phasecast("redis", redis, env) as system:
+                yield system
+        elif name == "phasecast-sqlite":
+            with phasecast("sqlite", None, env) as system:
+                yield system
+        elif name == "socketio":
+            with socketio_server(redis) as system:
+                yield system
+        elif name == "redis-floor":
+            yield redis_floor(redis)
+        else:
+            raise ValueError(f"unknown system {name!r}")
+
+
+def _loadgens(
+    system: System, transport: str, watchers: int, procs: int, reconnect: bool = False
+) -> list[Child]:
+    viewer = token(["jobs:read"])
+    children = []
+    share = -(-watchers // procs)
+    for k in range(procs):
+        count = min(share, watchers - k * share)
+        if count <= 0:
+            break
+        config = {
+            "transport": transport,
+            "port": system.port,
+            "token": viewer,
+            "jobs": system.jobs,
+            "watchers": count,
+            "offset": k * share,
+            "reconnect": reconnect,
+            "redis_url": system.redis_url,
+            "channel": system.channel,
+        }
+        children.append(Child(child_argv("bench.loadgen", config), f"loadgen{k}"))
+    return children
+
+
+def _publisher(
+    system: System, mode: str, jobs: list[str], rate: float | None, seconds: float, concurrency: int
+) -> Child:
+    config = {
+        "mode": mode,
+        "port": system.port,
+        "token": token(["jobs:write"], sub="bench-worker"),
+        "engine": system.engine_url,
+        "redis_url": system.redis_url,
+        "channel": system.channel,
+        "jobs": jobs,
+        "rate": rate,
+        "seconds": seconds,
+        "concurrency": concurrency,
+    }
+    return Child(child_argv("bench.publisher", config), "publisher")
+
+
+def _profile(pid: int, seconds: float, where: str | None) -> subprocess.Popen[bytes] | None:
+    """py-spy on the server during the measured window (``--profile DIR``): collapsed
+    stacks, to read where the time goes."""
+    if not where:
+        return None
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(where) / f"server-{time.strftime('%H%M%S')}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _server_latency(system: System) -> dict[str, float] | None:
+    """Phasecast's own view (``/metrics``: change → socket write), to tell server-side delay
+    from delay in the network or the load generator."""
+    if system.kind != "phasecast":
+        return None
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{system.port}/metrics", timeout=10).text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith('phasecast_delivery_latency_seconds_sum{transport="'):
+            total += float(line.split()[-1])
+        elif line.startswith('phasecast_delivery_latency_seconds_count{transport="'):
+            count += float(line.split()[-1])
+    return {"mean": round(total / count * 1000, 3) if count else 0.0, "count": count}
+
+
+def _watchers_per_job(jobs: list[str], watchers: int) -> Counter[str]:
+    return Counter(jobs[i % len(jobs)] for i in range(watchers))
+
+
+def fanout(
+    system_name: str,
+    *,
+    watchers: int,
+    jobs: int,
+    rate: float,
+    seconds: float,
+    transport: str = "ws",
+    publisher: str = "tracker",
+    loadgen_procs: int = 1,
+    concurrency: int = 64,
+    profile: str | None = None,
+) -> dict[str, Any]:
+    """N watchers over M jobs, K updates/s for S seconds: latency, delivery, losses, CPU, RSS."""
+    if system_name == "socketio":
+        transport, publisher = "sio", "sio"
+    elif system_name == "redis-floor":
+        transport, publisher, watchers = "redis", "redis", jobs
+    with system_for(system_name) as system:
+        ids = create_jobs(system, jobs, uuid.uuid4().hex[:6])
+        rss_before = rss_kb(system.pid)
+        loadgens = _loadgens(system, transport, watchers, loadgen_procs)
+        try:
+            ready = [g.expect("ready", 60 + watchers / 50) for g in loadgens]
+            time.sleep(IDLE_SETTLE_SECONDS)
+            rss_after = rss_kb(system.pid)
+            pub = _publisher(system, publisher, ids, rate, seconds, concurrency)
+            try:
+                pub.expect("ready", 30)
+                pids = {"server": system.pid, **{g.name: g.pid for g in loadgens}}
+                if system.redis_pid:
+                    pids["redis"] = system.redis_pid
+                meter = CpuMeter(pids)
+                for g in loadgens:
+                    g.send("measure")
+                    g.expect("measuring", 10)
+                meter.start()
+                profiler = _profile(system.pid, seconds, profile)
+                pub.send("go")
+                published = pub.expect("result", seconds + 120)
+                time.sleep(DRAIN_SECONDS)
+                cpu = meter.stop()
+                if profiler is not None:
+                    profiler.wait(60)
+            finally:
+                pub.close()
+            server_side = _server_latency(system)
+            for g in loadgens:
+                g.send("stop", seqs=published["seqs"])
+            received = [g.expect("result", 60) for g in loadgens]
+        finally:
+            for g in loadgens:
+                g.close()
+    per_job = _watchers_per_job(ids, watchers)
+    expected = sum(n * per_job[job] for job, n in published["applied_per_job"].items())
+    delivered = sum(r["messages"] for r in received)
+    gaps = sum(r["gaps"] for r in received)
+    tail = sum(r["tail_missing"] for r in received)
+    latency = percentiles(merge_histograms(r["latency_hist"] for r in received))
+    e2e = percentiles(merge_histograms(r["e2e_hist"] for r in received))
+    elapsed = published["elapsed"]
+    loadgen_cpu = sum(cpu[g.name] for g in loadgens)
+    return {
+        "system": system_name,
+        "transport": transport,
+        "publisher": publisher,
+        "watchers": watchers,
+        "jobs": jobs,
+        "rate": rate,
+        "seconds": seconds,
+        "connected": sum(r["ready"] for r in ready),
+        "connect_failures": sum(r["failed"] for r in ready),
+        "connect_seconds": max(r["ready_seconds"] for r in ready),
+        "updates_applied": published["applied"],
+        "publish_errors": published["errors"],
+        "publisher_behind_max_in_flight": published["max_in_flight"],
+        "publisher_write_ms": published.get("write_ms"),
+        "expected_messages": expected,
+        "delivered_messages": delivered,
+        "delivered_per_s": round(delivered / elapsed, 1),
+        "expected_per_s": round(expected / elapsed, 1),
+        "lost": gaps + tail,
+        "gaps": gaps,
+        "tail_missing": tail,
+        "out_of_order": sum(r["out_of_order"] for r in received),
+        "ws_errors": dict(sum((Counter(r["errors"]) for r in received), Counter())),
+        "latency_ms": latency,
+        "publish_to_receipt_ms": e2e,
+        "server_side_latency_ms": server_side,
+        "server_cpu_s": round(cpu["server"], 3),
+        "server_cpu_us_per_msg": round(cpu["server"] / delivered * 1e6, 2) if delivered else None,
+        "server_cpu_share": round(cpu["server"] / (elapsed + DRAIN_SECONDS), 3),
+        "redis_cpu_s": round(cpu.get("redis", 0.0), 3),
+        "loadgen_cpu_s": round(loadgen_cpu, 3),
+        "loadgen_cpu_us_per_msg": round(loadgen_cpu / delivered * 1e6, 2) if delivered else None,
+        "publisher_cpu_s": published["cpu_seconds"],
+        "rss_before_kb": rss_before,
+        "rss_after_kb": rss_after,
+        "rss_kb_per_watcher": round((rss_after - rss_before) / watchers, 2)
+        if system_name != "redis-floor"
+        else None,
+    }
+
+
+def ingest(
+    system_name: str, *, mode: str = "http", seconds: float = 8.0, jobs: int = 64, concurrency: int = 32
+) -> dict[str, Any]:
+    """Accepted updates/s, as fast as the server (or the in-process tracker) takes them."""
+    with system_for(system_name) as system:
+        ids = create_jobs(system, jobs, uuid.uuid4().hex[:6])
+        pub = _publisher(system, mode, ids, None, seconds, concurrency)
+        try:
+            pub.expect("ready", 30)
+            pids = {"server": system.pid}
+            if system.redis_pid:
+                pids["redis"] = system.redis_pid
+            meter = CpuMeter(pids)
+            meter.start()
+            pub.send("go")
+            published = pub.expect("result", seconds + 60)
+            cpu = meter.stop()
+        finally:
+            pub.close()
+    applied = published["applied"]
+    return {
+        "system": system_name,
+        "mode": mode,
+        "seconds": seconds,
+        "jobs": jobs,
+        "concurrency": concurrency,
+        "applied": applied,
+        "errors": published["errors"],
+        "accepted_per_s": round(applied / published["elapsed"], 1),
+        "server_cpu_s": round(cpu["server"], 3),
+        "server_cpu_us_per_update": round(cpu["server"] / applied * 1e6, 1) if applied else None,
+        "redis_cpu_s": round(cpu.get("redis", 0.0), 3),
+        "publisher_cpu_s": published["cpu_seconds"],
+    }
+
+
+def storm(system_name: str, *, watchers: int, jobs: int, loadgen_procs: int = 1) -> dict[str, Any]:
+    """Every watcher dropped at once (SIGKILL of the server), each job changed while the
+    server is down, server started again: seconds until every watcher has the new state."""
+    with system_for(system_name) as system:
+        ids = create_jobs(system, jobs, uuid.uuid4().hex[:6])
+        loadgens = _loadgens(system, "ws", watchers, loadgen_procs, reconnect=True)
+        try:
+            ready = [g.expect("ready", 60 + watchers / 50) for g in loadgens]
+            assert system.server is not None
+            system.server.kill()
+            # One change per job while the server is away: resync must deliver it.
+            pub = _publisher(system, "tracker", ids, len(ids) * 4.0, 0.25, 64)
+            try:
+                pub.expect("ready", 30)
+                pub.send("go")
+                published = pub.expect("result", 60)
+            finally:
+                pub.close()
+            spawned = time.time()
+            system.server.start(timeout=60)
+            ready_at = time.time()
+            system.pid = system.server.pid
+            for g in loadgens:
+                g.send("expect", seqs=published["seqs"], timeout=120)
+            synced = [g.expect("synced", 150) for g in loadgens]
+            for g in loadgens:
+                g.send("stop", seqs=published["seqs"])
+            received = [g.expect("result", 60) for g in loadgens]
+        finally:
+            for g in loadgens:
+                g.close()
+    done = [s["at"] for s in synced]
+    all_done = None if any(at is None for at in done) else max(done)
+    return {
+        "system": system_name,
+        "watchers": watchers,
+        "jobs": jobs,
+        "connected": sum(r["ready"] for r in ready),
+        "resynced": sum(s["synced"] for s in synced),
+        "seconds_from_restart": round(all_done - spawned, 3) if all_done else None,
+        "seconds_from_ready": round(all_done - ready_at, 3) if all_done else None,
+        "server_start_seconds": round(ready_at - spawned, 3),
+        "reconnects": sum(r["reconnects"] for r in received),
+        "out_of_order": sum(r["out_of_order"] for r in received),
+        "watchers_behind": sum(r["watchers_behind"] for r in received),
+    }

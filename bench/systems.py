@@ -1,0 +1,133 @@
+"""The systems under test, each started as its own process: ``phasecast serve`` on Redis or
+SQLite, the python-socketio baseline, and a private ``redis-server`` for all of them."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.common import VIEWER, token
+from bench.control import child_env
+from phasecast.testing.process import PrivateRedis, ServerProcess, free_port, wait_for_port
+
+
+@dataclass
+class System:
+    """A running server under test: what the load generator and publisher need to know."""
+
+    kind: str  # phasecast | socketio | redis-floor
+    engine: str  # redis | sqlite
+    port: int
+    pid: int
+    engine_url: str = ""
+    redis_url: str = ""
+    redis_pid: int | None = None
+    channel: str = ""
+    jobs: list[str] = field(default_factory=list)
+    server: ServerProcess | None = None
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[PrivateRedis]:
+    redis = PrivateRedis().start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+@contextlib.contextmanager
+def phasecast(engine: str, redis: PrivateRedis | None, env: dict[str, str] | None = None) -> Iterator[System]:
+    """``phasecast serve`` via ``ServerProcess`` (the real command, TEST_SECRET set)."""
+    workdir = Path(tempfile.mkdtemp(prefix="phasecast-bench-"))
+    if engine == "redis":
+        assert redis is not None
+        engine_url = f"{redis.url}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    else:
+        engine_url = f"sqlite:///{workdir / 'bench.db'}"
+    server = ServerProcess(
+        engine_url, env={"PHASECAST_LOG_LEVEL": "warning", **(env or {})}, log_path=workdir / "server.log"
+    )
+    server.start(timeout=30)
+    try:
+        yield System(
+            "phasecast",
+            engine,
+            server.port,
+            server.pid,
+            engine_url=engine_url,
+            redis_url=redis.url if redis else "",
+            redis_pid=redis.process.pid if redis and redis.process else None,
+            server=server,
+        )
+    finally:
+        server.stop()
+        # The database goes; the server log stays in the temporary directory for post-mortems.
+        for path in workdir.glob("bench.db*"):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def socketio_server(redis: PrivateRedis) -> Iterator[System]:
+    port = free_port()
+    channel = f"bench-sio-{uuid.uuid4().hex[:8]}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.sio_server", str(port), redis.url, channel],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
+    )
+    try:
+        wait_for_port(port, 30, process)
+        yield System(
+            "socketio",
+            "redis",
+            port,
+            process.pid,
+            redis_url=redis.url,
+            redis_pid=redis.process.pid if redis.process else None,
+            channel=channel,
+        )
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def redis_floor(redis: PrivateRedis) -> System:
+    """No server at all: publisher → Redis → one plain subscriber. Its 'server' is Redis."""
+    assert redis.process is not None
+    return System(
+        "redis-floor",
+        "redis",
+        redis.port,
+        redis.process.pid,
+        redis_url=redis.url,
+        redis_pid=None,
+        channel=f"bench-floor-{uuid.uuid4().hex[:8]}",
+    )
+
+
+def create_jobs(system: System, count: int, tag: str) -> list[str]:
+    """Phasecast jobs through the real REST API, owned by the watchers' user; for the
+    baselines, just the ids (rooms and channels need no creation)."""
+    ids = [f"bench-{tag}-{k:05d}" for k in range(count)]
+    if system.kind == "phasecast":
+        headers = {"Authorization": f"Bearer {token(['jobs:write'], sub='bench-worker')}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{system.port}", headers=headers, timeout=30) as client:
+            for job_id in ids:
+                reply = client.post("/v1/jobs", json={"kind": "comic", "job_id": job_id, "owner": VIEWER})
+                reply.raise_for_status()
+    system.jobs = ids
+    return ids

@@ -1,0 +1,66 @@
+"""The benchmark harness, run small and short so it cannot rot: it must start its own
+processes, drive them, and report a well-formed result with nothing lost. Timings are not
+checked (they depend on the machine); behaviour is."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the ``bench`` package
+
+from bench import report, scenarios
+
+pytestmark = pytest.mark.slow
+
+LATENCY_KEYS = {"p50", "p90", "p99", "max", "count"}
+
+
+def _well_formed_fanout(result: dict[str, Any], watchers: int) -> None:
+    assert result["connected"] == watchers
+    assert result["connect_failures"] == 0
+    assert result["updates_applied"] > 0
+    assert result["expected_messages"] == result["updates_applied"] * watchers // result["jobs"]
+    assert result["delivered_messages"] == result["expected_messages"]
+    assert result["lost"] == 0
+    assert result["out_of_order"] == 0
+    assert set(result["latency_ms"]) == LATENCY_KEYS
+    assert result["latency_ms"]["count"] == result["delivered_messages"]
+    assert result["server_cpu_s"] >= 0
+    assert result["rss_after_kb"] > 0
+
+
+@pytest.mark.redis
+def test_fanout_websocket_on_redis_loses_nothing() -> None:
+    result = scenarios.fanout("phasecast-redis", watchers=20, jobs=4, rate=20, seconds=2)
+    _well_formed_fanout(result, 20)
+    assert result["transport"] == "ws"
+
+
+def test_fanout_sse_on_sqlite_through_http_loses_nothing() -> None:
+    result = scenarios.fanout(
+        "phasecast-sqlite", watchers=10, jobs=2, rate=10, seconds=2, transport="sse", publisher="http"
+    )
+    _well_formed_fanout(result, 10)
+
+
+@pytest.mark.redis
+def test_socketio_baseline_and_report_table() -> None:
+    ours = scenarios.fanout("phasecast-redis", watchers=10, jobs=2, rate=10, seconds=1)
+    theirs = scenarios.fanout("socketio", watchers=10, jobs=2, rate=10, seconds=1)
+    _well_formed_fanout(theirs, 10)
+    table = report.markdown({"fanout": {"phasecast-redis": ours, "socketio": theirs}})
+    assert "| delivered msgs/s |" in table
+    assert "python-socketio" in table
+    assert "### Targets" in table
+
+
+@pytest.mark.redis
+def test_ingest_reports_accepted_updates() -> None:
+    result = scenarios.ingest("phasecast-redis", mode="http", seconds=1, jobs=4, concurrency=4)
+    assert result["applied"] > 0
+    assert result["errors"] == {}
+    assert result["accepted_per_s"] > 0
