@@ -13,15 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from phasecast.testing.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[3]
 STATIC_INDEX = REPO / "src" / "phasecast" / "server" / "static" / "index.html"
@@ -48,85 +45,17 @@ def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class DemoServer:
+class DemoServer(ServerProcess):
     """``python -m phasecast demo`` on a fixed port and SQLite file, so a restart after
     SIGKILL comes back at the same address with the same jobs."""
 
     def __init__(self, folder: Path, *, speed: float) -> None:
-        self.port = free_port()
-        self.engine = f"sqlite:///{folder / 'demo.db'}"
-        self.speed = speed
-        self.log_path = folder / "server.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "phasecast",
-            "demo",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--engine",
-            self.engine,
-            "--no-auto-jobs",
-            "--speed",
-            str(self.speed),
-        ]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"phasecast demo exited with {self.process.returncode}; log:\n{self.log()}"
-                )
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)  # polling a child process's port: no event to await
-        raise TimeoutError(f"phasecast demo not healthy on {self.url} within {timeout}s; log:\n{self.log()}")
-
-    def kill(self) -> None:
-        """SIGKILL, like a crash: no shutdown hook runs, sockets drop without a close frame."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self.process = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        super().__init__(
+            f"sqlite:///{folder / 'demo.db'}",
+            command="demo",
+            args=["--no-auto-jobs", "--speed", str(speed)],
+            log_path=folder / "server.log",
+        )
 
     # ---- REST helpers, as the demo page's own token ------------------------------------
 
