@@ -144,8 +144,14 @@ def demo(
                           failure_rate=failure_rate)
     typer.secho(f"Phasecast demo: open http://{settings.host}:{settings.port}/", fg="green", err=True)
     from phasecast.integrations import startup_hooks
+    from phasecast.integrations.demo import demo_runpod_startup
 
-    _run_server(settings, startup=[*startup_hooks(settings), demo_startup(options)])
+    # Without a real RunPod endpoint the demo draws its panels on a local RunPod simulator
+    # that runs at the demo's speed.
+    runpod = startup_hooks(settings) if settings.runpod_endpoint else [
+        demo_runpod_startup(settings, speed=speed)
+    ]
+    _run_server(settings, startup=[*runpod, demo_startup(options)])
 
 
 @app.command()

@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from phasecast.errors import JobTerminal
+from phasecast.integrations.demo import simulate_comic_on_runpod
+from phasecast.integrations.pipeline import RunPodPanels
 from phasecast.model import Phase
 from phasecast.server.auth import SCOPE_READ, mint_token
 from phasecast.server.deps import Services
@@ -109,9 +111,12 @@ class StartGeneration(BaseModel):
 
 
 class DemoRunner:
-    def __init__(self, tracker: ProgressTracker, options: DemoOptions) -> None:
+    def __init__(
+        self, tracker: ProgressTracker, options: DemoOptions, runpod: RunPodPanels | None = None
+    ) -> None:
         self.tracker = tracker
         self.options = options
+        self.runpod = runpod
         self.tasks: set[asyncio.Task[None]] = set()
         self.rng = random.Random()
 
@@ -122,13 +127,18 @@ class DemoRunner:
             metadata={"title": title or self.rng.choice(TITLES), "panels": panels or self.options.panels},
         )
         fail = self.rng.random() < self.options.failure_rate
-        self._run(simulate_comic(self.tracker, state.job_id, panels=panels or self.options.panels,
-                                 speed=self.options.speed, fail=fail, rng=self.rng))
+        self._run(self._generation(state.job_id, panels or self.options.panels, fail))
         return state.job_id
 
     def resume(self, job_id: str, panels: int) -> None:
-        self._run(simulate_comic(self.tracker, job_id, panels=panels, speed=self.options.speed,
-                                 rng=self.rng))
+        self._run(self._generation(job_id, panels, fail=False))
+
+    def _generation(self, job_id: str, panels: int, fail: bool) -> Coroutine[Any, Any, None]:
+        if self.runpod is not None:
+            return simulate_comic_on_runpod(self.tracker, self.runpod, job_id, panels=panels,
+                                            speed=self.options.speed, fail=fail, rng=self.rng)
+        return simulate_comic(self.tracker, job_id, panels=panels, speed=self.options.speed,
+                              fail=fail, rng=self.rng)
 
     def _run(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -153,7 +163,9 @@ def demo_startup(
     """An app startup hook that adds the demo routes and the simulated workload."""
 
     async def start(app: FastAPI, services: Services) -> Callable[[], Awaitable[None]]:
-        runner = DemoRunner(services.tracker, options)
+        # The RunPod integration's startup hook runs first and leaves its pipeline here; with
+        # it, panels are drawn on the (simulated) RunPod as a real deployment would.
+        runner = DemoRunner(services.tracker, options, getattr(app.state, "runpod", None))
         router = APIRouter(prefix="/v1/demo", tags=["demo"])
 
         @router.get("/config")

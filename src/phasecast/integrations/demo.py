@@ -35,7 +35,10 @@ def demo_runpod_startup(
         )
         derived = dataclasses.replace(
             settings, runpod_endpoint=sim.endpoint, runpod_api_key=sim.api_key,
-            runpod_base_url=sim.base_url, runpod_poll_interval=0.3, runpod_queue_poll_interval=0.6,
+            runpod_base_url=sim.base_url,
+            # Poll in step with the simulation, so every panel shows progress between polls.
+            runpod_poll_interval=max(0.05, 0.3 / speed),
+            runpod_queue_poll_interval=max(0.1, 0.6 / speed),
         )
         stop_runpod = await runpod_startup(derived)(app, services)
         app.state.runpod_simulator = sim
@@ -60,24 +63,30 @@ async def simulate_comic_on_runpod(
     fail: bool = False,
     rng: random.Random | None = None,
 ) -> None:
-    """One demo comic: analysis in-process, panels on (simulated) RunPod, post-processing."""
+    """One demo comic: analysis in-process, panels on (simulated) RunPod, post-processing.
+    Picks up where the job stands: after a restart, panels already submitted are left to the
+    poller, which resumes them from the stored in-flight records."""
     rng = rng or random.Random()
 
     async def pause(seconds: float) -> None:
         await asyncio.sleep(seconds * rng.uniform(0.7, 1.3) / speed)
 
     try:
-        for percent, text in ((20, "Reading the story"), (60, "Finding the characters"),
-                              (100, "Story analysed")):
-            await tracker.report(job_id, Phase.ANALYZING, percent, text)
-            await pause(1.0)
-        specs = []
-        for number in range(1, panels + 1):
-            body: dict[str, object] = {"prompt": f"panel {number}", "seed": rng.randrange(1 << 30)}
-            if fail and number == max(1, panels // 2):
-                body["sim"] = {"fail_runs": 1}  # fails once; the retry policy redraws it
-            specs.append(PanelSpec(f"panel-{number}", body))
-        await runpod.submit(job_id, specs, FailurePolicy(on_failure="retry", max_retries=1))
+        start = await tracker.get(job_id)
+        if start.terminal:
+            return
+        if start.phase.rank < Phase.GENERATING.rank:
+            for percent, text in ((20, "Reading the story"), (60, "Finding the characters"),
+                                  (100, "Story analysed")):
+                await tracker.report(job_id, Phase.ANALYZING, percent, text)
+                await pause(1.0)
+            specs = []
+            for number in range(1, panels + 1):
+                body: dict[str, object] = {"prompt": f"panel {number}", "seed": rng.randrange(1 << 30)}
+                if fail and number == max(1, panels // 2):
+                    body["sim"] = {"fail_runs": 1}  # fails once; the retry policy redraws it
+                specs.append(PanelSpec(f"panel-{number}", body))
+            await runpod.submit(job_id, specs, FailurePolicy(on_failure="retry", max_retries=1))
         async with tracker.watch(job_id) as states:
             async for state in states:
                 if state.terminal:
