@@ -148,14 +148,19 @@ function ConnectionPanel({ client, engine }: { client: ProgressClient; engine: s
   const { status, transport, error } = useGenerationProgress(null);
   const [last, setLast] = useState<{ latencyMs: number; jobId: string } | null>(null);
   const [count, setCount] = useState(0);
-  useEffect(
-    () =>
-      client.onState((job) => {
-        setLast({ latencyMs: now() - Date.parse(job.updated_at), jobId: job.job_id });
-        setCount((n) => n + 1);
-      }),
-    [client],
-  );
+  useEffect(() => {
+    // The first state of a job is a snapshot of how it stood when the page subscribed, maybe
+    // seconds old: only the changes after it measure delivery latency.
+    const snapshotSeen = new Set<string>();
+    return client.onState((job) => {
+      setCount((n) => n + 1);
+      if (!snapshotSeen.has(job.job_id)) {
+        snapshotSeen.add(job.job_id);
+        return;
+      }
+      setLast({ latencyMs: now() - Date.parse(job.updated_at), jobId: job.job_id });
+    });
+  }, [client]);
   return (
     <aside className="demo__connection" aria-label="Connection">
       <dl>
