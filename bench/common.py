@@ -28,12 +28,17 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of one process so far (from /proc/<pid>/stat)."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process so far (from /proc/<pid>/stat)."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     # After the ")" the fields start at #3 (state); utime and stime are #14 and #15.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far."""
+    return sum(cpu_split(pid))
 
 
 def rss_kb(pid: int) -> int:
@@ -50,10 +55,17 @@ class CpuMeter:
 
     pids: dict[str, int]
     _start: dict[str, float] | None = None
+    _system: float = 0.0
     used: dict[str, float] | None = None
 
     def start(self) -> None:
         self._start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._system = cpu_split(self.pids["server"])[1] if "server" in self.pids else 0.0
+
+    def server_system(self) -> float:
+        """Kernel CPU of the server over the window: socket writes on loopback also pay for
+        delivering the packet into the receiver's socket."""
+        return cpu_split(self.pids["server"])[1] - self._system
 
     def stop(self) -> dict[str, float]:
         assert self._start is not None

@@ -233,7 +233,21 @@ class LoadGen:
             job = json.loads(text)["job"]
             watcher.on_state(job["seq"], job["updated_at"], job["message"], now)
         elif text.startswith('{"type":"error"'):
-            self.stats.errors[json.loads(text).get("code", "?")] += 1
+            code = json.loads(text).get("code", "?")
+            self.stats.errors[code] += 1
+            if code == "unavailable" and watcher.attempts < MAX_RECONNECT_ATTEMPTS:
+                # The server could not reach its engine for this subscribe: retry, as a
+                # browser client would, rather than counting the watcher as lost.
+                watcher.attempts += 1
+                asyncio.get_running_loop().call_later(random.uniform(0.1, 1.0), self._resubscribe, watcher)
+
+    def _resubscribe(self, watcher: Watcher) -> None:
+        client = watcher.client
+        if isinstance(client, WebSocketClient) and not watcher.stopping:
+            request: dict[str, Any] = {"op": "subscribe", "job_id": watcher.job}
+            if watcher.last_seq:
+                request["since"] = watcher.last_seq
+            client.send_text(json.dumps(request))
 
     def _sse_text(self, watcher: Watcher, text: str) -> None:
         now = time.time()

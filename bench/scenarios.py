@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def _profile(pid: int, seconds: float, where: str | None) -> subprocess.Popen[by
             "200",
             "--format",
             "raw",
+            *(["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else []),
             "--output",
             str(out),
         ],
@@ -175,6 +177,7 @@ def fanout(
                 published = pub.expect("result", seconds + 120)
                 time.sleep(DRAIN_SECONDS)
                 cpu = meter.stop()
+                server_sys = meter.server_system()
                 if profiler is not None:
                     profiler.wait(60)
             finally:
@@ -223,6 +226,7 @@ def fanout(
         "publish_to_receipt_ms": e2e,
         "server_side_latency_ms": server_side,
         "server_cpu_s": round(cpu["server"], 3),
+        "server_cpu_system_s": round(server_sys, 3),
         "server_cpu_us_per_msg": round(cpu["server"] / delivered * 1e6, 2) if delivered else None,
         "server_cpu_share": round(cpu["server"] / (elapsed + DRAIN_SECONDS), 3),
         "redis_cpu_s": round(cpu.get("redis", 0.0), 3),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,15 +24,22 @@ MAX_CONTROL_MESSAGES = 64
 
 
 class Mailbox:
-    """Latest-wins buffer of changes waiting to be written to one connection."""
+    """Latest-wins buffer of changes waiting to be written to one connection.
 
-    __slots__ = ("_delivered", "_pending", "_ready", "conflated", "control")
+    Built for 10,000 of them per process: no ``asyncio.Event`` (its waiter deque costs
+    memory per connection) and no ``asyncio.wait_for`` (a new task per wait); a waiting
+    writer parks on one bare future that ``offer``/``say`` resolve. Control messages live in
+    a short list that exists only while some are queued (a deque with a maxlen is ~600 bytes
+    per connection, held for the connection's whole life).
+    """
+
+    __slots__ = ("_delivered", "_pending", "_waiter", "conflated", "control")
 
     def __init__(self) -> None:
         self._pending: dict[str, Change] = {}
         self._delivered: dict[str, int] = {}
-        self._ready = asyncio.Event()
-        self.control: deque[str] = deque(maxlen=MAX_CONTROL_MESSAGES)
+        self._waiter: asyncio.Future[bool] | None = None
+        self.control: list[str] | None = None
         self.conflated = 0
 
     def set_floor(self, job_id: str, seq: int) -> None:
@@ -49,17 +55,32 @@ class Mailbox:
                 return
             self.conflated += 1
         self._pending[change.job_id] = change
-        self._ready.set()
+        self._wake(True)
 
     def say(self, frame: str) -> None:
-        self.control.append(frame)
-        self._ready.set()
+        control = self.control
+        if control is None:
+            self.control = [frame]
+        else:
+            if len(control) >= MAX_CONTROL_MESSAGES:
+                del control[0]
+            control.append(frame)
+        self._wake(True)
+
+    def take_control(self) -> list[str]:
+        """Queued control frames, oldest first; the caller writes them out."""
+        control = self.control
+        if control is None:
+            return []
+        self.control = None
+        return control
 
     def take(self) -> list[Change]:
         """Everything pending, marked as delivered; the caller writes it out."""
+        if not self._pending:
+            return []
         changes = list(self._pending.values())
         self._pending.clear()
-        self._ready.clear()
         for change in changes:
             self._delivered[change.job_id] = change.seq
         return changes
@@ -72,15 +93,29 @@ class Mailbox:
     def has_pending(self) -> bool:
         return bool(self._pending) or bool(self.control)
 
+    def _wake(self, value: bool) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(value)
+
     async def wait(self, timeout: float | None = None) -> bool:
-        """Wait until something is pending; False if ``timeout`` passed first."""
+        """Wait until something is pending; False if ``timeout`` passed first. One waiter at
+        a time (the connection's single writer)."""
         if self.has_pending:
             return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = None if timeout is None else loop.call_later(timeout, self._wake, False)
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._waiter is waiter:
+                self._waiter = None
 
 
 @dataclass(slots=True)

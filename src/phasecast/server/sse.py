@@ -3,6 +3,7 @@ stream, for networks that block WebSockets."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -67,13 +68,17 @@ async def job_events(
             yield f"retry: {settings.sse_retry_ms}\n\n"
             if state.terminal and state.seq <= floor:
                 return
+            # Metric children looked up once per stream, not once per event.
+            sent_counter = metrics.messages.labels("sse")
+            latency = metrics.latency.labels("sse")
             while True:
                 if not await mailbox.wait(settings.ping_interval):
                     yield HEARTBEAT
                     continue
                 for change in mailbox.take():
                     yield change.sse_frame()
-                    metrics.delivered("sse", change)
+                    sent_counter.inc()
+                    latency.observe(max(0.0, time.time() - change.changed_at))
                     if change.terminal:
                         return
         finally:

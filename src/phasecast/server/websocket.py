@@ -1,8 +1,14 @@
 """``/v1/ws``: one connection, many watched jobs.
 
-Two tasks per connection: this one reads client messages; a writer drains the connection's
-mailbox. Only the writer ever sends, so frames never interleave, and a client that stops
-reading blocks nothing but its own writer while its mailbox conflates to the newest state.
+Two tasks per connection: the endpoint's own task reads client messages; a writer task
+drains the connection's mailbox. Only the writer ever sends, so frames never interleave, and
+a client that stops reading blocks nothing but its own writer while its mailbox conflates to
+the newest state.
+
+Sized for 10,000 connections per process (see docs/benchmarks.md): no third task per
+connection, pings from one timer per connection instead of a timeout on every wait, each
+state frame encoded once per change (``Change.ws_frame``) and metric children looked up
+once per connection rather than once per message.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ def _error(job_id: str | None, code: str, message: str) -> str:
 
 
 class Connection:
+    __slots__ = ("_closing", "_pinger", "hub", "jobs", "mailbox", "principal", "services", "ws")
+
     def __init__(self, websocket: WebSocket, services: Services) -> None:
         self.ws = websocket
         self.services = services
@@ -50,6 +58,8 @@ class Connection:
         self.mailbox = Mailbox()
         self.jobs: set[str] = set()
         self.principal: Principal | None = None
+        self._pinger: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -60,22 +70,53 @@ class Connection:
             if not await self._authenticate():
                 return
             writer = asyncio.create_task(self._write_forever())
-            reader = asyncio.create_task(self._read_forever())
-            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (writer, reader):
-                if task not in done:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-            for task in done:
-                exc = task.exception()
-                if exc is not None and not isinstance(exc, WebSocketDisconnect | _Closed):
-                    log.error("websocket connection failed", exc_info=exc)
+            writer.add_done_callback(self._writer_ended)
+            self._schedule_ping()
+            try:
+                await self._read_forever()
+            except (WebSocketDisconnect, _Closed):
+                pass
+            except Exception:
+                log.exception("websocket connection failed")
         finally:
+            if self._pinger is not None:
+                self._pinger.cancel()
+                self._pinger = None
+            if writer is not None and not writer.done():
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writer
             for job_id in list(self.jobs):
                 self.hub.remove(job_id, self.mailbox)
             self.jobs.clear()
             metrics.connections.labels("websocket").dec()
+
+    def _writer_ended(self, writer: asyncio.Task[None]) -> None:
+        """A writer only ends on its own when a send failed: the socket is gone (the reader
+        hears the disconnect) or something unexpected broke, which is logged and the
+        connection closed so the reader ends too."""
+        if writer.cancelled():
+            return
+        exc = writer.exception()
+        if exc is None or isinstance(exc, WebSocketDisconnect | _Closed | OSError):
+            return
+        if type(exc).__name__ == "ClientDisconnected":  # uvicorn's, raised by a send after close
+            return
+        log.error("websocket connection failed", exc_info=exc)
+        closer = asyncio.get_running_loop().create_task(self._close(1011, "internal error"))
+        self._closing = closer
+
+    def _schedule_ping(self) -> None:
+        """One timer per connection queues a ping every ``ping_interval``; the writer sends it
+        like any control message, so the single-writer rule holds."""
+        interval = self.services.settings.ping_interval
+
+        def due() -> None:
+            self.mailbox.say(PING_FRAME)
+            self._pinger = loop.call_later(interval, due)
+
+        loop = asyncio.get_running_loop()
+        self._pinger = loop.call_later(interval, due)
 
     # --- authentication ------------------------------------------------------------------
 
@@ -223,27 +264,28 @@ class Connection:
     # --- writing -------------------------------------------------------------------------
 
     async def _write_forever(self) -> None:
-        interval = self.services.settings.ping_interval
-        metrics = self.services.metrics
-        send = self.ws.send_text
-        next_ping = time.monotonic() + interval
+        mailbox = self.mailbox
+        jobs = self.jobs
+        send = self.ws.send
+        messages = self.services.metrics.messages.labels("websocket")
+        latency = self.services.metrics.latency.labels("websocket")
+        clock = time.time
         while True:
-            if not await self.mailbox.wait(max(0.0, next_ping - time.monotonic())):
-                await send(PING_FRAME)
-                next_ping = time.monotonic() + interval
-                continue
-            while self.mailbox.control:
-                await send(self.mailbox.control.popleft())
-            for change in self.mailbox.take():
-                if change.job_id not in self.jobs:
+            if not mailbox.has_pending:
+                await mailbox.wait()
+            for frame in mailbox.take_control():
+                await send({"type": "websocket.send", "text": frame})
+            sent = 0
+            for change in mailbox.take():
+                if change.job_id not in jobs:
                     continue  # unsubscribed while this was pending
-                await send(change.ws_frame())
-                metrics.delivered("websocket", change)
+                await send({"type": "websocket.send", "text": change.ws_frame()})
+                sent += 1
+                latency.observe(max(0.0, clock() - change.changed_at))
                 if change.terminal:
                     self._drop(change.job_id)
-            if time.monotonic() >= next_ping:
-                await send(PING_FRAME)
-                next_ping = time.monotonic() + interval
+            if sent:
+                messages.inc(sent)
 
 
 class _Closed(Exception):
