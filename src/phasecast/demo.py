@@ -1,8 +1,9 @@
 """``phasecast demo``: a server plus simulated comic generations to watch in a browser.
 
-The simulation reports progress through the same ``ProgressTracker`` calls a real
-generation backend makes: story analysis, one step per panel (a few panels drawn at once, as
-GPU workers would), post-processing, completion.
+Each generation goes the way a real one does: story analysis reported through the
+``ProgressTracker``, one panel per RunPod job on the local RunPod simulator (queueing,
+progress picked up by the poller, completion webhooks), then post-processing
+(``phasecast.integrations.demo``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from phasecast.errors import JobTerminal
+from phasecast.errors import ConfigurationError
 from phasecast.integrations.demo import simulate_comic_on_runpod
 from phasecast.integrations.pipeline import RunPodPanels
-from phasecast.model import Phase
 from phasecast.server.auth import SCOPE_READ, mint_token
 from phasecast.server.deps import Services
 from phasecast.tracker import ProgressTracker
@@ -46,64 +46,6 @@ class DemoOptions:
     failure_rate: float = 0.0
 
 
-async def simulate_comic(
-    tracker: ProgressTracker,
-    job_id: str,
-    *,
-    panels: int = 6,
-    speed: float = 1.0,
-    fail: bool = False,
-    rng: random.Random | None = None,
-) -> None:
-    """Drive one job through every phase, about 30 s at speed 1. Picks up where the job
-    stands, so a restarted demo server finishes the generations it had started."""
-    rng = rng or random.Random()
-
-    async def pause(seconds: float) -> None:
-        await asyncio.sleep(seconds * rng.uniform(0.7, 1.3) / speed)
-
-    try:
-        start = await tracker.get(job_id)
-        if start.terminal:
-            return
-        if start.phase.rank < Phase.GENERATING.rank:
-            await pause(1.5)
-            for percent, text in ((20, "Reading the story"), (55, "Finding the characters"),
-                                  (85, "Planning the panels"), (100, "Story analysed")):
-                await tracker.report(job_id, Phase.ANALYZING, percent, text)
-                await pause(1.0)
-        if start.phase.rank <= Phase.GENERATING.rank:
-            await tracker.report(job_id, Phase.GENERATING, message=f"Drawing {panels} panels")
-            drawn = start.steps if start.phase is Phase.GENERATING else {}
-            gpus = asyncio.Semaphore(3)
-
-            async def draw(number: int) -> None:
-                step = f"panel-{number}"
-                reached = float(drawn.get(step, {}).get("progress", 0.0))
-                if reached >= 100:
-                    return
-                async with gpus:
-                    for percent in range(int(reached // 20) * 20, 101, 20):
-                        await tracker.step(
-                            job_id, Phase.GENERATING, step, float(percent),
-                            steps_total=panels, message=f"Drawing panel {number} of {panels}",
-                        )
-                        await pause(0.7)
-                    if fail and number == max(1, panels // 2):
-                        raise RuntimeError(f"panel {number}: the GPU worker ran out of memory")
-
-            await asyncio.gather(*(draw(n) for n in range(1, panels + 1)))
-        for percent, text in ((30, "Lettering"), (70, "Assembling pages"), (100, "Packaging")):
-            await tracker.report(job_id, Phase.POST_PROCESSING, percent, text)
-            await pause(1.2)
-        await tracker.complete(job_id, "Your comic is ready")
-    except JobTerminal:
-        log.info("demo job ended elsewhere (cancelled)", extra={"job_id": job_id})
-    except RuntimeError as exc:
-        with contextlib.suppress(JobTerminal):
-            await tracker.fail(job_id, "generation_failed", str(exc))
-
-
 class StartGeneration(BaseModel):
     model_config = ConfigDict(extra="forbid")
     panels: int = Field(6, ge=1, le=24)
@@ -111,9 +53,7 @@ class StartGeneration(BaseModel):
 
 
 class DemoRunner:
-    def __init__(
-        self, tracker: ProgressTracker, options: DemoOptions, runpod: RunPodPanels | None = None
-    ) -> None:
+    def __init__(self, tracker: ProgressTracker, options: DemoOptions, runpod: RunPodPanels) -> None:
         self.tracker = tracker
         self.options = options
         self.runpod = runpod
@@ -134,11 +74,8 @@ class DemoRunner:
         self._run(self._generation(job_id, panels, fail=False))
 
     def _generation(self, job_id: str, panels: int, fail: bool) -> Coroutine[Any, Any, None]:
-        if self.runpod is not None:
-            return simulate_comic_on_runpod(self.tracker, self.runpod, job_id, panels=panels,
-                                            speed=self.options.speed, fail=fail, rng=self.rng)
-        return simulate_comic(self.tracker, job_id, panels=panels, speed=self.options.speed,
-                              fail=fail, rng=self.rng)
+        return simulate_comic_on_runpod(self.tracker, self.runpod, job_id, panels=panels,
+                                        speed=self.options.speed, fail=fail, rng=self.rng)
 
     def _run(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -163,9 +100,14 @@ def demo_startup(
     """An app startup hook that adds the demo routes and the simulated workload."""
 
     async def start(app: FastAPI, services: Services) -> Callable[[], Awaitable[None]]:
-        # The RunPod integration's startup hook runs first and leaves its pipeline here; with
-        # it, panels are drawn on the (simulated) RunPod as a real deployment would.
-        runner = DemoRunner(services.tracker, options, getattr(app.state, "runpod", None))
+        # The RunPod integration's startup hook runs first and leaves its pipeline here.
+        runpod: RunPodPanels | None = getattr(app.state, "runpod", None)
+        if runpod is None:
+            raise ConfigurationError(
+                "the demo draws its panels on RunPod: install the RunPod startup hook "
+                "(real, or phasecast.integrations.demo.demo_runpod_startup) before the demo's"
+            )
+        runner = DemoRunner(services.tracker, options, runpod)
         router = APIRouter(prefix="/v1/demo", tags=["demo"])
 
         @router.get("/config")
