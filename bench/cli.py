@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios
+from bench import report, scenarios, systems
 from bench.common import raise_nofile
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -216,6 +216,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON and Markdown")
     top.add_argument("--repeat", type=int, default=1, help="runs per configuration; figures are medians")
     top.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes")
+    top.add_argument("--server-src", help="run `phasecast serve` from this src/ directory (A/B runs)")
     sub = top.add_subparsers(dest="scenario")
 
     def sized(p: argparse.ArgumentParser, watchers: int, jobs: int, rate: float, seconds: float) -> None:
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         argv = [*(a for a in argv), "all"] if not argv else _insert_all(argv)
     args = parser().parse_args(argv)
     raise_nofile()
+    if args.server_src:
+        systems.SERVER_ENV["PYTHONPATH"] = str(Path(args.server_src).resolve())
     started = time.time()
     results: dict[str, Any] = {}
     RUNNERS[args.scenario](args, results)

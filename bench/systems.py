@@ -18,6 +18,10 @@ from bench.common import VIEWER, token
 from bench.control import child_env
 from phasecast.testing.process import PrivateRedis, ServerProcess, free_port, wait_for_port
 
+# Extra environment for every ``phasecast serve`` started (``--server-src`` sets PYTHONPATH
+# to another checkout's ``src`` for before/after comparisons of the server alone).
+SERVER_ENV: dict[str, str] = {}
+
 
 @dataclass
 class System:
@@ -54,7 +58,9 @@ def phasecast(engine: str, redis: PrivateRedis | None, env: dict[str, str] | Non
     else:
         engine_url = f"sqlite:///{workdir / 'bench.db'}"
     server = ServerProcess(
-        engine_url, env={"PHASECAST_LOG_LEVEL": "warning", **(env or {})}, log_path=workdir / "server.log"
+        engine_url,
+        env={"PHASECAST_LOG_LEVEL": "warning", **SERVER_ENV, **(env or {})},
+        log_path=workdir / "server.log",
     )
     server.start(timeout=30)
     try:

@@ -33,14 +33,21 @@ class Mailbox:
     per connection, held for the connection's whole life).
     """
 
-    __slots__ = ("_delivered", "_pending", "_waiter", "conflated", "control")
+    __slots__ = ("_delivered", "_held", "_pending", "_waiter", "conflated", "control", "direct")
 
     def __init__(self) -> None:
         self._pending: dict[str, Change] = {}
         self._delivered: dict[str, int] = {}
         self._waiter: asyncio.Future[bool] | None = None
+        # Jobs whose changes are kept back (latest wins) until ``release``: a subscription
+        # that is not yet authorised must not leak a state to the socket.
+        self._held: dict[str, Change | None] | None = None
         self.control: list[str] | None = None
         self.conflated = 0
+        # Optional fast path, set by a connection that can write without a task hop: called
+        # with a change when the writer is idle and nothing else is queued, it takes the
+        # change over (writes it at once, or hands it to its writer) and returns True.
+        self.direct: Callable[[Change], bool] | None = None
 
     def set_floor(self, job_id: str, seq: int) -> None:
         """The watcher already has everything up to ``seq`` of this job."""
@@ -48,6 +55,21 @@ class Mailbox:
 
     def offer(self, change: Change) -> None:
         if change.seq <= self._delivered.get(change.job_id, 0):
+            return
+        held = self._held
+        if held is not None and change.job_id in held:
+            kept = held[change.job_id]
+            if kept is None or kept.seq < change.seq:
+                held[change.job_id] = change
+            return
+        if (
+            self._waiter is not None
+            and self.direct is not None
+            and not self._pending
+            and not self.control
+            and self.direct(change)
+        ):
+            self._delivered[change.job_id] = change.seq
             return
         pending = self._pending.get(change.job_id)
         if pending is not None:
@@ -88,10 +110,35 @@ class Mailbox:
     def forget(self, job_id: str) -> None:
         self._pending.pop(job_id, None)
         self._delivered.pop(job_id, None)
+        if self._held is not None:
+            self._held.pop(job_id, None)
+            if not self._held:
+                self._held = None
+
+    def hold(self, job_id: str) -> None:
+        """Keep this job's changes back (the newest only) until ``release``."""
+        if self._held is None:
+            self._held = {}
+        self._held.setdefault(job_id, None)
+
+    def release(self, job_id: str) -> None:
+        """Deliver this job's changes from now on, starting with the newest one held."""
+        if self._held is None or job_id not in self._held:
+            return
+        kept = self._held.pop(job_id)
+        if not self._held:
+            self._held = None
+        if kept is not None:
+            self.offer(kept)
 
     @property
     def has_pending(self) -> bool:
         return bool(self._pending) or bool(self.control)
+
+    def wake(self) -> None:
+        """Wake the waiting writer even though nothing is queued (the direct path handed it
+        work of its own)."""
+        self._wake(True)
 
     def _wake(self, value: bool) -> None:
         waiter = self._waiter

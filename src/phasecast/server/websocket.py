@@ -9,6 +9,13 @@ Sized for 10,000 connections per process (see docs/benchmarks.md): no third task
 connection, pings from one timer per connection instead of a timeout on every wait, each
 state frame encoded once per change (``Change.ws_frame``) and metric children looked up
 once per connection rather than once per message.
+
+Direct path: when the writer is parked with nothing queued, a change is written from the
+dispatch itself (``Mailbox.direct``) by running the ASGI send to completion synchronously,
+which it does whenever the socket accepts the bytes at once. That saves a task wake-up per
+message per watcher. If the send has to wait (the client's buffer is full), the half-done
+send is handed to the writer task, which finishes it before anything else, so there is
+still exactly one writer and frames never interleave or reorder.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -49,7 +57,20 @@ def _error(job_id: str | None, code: str, message: str) -> str:
 
 
 class Connection:
-    __slots__ = ("_closing", "_pinger", "hub", "jobs", "mailbox", "principal", "services", "ws")
+    __slots__ = (
+        "_blocked",
+        "_closing",
+        "_failed",
+        "_latency",
+        "_messages",
+        "_pinger",
+        "hub",
+        "jobs",
+        "mailbox",
+        "principal",
+        "services",
+        "ws",
+    )
 
     def __init__(self, websocket: WebSocket, services: Services) -> None:
         self.ws = websocket
@@ -60,6 +81,10 @@ class Connection:
         self.principal: Principal | None = None
         self._pinger: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._blocked: tuple[_Continue, Change] | None = None
+        self._failed: Exception | None = None
+        self._messages = services.metrics.messages.labels("websocket")
+        self._latency = services.metrics.latency.labels("websocket")
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -71,6 +96,7 @@ class Connection:
                 return
             writer = asyncio.create_task(self._write_forever())
             writer.add_done_callback(self._writer_ended)
+            self.mailbox.direct = self._direct
             self._schedule_ping()
             try:
                 await self._read_forever()
@@ -79,6 +105,7 @@ class Connection:
             except Exception:
                 log.exception("websocket connection failed")
         finally:
+            self.mailbox.direct = None
             if self._pinger is not None:
                 self._pinger.cancel()
                 self._pinger = None
@@ -86,6 +113,9 @@ class Connection:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await writer
+            if self._blocked is not None:
+                self._blocked[0].close()
+                self._blocked = None
             for job_id in list(self.jobs):
                 self.hub.remove(job_id, self.mailbox)
             self.jobs.clear()
@@ -227,6 +257,9 @@ class Connection:
             return
         self.jobs.add(job_id)
         self.mailbox.set_floor(job_id, since)
+        # Changes that arrive before the job is authorised are held back, so nothing of
+        # another user's job reaches the socket and "subscribed" precedes every state.
+        self.mailbox.hold(job_id)
         try:
             await self.hub.add(job_id, self.mailbox)
             state = await self.services.tracker.get(job_id)
@@ -244,6 +277,7 @@ class Connection:
         if state.terminal and state.seq <= since:
             self._drop(job_id)  # the client has the final state already
             return
+        self.mailbox.release(job_id)
         self.mailbox.offer(Change.of(state))
 
     def _unsubscribe(self, message: dict[str, Any]) -> None:
@@ -263,29 +297,87 @@ class Connection:
 
     # --- writing -------------------------------------------------------------------------
 
+    def _direct(self, change: Change) -> bool:
+        """``Mailbox.direct``: write ``change`` now, from the dispatch (see the module doc)."""
+        if change.job_id not in self.jobs:
+            return True  # unsubscribed while in flight: consumed, as the writer would skip it
+        sending = self.ws.send({"type": "websocket.send", "text": change.ws_frame()})
+        try:
+            waiting_on = sending.send(None)
+        except StopIteration:
+            self._sent(change, deferred=True)
+            return True
+        except Exception as exc:
+            # The socket failed; the writer raises it, exactly as if it had sent itself.
+            self._failed = exc
+            self.mailbox.wake()
+            return True
+        self._blocked = (_Continue(sending, waiting_on), change)
+        self.mailbox.wake()
+        return True
+
+    def _sent(self, change: Change, *, deferred: bool = False) -> None:
+        self._messages.inc()
+        self._latency.observe(max(0.0, time.time() - change.changed_at))
+        if change.terminal:
+            if deferred:
+                # Called from inside the hub's dispatch loop over this job's watchers: leave
+                # the job once that loop is done.
+                asyncio.get_running_loop().call_soon(self._drop, change.job_id)
+            else:
+                self._drop(change.job_id)
+
     async def _write_forever(self) -> None:
         mailbox = self.mailbox
         jobs = self.jobs
         send = self.ws.send
-        messages = self.services.metrics.messages.labels("websocket")
-        latency = self.services.metrics.latency.labels("websocket")
-        clock = time.time
         while True:
-            if not mailbox.has_pending:
+            if not mailbox.has_pending and self._blocked is None and self._failed is None:
                 await mailbox.wait()
+            if self._failed is not None:
+                raise self._failed
+            blocked = self._blocked
+            if blocked is not None:
+                await blocked[0]  # finish the direct path's send before anything else
+                self._blocked = None
+                self._sent(blocked[1])
             for frame in mailbox.take_control():
                 await send({"type": "websocket.send", "text": frame})
-            sent = 0
             for change in mailbox.take():
                 if change.job_id not in jobs:
                     continue  # unsubscribed while this was pending
                 await send({"type": "websocket.send", "text": change.ws_frame()})
-                sent += 1
-                latency.observe(max(0.0, clock() - change.changed_at))
-                if change.terminal:
-                    self._drop(change.job_id)
-            if sent:
-                messages.inc(sent)
+                self._sent(change)
+
+
+class _Continue:
+    """The rest of a send coroutine that the direct path started and that had to wait: the
+    writer task awaits this to drive it to the end, passing through whatever it waits on."""
+
+    __slots__ = ("_coro", "_waiting_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        self._coro = coro
+        self._waiting_on = waiting_on
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro, waiting_on = self._coro, self._waiting_on
+        while True:
+            try:
+                value = yield waiting_on
+            except BaseException as exc:
+                try:
+                    waiting_on = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    waiting_on = coro.send(value)
+                except StopIteration:
+                    return
 
 
 class _Closed(Exception):
