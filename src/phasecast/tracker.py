@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -41,6 +42,7 @@ from phasecast.progress import PhaseStats, WeightTable, estimate_eta
 log = logging.getLogger("phasecast.tracker")
 
 MAX_WRITE_ATTEMPTS = 50
+RECENT_STATES = 4096  # states kept to skip the read before a write (about 2 KB each)
 STATS_CACHE_SECONDS = 30.0
 
 
@@ -76,6 +78,7 @@ class ProgressTracker:
         self.hub = Hub(engine)
         self._clock = clock
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._recent: OrderedDict[str, JobState] = OrderedDict()
         self._stats: dict[str, tuple[float, PhaseStats]] = {}
         self._observers: list[Observer] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -179,6 +182,7 @@ class ProgressTracker:
             state, self._clock(), await self._phase_stats(kind), self.weights.for_kind(kind)
         )
         await self.engine.insert(state)
+        self._remember(state)
         self._after_write(state)
         return state
 
@@ -246,7 +250,13 @@ class ProgressTracker:
     ) -> Outcome:
         async with self._job_lock(job_id):
             for _ in range(MAX_WRITE_ATTEMPTS):
-                current = await self.engine.load(job_id)
+                # The state this process stored last is usually still the stored one (one
+                # worker per job): start from it and skip a read. If another writer got in
+                # first, the compare-and-set below fails and the next attempt reads.
+                current = self._recent.pop(job_id, None)
+                cached = current is not None
+                if current is None:
+                    current = await self.engine.load(job_id)
                 if current is None and self.archive is not None:
                     current = await self._restore(job_id)
                 if current is None:
@@ -259,6 +269,8 @@ class ProgressTracker:
                     log.info("update rejected", extra={"job_id": job_id, "reason": str(exc)})
                     raise
                 if not outcome.applied:
+                    if cached:
+                        continue  # judge "late or duplicate" against the stored state only
                     self.count_update("ignored")
                     return outcome
                 new = outcome.state
@@ -268,12 +280,20 @@ class ProgressTracker:
                     )
                 if await self.engine.replace(new, current.seq):
                     self.count_update("applied")
+                    self._remember(new)
                     self._after_write(new)
                     return outcome
             raise EngineUnavailable(
                 f"job {job_id!r} is changing too fast to update; gave up after "
                 f"{MAX_WRITE_ATTEMPTS} attempts"
             )
+
+    def _remember(self, state: JobState) -> None:
+        if state.terminal:
+            return  # nothing will be written to it again
+        self._recent[state.job_id] = state
+        if len(self._recent) > RECENT_STATES:
+            self._recent.popitem(last=False)
 
     def _after_write(self, state: JobState, *, learn: bool = True) -> None:
         for observer in self._observers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from phasecast.config import Settings
 from phasecast.errors import ConfigurationError, PhasecastError
 from phasecast.model import JobState
 
+VERIFIED_CACHE_SIZE = 4096
 SCOPE_READ = "jobs:read"
 SCOPE_WRITE = "jobs:write"
 SCOPE_ADMIN = "admin"
@@ -67,6 +69,7 @@ class Principal:
 
 class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
+        self._verified: OrderedDict[str, Principal] = OrderedDict()
         self.algorithm = settings.jwt_algorithm
         self.audience = settings.jwt_audience
         self.issuer = settings.jwt_issuer
@@ -82,6 +85,21 @@ class TokenVerifier:
             self._key = settings.key_material("jwt_public_key")
 
     def verify(self, token: str) -> Principal:
+        """The principal a token proves. A token that verified before is answered from a
+        bounded cache until it expires: checking a signature costs more than the rest of a
+        progress report."""
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() < known.expires_at + self.leeway:
+                return known
+            del self._verified[token]
+        principal = self._verify(token)
+        self._verified[token] = principal
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as exc:
