@@ -124,7 +124,11 @@ def run_ingest(args: argparse.Namespace, results: dict[str, Any]) -> None:
             result = repeated(
                 args.repeat,
                 lambda e=engine, m=mode: scenarios.ingest(  # type: ignore[misc]
-                    f"phasecast-{e}", mode=m, seconds=args.seconds, concurrency=args.concurrency
+                    f"phasecast-{e}",
+                    mode=m,
+                    seconds=args.seconds,
+                    concurrency=args.concurrency,
+                    profile=getattr(args, "profile", None),
                 ),
             )
             results.setdefault("ingest", {})[f"phasecast-{engine}/{mode}"] = result
@@ -140,7 +144,11 @@ def run_storm(args: argparse.Namespace, results: dict[str, Any]) -> None:
         result = repeated(
             args.repeat,
             lambda e=engine: scenarios.storm(  # type: ignore[misc]
-                f"phasecast-{e}", watchers=args.watchers, jobs=args.jobs, loadgen_procs=args.loadgen_procs
+                f"phasecast-{e}",
+                watchers=args.watchers,
+                jobs=args.jobs,
+                loadgen_procs=args.loadgen_procs,
+                profile=getattr(args, "profile", None),
             ),
         )
         results.setdefault("storm", {})[f"phasecast-{engine}"] = result
@@ -249,11 +257,13 @@ def parser() -> argparse.ArgumentParser:
     ing.add_argument("--mode", default="both", choices=["both", "http", "tracker"])
     ing.add_argument("--seconds", type=float, default=8)
     ing.add_argument("--concurrency", type=int, default=32)
+    ing.add_argument("--profile", help="record the server with py-spy into this directory")
 
     st = sub.add_parser("storm", help="reconnect storm after a server restart")
     st.add_argument("--engine", default="redis", choices=["both", "redis", "sqlite"])
     st.add_argument("--watchers", type=int, default=10000)
     st.add_argument("--jobs", type=int, default=1000)
+    st.add_argument("--profile", help="record the restarted server with py-spy into this directory")
     return top
 
 

@@ -24,6 +24,7 @@ from bench.control import command_queue, emit
 from bench.rawclient import SSEClient, WebSocketClient
 
 MAX_RECONNECT_ATTEMPTS = 200
+INITIAL_CONNECT_ATTEMPTS = 10
 RECONNECT_CAP_SECONDS = 2.0
 
 
@@ -46,6 +47,7 @@ class Stats:
         self.all_ready = asyncio.Event()
         self.watchers = 0
         self.reconnects = 0
+        self.connect_retries = 0
 
 
 class Watcher:
@@ -131,7 +133,7 @@ class LoadGen:
         offset: int = config.get("offset", 0)
         self.watchers = [Watcher(self, jobs[(offset + i) % len(jobs)]) for i in range(config["watchers"])]
         self.stats.watchers = len(self.watchers)
-        self.limit = asyncio.Semaphore(config.get("connect_concurrency", 100))
+        self.limit = asyncio.Semaphore(config.get("connect_concurrency", 50))
 
     # --- connecting ----------------------------------------------------------------------
 
@@ -201,6 +203,20 @@ class LoadGen:
 
         self._pump = asyncio.get_running_loop().create_task(pump())
 
+    async def connect_first(self, watcher: Watcher) -> None:
+        """The first connection, retried a few times: a server answering 503 to a burst of
+        connections (its engine was momentarily out of connections) is retried the way a
+        client library would, and counted in ``connect_retries``."""
+        for attempt in range(INITIAL_CONNECT_ATTEMPTS):
+            try:
+                await self.connect(watcher)
+                return
+            except ConnectionError:
+                if attempt == INITIAL_CONNECT_ATTEMPTS - 1:
+                    raise
+                self.stats.connect_retries += 1
+                await asyncio.sleep(random.uniform(0.1, 1.0))
+
     async def connect_all(self) -> dict[str, Any]:
         started = time.monotonic()
         if self.transport == "redis":
@@ -212,7 +228,9 @@ class LoadGen:
                 "failure_sample": [],
                 "ready": self.stats.ready,
             }
-        results = await asyncio.gather(*(self.connect(w) for w in self.watchers), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self.connect_first(w) for w in self.watchers), return_exceptions=True
+        )
         failures = [r for r in results if isinstance(r, BaseException)]
         connected = time.monotonic() - started
         with contextlib.suppress(TimeoutError):
@@ -222,6 +240,7 @@ class LoadGen:
             "ready_seconds": round(time.monotonic() - started, 3),
             "failed": len(failures),
             "failure_sample": [repr(f) for f in failures[:3]],
+            "connect_retries": self.stats.connect_retries,
             "ready": self.stats.ready,
         }
 

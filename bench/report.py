@@ -120,6 +120,7 @@ INGEST_COLUMNS = [
     ("server CPU-µs per update", "server_cpu_us_per_update"),
     ("redis CPU, s", "redis_cpu_s"),
     ("publisher CPU, s", "publisher_cpu_s"),
+    ("publisher CPU-µs per update", "publisher_cpu_us_per_update"),
     ("errors", "errors"),
 ]
 FANOUT_COLUMNS = [

@@ -114,6 +114,12 @@ def _profile(pid: int, seconds: float, where: str | None) -> subprocess.Popen[by
     )
 
 
+def _loadavg() -> float:
+    """The machine's 1-minute load average: other work on a shared 2-core machine shows here."""
+    with open("/proc/loadavg") as handle:
+        return float(handle.read().split()[0])
+
+
 def _server_latency(system: System) -> dict[str, float] | None:
     """Phasecast's own view (``/metrics``: change → socket write), to tell server-side delay
     from delay in the network or the load generator."""
@@ -171,6 +177,7 @@ def fanout(
                 for g in loadgens:
                     g.send("measure")
                     g.expect("measuring", 10)
+                load_before = _loadavg()
                 meter.start()
                 profiler = _profile(system.pid, seconds, profile)
                 pub.send("go")
@@ -209,6 +216,7 @@ def fanout(
         "connected": sum(r["ready"] for r in ready),
         "connect_failures": sum(r["failed"] for r in ready),
         "connect_seconds": max(r["ready_seconds"] for r in ready),
+        "connect_retries": sum(r.get("connect_retries", 0) for r in ready),
         "updates_applied": published["applied"],
         "publish_errors": published["errors"],
         "publisher_behind_max_in_flight": published["max_in_flight"],
@@ -225,6 +233,8 @@ def fanout(
         "latency_ms": latency,
         "publish_to_receipt_ms": e2e,
         "server_side_latency_ms": server_side,
+        "machine_load_1m_before": load_before,
+        "machine_load_1m_after": _loadavg(),
         "server_cpu_s": round(cpu["server"], 3),
         "server_cpu_system_s": round(server_sys, 3),
         "server_cpu_us_per_msg": round(cpu["server"] / delivered * 1e6, 2) if delivered else None,
@@ -242,7 +252,13 @@ def fanout(
 
 
 def ingest(
-    system_name: str, *, mode: str = "http", seconds: float = 8.0, jobs: int = 64, concurrency: int = 32
+    system_name: str,
+    *,
+    mode: str = "http",
+    seconds: float = 8.0,
+    jobs: int = 64,
+    concurrency: int = 32,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """Accepted updates/s, as fast as the server (or the in-process tracker) takes them."""
     with system_for(system_name) as system:
@@ -255,9 +271,12 @@ def ingest(
                 pids["redis"] = system.redis_pid
             meter = CpuMeter(pids)
             meter.start()
+            profiler = _profile(system.pid, seconds, profile)
             pub.send("go")
             published = pub.expect("result", seconds + 60)
             cpu = meter.stop()
+            if profiler is not None:
+                profiler.wait(60)
         finally:
             pub.close()
     applied = published["applied"]
@@ -274,10 +293,15 @@ def ingest(
         "server_cpu_us_per_update": round(cpu["server"] / applied * 1e6, 1) if applied else None,
         "redis_cpu_s": round(cpu.get("redis", 0.0), 3),
         "publisher_cpu_s": published["cpu_seconds"],
+        "publisher_cpu_us_per_update": round(published["cpu_seconds"] / applied * 1e6, 1)
+        if applied
+        else None,
     }
 
 
-def storm(system_name: str, *, watchers: int, jobs: int, loadgen_procs: int = 1) -> dict[str, Any]:
+def storm(
+    system_name: str, *, watchers: int, jobs: int, loadgen_procs: int = 1, profile: str | None = None
+) -> dict[str, Any]:
     """Every watcher dropped at once (SIGKILL of the server), each job changed while the
     server is down, server started again: seconds until every watcher has the new state."""
     with system_for(system_name) as system:
@@ -299,9 +323,12 @@ def storm(system_name: str, *, watchers: int, jobs: int, loadgen_procs: int = 1)
             system.server.start(timeout=60)
             ready_at = time.time()
             system.pid = system.server.pid
+            profiler = _profile(system.pid, 15, profile)
             for g in loadgens:
                 g.send("expect", seqs=published["seqs"], timeout=120)
             synced = [g.expect("synced", 150) for g in loadgens]
+            if profiler is not None:
+                profiler.wait(60)
             for g in loadgens:
                 g.send("stop", seqs=published["seqs"])
             received = [g.expect("result", 60) for g in loadgens]
