@@ -6,7 +6,6 @@ functions return; the tracker feeds them the current state and the time.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import uuid
@@ -166,7 +165,27 @@ class JobState:
         return cls.from_dict(json.loads(text))
 
     def copy(self) -> JobState:
-        return copy.deepcopy(self)
+        """A copy whose timeline, steps and error can change without touching this one.
+        Metadata is shared: nothing changes it after creation."""
+        return JobState(
+            job_id=self.job_id,
+            owner=self.owner,
+            kind=self.kind,
+            phase=self.phase,
+            phase_progress=self.phase_progress,
+            progress=self.progress,
+            message=self.message,
+            eta_seconds=self.eta_seconds,
+            seq=self.seq,
+            epoch=self.epoch,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            phases={name: dict(span) for name, span in self.phases.items()},
+            steps={name: dict(step) for name, step in self.steps.items()},
+            steps_total=self.steps_total,
+            error=None if self.error is None else JobError(self.error.code, self.error.message),
+            metadata=self.metadata,
+        )
 
 
 # --- Updates -----------------------------------------------------------------------------
