@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from phasecast.errors import InvalidUpdate
+from phasecast.errors import InvalidUpdate, PhasecastError
 from phasecast.model import (
-    JOB_ID_PATTERN,
     MAX_MESSAGE_CHARS,
     MAX_STEPS,
     Outcome,
@@ -23,6 +23,8 @@ from phasecast.server.deps import principal, services
 from phasecast.server.logs import job_id_var
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
+
+MAX_BATCH = 500
 
 Caller = Annotated[Principal, Depends(principal)]
 
@@ -72,9 +74,7 @@ def _reply(outcome: Outcome) -> dict[str, Any]:
 
 def _job_path(job_id: str) -> str:
     job_id_var.set(job_id)
-    if not JOB_ID_PATTERN.match(job_id):
-        validate_job_id(job_id)
-    return job_id
+    return validate_job_id(job_id)
 
 
 @router.post("/jobs", status_code=201)
@@ -126,14 +126,10 @@ async def job_history(
     return {"job_id": job_id, "events": await tracker.engine.history(job_id, limit=limit)}
 
 
-@router.post("/jobs/{job_id}/progress")
-async def report_progress(
-    job_id: str, body: ProgressReport, caller: Caller, request: Request
-) -> dict[str, Any]:
-    caller.require_write()
+def _update_of(body: ProgressReport) -> ProgressUpdate:
     if body.step_status is not None and body.step is None:
         raise InvalidUpdate("step", "is required when step_status is given")
-    update = ProgressUpdate(
+    return ProgressUpdate(
         phase=body.phase,
         phase_progress=body.phase_progress,
         step=body.step,
@@ -142,7 +138,51 @@ async def report_progress(
         steps_total=body.steps_total,
         message=body.message,
     )
+
+
+@router.post("/jobs/{job_id}/progress")
+async def report_progress(
+    job_id: str, body: ProgressReport, caller: Caller, request: Request
+) -> dict[str, Any]:
+    caller.require_write()
+    update = _update_of(body)
     return _reply(await services(request).tracker.update(_job_path(job_id), update))
+
+
+class BatchItem(ProgressReport):
+    job_id: str = Field(min_length=1, max_length=128)
+
+
+class ProgressBatch(Strict):
+    updates: list[BatchItem] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+@router.post("/progress")
+async def report_progress_batch(
+    body: ProgressBatch, caller: Caller, request: Request
+) -> dict[str, Any]:
+    """Many reports in one request, for backends that report often or for many jobs: the
+    HTTP and auth cost is paid once. Reports of one job apply in the order given; one that
+    fails does not stop the others. Each result is ``{job_id, applied, seq, phase, progress}``
+    or ``{job_id, error: {code, message, field}}``, in the order of the reports."""
+    caller.require_write()
+    tracker = services(request).tracker
+
+    async def apply(item: BatchItem) -> dict[str, Any]:
+        try:
+            outcome = await tracker.update(validate_job_id(item.job_id), _update_of(item))
+        except PhasecastError as exc:
+            error = {"code": exc.code, "message": exc.message}
+            if isinstance(exc, InvalidUpdate):
+                error["field"] = exc.field
+            return {"job_id": item.job_id, "error": error}
+        state = outcome.state
+        return {"job_id": item.job_id, "applied": outcome.applied, "seq": state.seq,
+                "phase": state.phase.value, "progress": state.progress}
+
+    # Started in order, so reports of one job queue on its lock in the order given.
+    results = await asyncio.gather(*(apply(item) for item in body.updates))
+    return {"results": results}
 
 
 @router.post("/jobs/{job_id}/complete")
