@@ -83,6 +83,8 @@ class RedisEngine(Engine):
         self._pubsub: Any = None
         self._connected = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        self._replace_queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._replace_flusher: asyncio.Task[None] | None = None
         self.reconnects = 0
 
     @property
@@ -117,6 +119,11 @@ class RedisEngine(Engine):
                 ) from exc
 
     async def stop(self) -> None:
+        if self._replace_flusher is not None:
+            # Let writes already queued finish; they were accepted by callers still waiting.
+            with contextlib.suppress(Exception):
+                await self._replace_flusher
+            self._replace_flusher = None
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -173,13 +180,13 @@ class RedisEngine(Engine):
     async def replace(self, state: JobState, expected_seq: int) -> bool:
         state_json = state.to_json()
         try:
-            result = await self._replace(
-                keys=[
+            result = await self._batched_replace(
+                [
                     self.keys.job(state.job_id),
                     self.keys.history(state.job_id),
                     self.keys.owner_index(state.owner),
                 ],
-                args=[
+                [
                     expected_seq,
                     state_json,
                     state.seq,
@@ -198,6 +205,36 @@ class RedisEngine(Engine):
             raise JobTerminal(state.job_id, current.phase if current else Phase.FAILED)
         # -1: the job expired between read and write; the caller reloads and reports not found.
         return bool(result == 1)
+
+    async def _batched_replace(self, keys: list[str], args: list[Any]) -> Any:
+        """Run the replace script, sharing one round trip with the other replaces issued
+        meanwhile: concurrent writers (a batch of reports, many jobs) would otherwise each
+        pay redis-py's per-command cost and a round trip. Each script still runs atomically
+        on its own; only the network trip is shared."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replace_queue.append((keys, args, future))
+        if self._replace_flusher is None or self._replace_flusher.done():
+            self._replace_flusher = asyncio.create_task(self._flush_replaces())
+        return await future
+
+    async def _flush_replaces(self) -> None:
+        while self._replace_queue:
+            await asyncio.sleep(0)  # let the writers of this loop turn queue theirs too
+            batch, self._replace_queue = self._replace_queue, []
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        await self._replace(keys=keys, args=args, client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                results = [exc] * len(batch)
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
     # --- reads ---------------------------------------------------------------------------
 
