@@ -117,17 +117,21 @@ def run_transports(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 def run_ingest(args: argparse.Namespace, results: dict[str, Any]) -> None:
     engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
-    modes = ["http", "tracker"] if args.mode == "both" else [args.mode]
+    modes = ["http", "batch", "tracker"] if args.mode == "all" else [args.mode]
     for engine in engines:
         for mode in modes:
-            _log(f"ingest {engine}/{mode}: {args.seconds}s, concurrency {args.concurrency}")
+            # Batching pays off only with many reports in flight at once; one job per writer,
+            # so writers never contend for a job.
+            concurrency = args.concurrency * 8 if mode == "batch" else args.concurrency
+            _log(f"ingest {engine}/{mode}: {args.seconds}s, concurrency {concurrency}")
             result = repeated(
                 args.repeat,
-                lambda e=engine, m=mode: scenarios.ingest(  # type: ignore[misc]
+                lambda e=engine, m=mode, c=concurrency: scenarios.ingest(  # type: ignore[misc]
                     f"phasecast-{e}",
                     mode=m,
                     seconds=args.seconds,
-                    concurrency=args.concurrency,
+                    jobs=max(64, c),
+                    concurrency=c,
                     profile=getattr(args, "profile", None),
                 ),
             )
@@ -254,7 +258,12 @@ def parser() -> argparse.ArgumentParser:
 
     ing = sub.add_parser("ingest", help="accepted updates/s per server process")
     ing.add_argument("--engine", default="both", choices=["both", "redis", "sqlite"])
-    ing.add_argument("--mode", default="both", choices=["both", "http", "tracker"])
+    ing.add_argument(
+        "--mode",
+        default="all",
+        choices=["all", "http", "batch", "tracker"],
+        help="http: one POST per report; batch: concurrent reports sent together to POST /v1/progress; tracker: in-process",
+    )
     ing.add_argument("--seconds", type=float, default=8)
     ing.add_argument("--concurrency", type=int, default=32)
     ing.add_argument("--profile", help="record the server with py-spy into this directory")

@@ -47,6 +47,8 @@ class Publisher:
         mode = self.config["mode"]
         if mode == "http":
             return await self._http()
+        if mode == "batch":
+            return await self._http_batch()
         if mode == "tracker":
             return await self._tracker()
         if mode == "sio":
@@ -79,6 +81,53 @@ class Publisher:
                 raise RuntimeError(f"HTTP {status}")
             data = json.loads(raw)
             return int(data["state"]["seq"]) if data["applied"] else None
+
+        return write
+
+    async def _http_batch(self) -> Write:
+        """Reports issued in the same event-loop turn go out together in one
+        ``POST /v1/progress``, as a backend reporting many panels or jobs would send them."""
+        from bench.rawclient import HTTPConnection
+
+        connection = HTTPConnection(
+            "127.0.0.1", self.config["port"], {"Authorization": f"Bearer {self.config['token']}"}
+        )
+        self._closers.append(connection.close)
+        queued: list[tuple[dict[str, Any], asyncio.Future[int | None]]] = []
+        sender: list[asyncio.Task[None]] = []
+
+        async def send_queued() -> None:
+            while queued:
+                await asyncio.sleep(0)  # one loop turn: let the other writers queue theirs
+                batch = queued[:500]
+                del queued[:500]
+                try:
+                    status, raw = await connection.post(
+                        "/v1/progress", json.dumps({"updates": [u for u, _ in batch]}).encode()
+                    )
+                    if status != 200:
+                        raise RuntimeError(f"HTTP {status}")
+                    results = json.loads(raw)["results"]
+                except Exception as exc:
+                    for _, future in batch:
+                        future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if "error" in result:
+                        future.set_exception(RuntimeError(result["error"]["code"]))
+                    else:
+                        future.set_result(int(result["seq"]) if result["applied"] else None)
+
+        async def write(job: str, n: int) -> int | None:
+            future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+            queued.append((
+                {"job_id": job, "phase": "GENERATING", "phase_progress": _progress(n),
+                 "message": f"t={time.time():.6f}"},
+                future,
+            ))
+            if not sender or sender[0].done():
+                sender[:] = [asyncio.create_task(send_queued())]
+            return await future
 
         return write
 

@@ -4,13 +4,9 @@ checked (they depend on the machine); behaviour is."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the ``bench`` package
 
 from bench import report, scenarios
 

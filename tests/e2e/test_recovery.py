@@ -4,7 +4,6 @@ the pub/sub link to Redis dropping under a live watcher."""
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable
 from pathlib import Path
 

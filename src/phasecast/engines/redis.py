@@ -48,6 +48,8 @@ DEFAULT_TTL_SECONDS = 24 * 3600
 RECONNECT_BASE_SECONDS = 0.1
 RECONNECT_CAP_SECONDS = 5.0
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
+POOL_SIZE = 64
+POOL_WAIT_SECONDS = 10.0
 
 
 def _script(name: str) -> str:
@@ -99,12 +101,17 @@ class RedisEngine(Engine):
 
     async def start(self, on_change: ChangeHandler | None = None) -> None:
         self._on_change = on_change
-        self._client = aioredis.Redis.from_url(
+        # A blocking pool: a burst of requests (a reconnect storm of subscribers) waits for a
+        # free connection instead of failing once all are busy.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self._connection_url,
+            max_connections=POOL_SIZE,
+            timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
             socket_connect_timeout=5,
             health_check_interval=30,
         )
+        self._client = aioredis.Redis(connection_pool=pool)
         self._insert = self._client.register_script(_script("insert.lua"))
         self._replace = self._client.register_script(_script("replace.lua"))
         self._learn = self._client.register_script(_script("learn.lua"))
@@ -130,7 +137,7 @@ class RedisEngine(Engine):
                 await self._listener
             self._listener = None
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.aclose(close_connection_pool=True)
             self._client = None
 
     def _redacted_url(self) -> str:
