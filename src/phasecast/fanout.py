@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from phasecast.engines.base import Change, Engine
+from phasecast.model import JobState
 
 log = logging.getLogger("phasecast.fanout")
 
@@ -169,6 +170,11 @@ class Mailbox:
 class _JobWatchers:
     ready: asyncio.Future[None]
     mailboxes: set[Mailbox] = field(default_factory=set)
+    # The newest change seen for this job since it has been listened to, and its parsed
+    # state once someone asked for it: a new watcher of a job already watched here starts
+    # from it instead of reading the store (a reconnect storm is mostly that).
+    latest: Change | None = None
+    latest_state: JobState | None = None
 
 
 class Hub:
@@ -194,6 +200,8 @@ class Hub:
         entry = self._jobs.get(change.job_id)
         if entry is None:
             return
+        if entry.latest is None or change.seq > entry.latest.seq:
+            entry.latest, entry.latest_state = change, None
         for mailbox in entry.mailboxes:
             mailbox.offer(change)
         for observer in self.observers:
@@ -214,6 +222,26 @@ class Hub:
         finally:
             if not entry.ready.done():
                 entry.ready.set_result(None)
+
+    def current(self, job_id: str) -> tuple[JobState, Change] | None:
+        """The newest state of a watched job that this hub has seen, if any, with its
+        encoded change. Only current once ``add`` has returned for this job: from then on
+        every change reaches the hub."""
+        entry = self._jobs.get(job_id)
+        if entry is None or entry.latest is None or not entry.ready.done():
+            return None
+        if entry.latest_state is None:
+            entry.latest_state = JobState.from_json(entry.latest.state_json)
+        return entry.latest_state, entry.latest
+
+    def note(self, state: JobState) -> Change:
+        """Record a state read from the store for a watched job (if it is the newest seen);
+        returns its encoded change."""
+        change = Change.of(state)
+        entry = self._jobs.get(state.job_id)
+        if entry is not None and (entry.latest is None or state.seq > entry.latest.seq):
+            entry.latest, entry.latest_state = change, state
+        return change
 
     def remove(self, job_id: str, mailbox: Mailbox) -> None:
         """Synchronous so that it is safe in a ``finally`` of a cancelled task; the engine

@@ -152,6 +152,17 @@ class ProgressTracker:
         self._after_write(restored, learn=False)
         return restored
 
+    async def watched_state(self, job_id: str) -> tuple[JobState, Change]:
+        """The current state of a job that this process watches (call after ``hub.add``),
+        with its encoded change: from the hub when it has seen the job's newest change,
+        otherwise read from the store. Many watchers of one job then cost one read and one
+        encoding, not one each."""
+        known = self.hub.current(job_id)
+        if known is not None:
+            return known
+        state = await self.get(job_id)
+        return state, self.hub.note(state)
+
     async def list(
         self, owner: str | None, *, active_only: bool = False, limit: int = 100
     ) -> builtins.list[JobState]:
@@ -357,8 +368,8 @@ class ProgressTracker:
         mailbox.set_floor(job_id, since)
         await self.hub.add(job_id, mailbox)
         try:
-            state = await self.get(job_id)
-            mailbox.offer(Change.of(state))
+            state, change = await self.watched_state(job_id)
+            mailbox.offer(change)
             yield _drain(mailbox, ended=state.terminal and state.seq <= since)
         finally:
             self.hub.remove(job_id, mailbox)

@@ -10,7 +10,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from phasecast.engines.base import Change
 from phasecast.errors import InvalidUpdate
 from phasecast.fanout import Mailbox
 from phasecast.model import validate_job_id
@@ -63,8 +62,8 @@ async def job_events(
         metrics.connections.labels("sse").inc()
         try:
             await tracker.hub.add(job_id, mailbox)
-            state = await tracker.get(job_id)
-            mailbox.offer(Change.of(state))
+            state, change = await tracker.watched_state(job_id)
+            mailbox.offer(change)
             yield f"retry: {settings.sse_retry_ms}\n\n"
             if state.terminal and state.seq <= floor:
                 return

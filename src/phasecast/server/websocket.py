@@ -262,7 +262,7 @@ class Connection:
         self.mailbox.hold(job_id)
         try:
             await self.hub.add(job_id, self.mailbox)
-            state = await self.services.tracker.get(job_id)
+            state, change = await self.services.tracker.watched_state(job_id)
         except PhasecastError as exc:
             self._drop(job_id)
             log.info("subscribe refused: %s", exc.message, extra={"job_id": job_id})
@@ -278,7 +278,7 @@ class Connection:
             self._drop(job_id)  # the client has the final state already
             return
         self.mailbox.release(job_id)
-        self.mailbox.offer(Change.of(state))
+        self.mailbox.offer(change)
 
     def _unsubscribe(self, message: dict[str, Any]) -> None:
         job_id = message.get("job_id")
