@@ -83,6 +83,14 @@ class RequestContextMiddleware:
             return
         request_id = _client_request_id(scope) or _next_request_id()
         token = request_id_var.set(request_id)
+        if scope["type"] == "websocket":
+            # No header to add and no access-log line: leave the socket's send unwrapped,
+            # since every state message to every watcher goes through it.
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                request_id_var.reset(token)
+            return
         started = time.perf_counter()
         status = 0
 
