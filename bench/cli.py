@@ -201,7 +201,7 @@ def run_all(args: argparse.Namespace, results: dict[str, Any]) -> None:
     )
     run_ingest(
         argparse.Namespace(
-            repeat=args.repeat, engine="both", mode="both", seconds=args.ingest_seconds, concurrency=32
+            repeat=args.repeat, engine="both", mode="all", seconds=args.ingest_seconds, concurrency=32
         ),
         results,
     )
