@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import resource
+import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from phasecast.config import Settings
 from phasecast.server.auth import mint_token
@@ -130,3 +134,15 @@ def percentiles(histogram: Mapping[int, int]) -> dict[str, float | None]:
     found["max"] = round(keys[-1] * BUCKET_US / 1000, 3)
     found["count"] = count
     return found
+
+
+def run_child(run: Callable[[dict[str, Any]], Coroutine[Any, Any, None]]) -> None:
+    """Entry point of a harness child process: its JSON config is the first argument."""
+    raise_nofile()
+    config = json.loads(sys.argv[1])
+    try:
+        import uvloop
+
+        uvloop.run(run(config))
+    except ImportError:
+        asyncio.run(run(config))

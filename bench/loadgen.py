@@ -13,13 +13,12 @@ import asyncio
 import contextlib
 import json
 import random
-import sys
 import time
 from collections import Counter
 from typing import Any
 from urllib.parse import quote
 
-from bench.common import BUCKET_US, TimeParser, cpu_seconds, raise_nofile
+from bench.common import BUCKET_US, TimeParser, cpu_seconds, run_child
 from bench.control import command_queue, emit
 from bench.rawclient import SSEClient, WebSocketClient
 
@@ -370,14 +369,7 @@ def cpu_seconds_self() -> float:
 
 
 def main() -> None:
-    raise_nofile()
-    config = json.loads(sys.argv[1])
-    try:
-        import uvloop
-
-        uvloop.run(run(config))
-    except ImportError:
-        asyncio.run(run(config))
+    run_child(run)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.common import cpu_seconds, format_time, raise_nofile
+from bench.common import cpu_seconds, format_time, run_child
 from bench.control import command_queue, emit
 
 Write = Callable[[str, int], Awaitable[int | None]]  # (job, n) -> new seq, or None if not applied
@@ -306,14 +305,7 @@ def _progress(n: int) -> float:
 
 
 def main() -> None:
-    raise_nofile()
-    config = json.loads(sys.argv[1])
-    try:
-        import uvloop
-
-        uvloop.run(run(config))
-    except ImportError:
-        asyncio.run(run(config))
+    run_child(run)
 
 
 if __name__ == "__main__":

@@ -60,26 +60,11 @@ async def kill_mid_generation_and_finish(
     assert len(sim.jobs) == 6  # nothing was submitted twice
 
 
-@pytest.mark.redis
-async def test_server_killed_mid_generation_resumes_polling_on_redis(
-    redis_engine_url: str, sim: RunPodSimulator, tmp_path: Path, comic_factory: ComicFactory
+async def test_server_killed_mid_generation_resumes_polling(
+    engine_url: str, sim: RunPodSimulator, tmp_path: Path, comic_factory: ComicFactory
 ) -> None:
     sim.faults.drop_webhook = True
-    server = ServerProcess(redis_engine_url, env=runpod_env(sim), log_path=tmp_path / "server.log")
-    server.start()
-    comic = comic_factory(server, "comic-crash")
-    try:
-        await kill_mid_generation_and_finish(server, sim, comic)
-    finally:
-        await comic.close()
-        server.stop()
-
-
-async def test_server_killed_mid_generation_resumes_polling_on_sqlite(
-    sqlite_engine_url: str, sim: RunPodSimulator, tmp_path: Path, comic_factory: ComicFactory
-) -> None:
-    sim.faults.drop_webhook = True
-    server = ServerProcess(sqlite_engine_url, env=runpod_env(sim), log_path=tmp_path / "server.log")
+    server = ServerProcess(engine_url, env=runpod_env(sim), log_path=tmp_path / "server.log")
     server.start()
     comic = comic_factory(server, "comic-crash")
     try:
