@@ -73,3 +73,28 @@ async def test_watch_follows_a_job_to_the_end(
             _, stderr = await asyncio.wait_for(watch.communicate(), 30)
     assert watch.returncode == 0, stderr.decode()
     assert "COMPLETE" in stderr.decode()
+
+
+async def test_json_logs_carry_request_and_job_ids_and_never_tokens(
+    sqlite_engine_url: str, tmp_path: Path, worker_token: str
+) -> None:
+    import json
+
+    with ServerProcess(sqlite_engine_url, env={"PHASECAST_LOG_JSON": "true"}, log_path=tmp_path / "s.log") as server:
+        headers = {"Authorization": f"Bearer {worker_token}", "X-Request-ID": "req-42"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers) as api:
+            await api.post("/v1/jobs", json={"job_id": "logged", "owner": "alice"})
+            refused = await api.post("/v1/jobs/logged/progress", json={"phase": "ANALYZING", "phase_progress": 500})
+            assert refused.status_code == 422
+            await api.post("/v1/jobs/logged/complete", json={})
+            # A token in the query string (as EventSource must send it) stays out of the log.
+            streamed = await api.get(f"/v1/jobs/logged/events?access_token={worker_token}", headers={"Authorization": ""})
+            assert streamed.status_code == 200
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "req-42"]
+    assert any(line["logger"] == "phasecast.access" and line.get("job_id") == "logged" for line in mine)
+    rejected = [line for line in mine if line["message"].startswith("request rejected")]
+    assert rejected
+    assert rejected[0]["job_id"] == "logged"
+    assert "phase_progress" in rejected[0]["message"]
+    assert all(worker_token not in json.dumps(line) for line in lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import time
 import uuid
 from contextvars import ContextVar
@@ -83,6 +84,10 @@ class RequestContextMiddleware:
             return
         request_id = _client_request_id(scope) or _next_request_id()
         token = request_id_var.set(request_id)
+        # From the path, so even a request refused before its route runs (a body that fails
+        # validation) is logged with its job id.
+        found = _JOB_PATH.match(scope.get("path", ""))
+        job_token = job_id_var.set(found.group(1) if found else None)
         if scope["type"] == "websocket":
             # No header to add and no access-log line: leave the socket's send unwrapped,
             # since every state message to every watcher goes through it.
@@ -90,6 +95,7 @@ class RequestContextMiddleware:
                 await self.app(scope, receive, send)
             finally:
                 request_id_var.reset(token)
+                job_id_var.reset(job_token)
             return
         started = time.perf_counter()
         status = 0
@@ -115,11 +121,13 @@ class RequestContextMiddleware:
                     extra={"duration_ms": round((time.perf_counter() - started) * 1000, 2)},
                 )
             request_id_var.reset(token)
+            job_id_var.reset(job_token)
 
 
 # A random prefix per process and a counter: unique across instances, and far cheaper than
 # a uuid4 per request (which showed up at 9% of server CPU under load).
 _REQUEST_PREFIX = uuid.uuid4().hex[:8]
+_JOB_PATH = re.compile(r"^/v1/(?:integrations/runpod/)?jobs/([A-Za-z0-9._:-]{1,128})(?:/|$)")
 _request_counter = itertools.count(1)
 
 
