@@ -372,7 +372,9 @@ class _Continue:
                 try:
                     waiting_on = coro.throw(exc)
                 except StopIteration:
-                    return
+                    # The send absorbed what interrupted us (a cancellation): pass it on
+                    # rather than let the writer carry on as if nothing happened.
+                    raise exc from None
             else:
                 try:
                     waiting_on = coro.send(value)
