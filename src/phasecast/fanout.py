@@ -184,8 +184,6 @@ class Hub:
         self._engine = engine
         self._jobs: dict[str, _JobWatchers] = {}
         self._background: set[asyncio.Task[None]] = set()
-        # Called once per change with the number of local watchers (metrics).
-        self.observers: list[Callable[[Change, int], None]] = []
 
     @property
     def watched_jobs(self) -> int:
@@ -204,8 +202,6 @@ class Hub:
             entry.latest, entry.latest_state = change, None
         for mailbox in entry.mailboxes:
             mailbox.offer(change)
-        for observer in self.observers:
-            observer(change, len(entry.mailboxes))
 
     async def add(self, job_id: str, mailbox: Mailbox) -> None:
         """Returns once every later change of ``job_id`` is guaranteed to reach ``mailbox``:

@@ -3,11 +3,8 @@ collide."""
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from phasecast.engines.base import Change
 from phasecast.fanout import Hub
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -38,7 +35,8 @@ class Metrics:
         )
         self.conflated = Counter(
             "phasecast_messages_conflated",
-            "States replaced by a newer one before a slow watcher read them",
+            "States replaced by a newer one before a slow watcher read them "
+            "(counted when the watcher's connection ends)",
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -54,10 +52,6 @@ class Metrics:
     def bind_hub(self, hub: Hub) -> None:
         self.watchers.set_function(lambda: hub.watchers)
         self.watched_jobs.set_function(lambda: hub.watched_jobs)
-
-    def delivered(self, transport: str, change: Change) -> None:
-        self.messages.labels(transport).inc()
-        self.latency.labels(transport).observe(max(0.0, time.time() - change.changed_at))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

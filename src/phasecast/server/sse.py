@@ -82,6 +82,7 @@ async def job_events(
                         return
         finally:
             tracker.hub.remove(job_id, mailbox)
+            metrics.conflated.inc(mailbox.conflated)
             metrics.connections.labels("sse").dec()
 
     return StreamingResponse(

@@ -119,6 +119,7 @@ class Connection:
             for job_id in list(self.jobs):
                 self.hub.remove(job_id, self.mailbox)
             self.jobs.clear()
+            metrics.conflated.inc(self.mailbox.conflated)
             metrics.connections.labels("websocket").dec()
 
     def _writer_ended(self, writer: asyncio.Task[None]) -> None:
