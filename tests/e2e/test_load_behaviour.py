@@ -66,13 +66,14 @@ async def test_a_watcher_that_stops_reading_costs_bounded_memory_and_then_gets_t
                             received.append(message["job"]["seq"])
             # The skipped states are counted once the watcher leaves.
             conflated = 0.0
-            for _ in range(200):
-                text = httpx.get(f"{server.url}/metrics").text
-                conflated = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                                if line.startswith("phasecast_messages_conflated_total "))
-                if conflated:
-                    break
-                await asyncio.sleep(0.05)
+            async with httpx.AsyncClient(base_url=server.url) as api:
+                for _ in range(200):
+                    text = (await api.get("/metrics")).text
+                    conflated = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                    if line.startswith("phasecast_messages_conflated_total "))
+                    if conflated:
+                        break
+                    await asyncio.sleep(0.05)
         print(f"server RSS growth while stalled: {grown} KiB; states delivered: {len(received)} of {UPDATES}")
         assert received == sorted(set(received))
         assert received[-1] == final_seq
