@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from tests.support.process import TEST_SECRET
+
 from phasecast.config import Settings
 from phasecast.server.auth import mint_token
-from phasecast.testing.process import TEST_SECRET
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Latencies are kept as counts per 10 µs bucket: small to ship between processes, exact

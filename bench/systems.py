@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from tests.support.process import PrivateRedis, ServerProcess, free_port, wait_for_port
 
 from bench.common import VIEWER, token
 from bench.control import child_env
-from phasecast.testing.process import PrivateRedis, ServerProcess, free_port, wait_for_port
 
 # Extra environment for every ``phasecast serve`` started (``--server-src`` sets PYTHONPATH
 # to another checkout's ``src`` for before/after comparisons of the server alone).

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from tests.support.process import TEST_SECRET, ServerProcess
 
 from phasecast.config import Settings
 from phasecast.engines import Engine, open_engine
 from phasecast.server.auth import mint_token
-from phasecast.testing.process import TEST_SECRET, ServerProcess
 from phasecast.tracker import ProgressTracker
 
 REDIS_URL = os.environ.get("PHASECAST_TEST_REDIS", "redis://127.0.0.1:6379/0")

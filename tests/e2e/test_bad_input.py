@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-
-from phasecast.testing.clients import WSWatcher
-from phasecast.testing.process import TEST_SECRET, ServerProcess
+from tests.support.clients import WSWatcher
+from tests.support.process import TEST_SECRET, ServerProcess
 
 
 def unsigned_token(sub: str = "alice") -> str:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.support.process import TEST_SECRET, ServerProcess
 
 from phasecast.config import Settings
 from phasecast.server.auth import TokenVerifier
-from phasecast.testing.process import TEST_SECRET, ServerProcess
 
 
 def phasecast(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -12,11 +12,11 @@ from urllib.parse import quote
 import httpx
 import pytest
 import websockets
+from tests.support.clients import WSWatcher, sse_events
+from tests.support.process import ServerProcess
 
 from phasecast.engines import open_engine
 from phasecast.model import Phase
-from phasecast.testing.clients import WSWatcher, sse_events
-from phasecast.testing.process import ServerProcess
 from phasecast.tracker import ProgressTracker
 
 UPDATES = 10_000

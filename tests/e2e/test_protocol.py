@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
-
-from phasecast.testing.clients import SSEEvent, WSWatcher, sse_events
-from phasecast.testing.process import ServerProcess
+from tests.support.clients import SSEEvent, WSWatcher, sse_events
+from tests.support.process import ServerProcess
 
 
 @pytest.fixture

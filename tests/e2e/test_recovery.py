@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from tests.support.clients import WSWatcher
+from tests.support.process import PrivateRedis, ServerProcess
 
 from phasecast.engines import open_engine
 from phasecast.model import Phase
-from phasecast.testing.clients import WSWatcher
-from phasecast.testing.process import PrivateRedis, ServerProcess
 from phasecast.tracker import ProgressTracker
 
 

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from tests.support.clients import SSEEvent, WSWatcher, sse_events
+from tests.support.process import ServerProcess
 
 from phasecast.model import parse_time
-from phasecast.testing.clients import SSEEvent, WSWatcher, sse_events
-from phasecast.testing.process import ServerProcess
 
 # Every report a comic backend makes, in order: each one is a change a viewer must see.
 SCRIPT: list[dict[str, Any]] = [

@@ -20,13 +20,13 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from tests.support.clients import WSWatcher
+from tests.support.process import PrivateRedis, ServerProcess, free_port
 
 from phasecast.archive import PostgresArchive, migrate, open_archive
 from phasecast.engines import open_engine
 from phasecast.errors import ConfigurationError
 from phasecast.model import Phase
-from phasecast.testing.clients import WSWatcher
-from phasecast.testing.process import PrivateRedis, ServerProcess, free_port
 from phasecast.tracker import ProgressTracker
 
 pytestmark = pytest.mark.postgres

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from tests.support.clients import WSWatcher
+from tests.support.process import ServerProcess
 
 from phasecast.errors import InvalidUpdate
-from phasecast.testing.clients import WSWatcher
-from phasecast.testing.process import ServerProcess
 from phasecast.worker import WorkerError, remote_worker
 
 

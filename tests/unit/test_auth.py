@@ -10,12 +10,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from tests.support.process import TEST_SECRET
 
 from phasecast.config import Settings
 from phasecast.errors import ConfigurationError
 from phasecast.model import new_job, utc_now
 from phasecast.server.auth import Forbidden, TokenVerifier, Unauthorized, mint_token
-from phasecast.testing.process import TEST_SECRET
 
 SETTINGS = Settings(jwt_secret=TEST_SECRET)
 

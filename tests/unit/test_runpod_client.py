@@ -16,7 +16,7 @@ from phasecast.integrations.runpod import (
     RunPodRateLimited,
     output_progress,
 )
-from phasecast.testing.runpod_sim import Faults, RunPodSimulator
+from phasecast.simulators.runpod import Faults, RunPodSimulator
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def demo_runpod_startup(
 
     async def start(app: FastAPI, services: Services) -> Callable[[], Awaitable[None]]:
         from phasecast.integrations import runpod_startup
-        from phasecast.testing.runpod_sim import RunPodSimulator
+        from phasecast.simulators.runpod import RunPodSimulator
 
         sim = await asyncio.to_thread(
             RunPodSimulator(queue_delay=0.8 / speed, step_delay=0.5 / speed, steps=8).start

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from phasecast.testing.process import ServerProcess
+from tests.support.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[3]
 STATIC_INDEX = REPO / "src" / "phasecast" / "server" / "static" / "index.html"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from runpod_helpers import Comic, runpod_env
+from tests.support.process import ServerProcess
 
-from phasecast.testing.process import ServerProcess
-from phasecast.testing.runpod_sim import Faults, RunPodSimulator
+from phasecast.simulators.runpod import Faults, RunPodSimulator
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from tests.support.clients import WSWatcher
+from tests.support.process import ServerProcess
 
-from phasecast.testing.clients import WSWatcher
-from phasecast.testing.process import ServerProcess
-from phasecast.testing.runpod_sim import RunPodSimulator
+from phasecast.simulators.runpod import RunPodSimulator
 
 TERMINAL = ("COMPLETE", "FAILED", "CANCELLED")
 

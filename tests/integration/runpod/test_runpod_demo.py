@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from runpod_helpers import Comic, assert_never_backwards, panel_inputs, panel_progress_seen
-
-from phasecast.testing.process import ServerProcess
+from tests.support.process import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -19,10 +19,10 @@ from runpod_helpers import (
     panel_progress_seen,
     slow_panels,
 )
+from tests.support.process import TEST_SECRET, ServerProcess
 
 from phasecast.integrations.runpod import derive_webhook_secret, webhook_url
-from phasecast.testing.process import TEST_SECRET, ServerProcess
-from phasecast.testing.runpod_sim import RunPodSimulator
+from phasecast.simulators.runpod import RunPodSimulator
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

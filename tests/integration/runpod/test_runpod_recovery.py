@@ -16,9 +16,9 @@ from runpod_helpers import (
     panel_inputs,
     runpod_env,
 )
+from tests.support.process import ServerProcess
 
-from phasecast.testing.process import ServerProcess
-from phasecast.testing.runpod_sim import RunPodSimulator
+from phasecast.simulators.runpod import RunPodSimulator
 
 pytestmark = pytest.mark.slow
 

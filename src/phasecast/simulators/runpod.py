@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -38,7 +39,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from phasecast.testing.process import free_port
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
 
 OUTCOMES = ("COMPLETED", "FAILED", "TIMED_OUT", "NO_OUTPUT")
 PROGRESS_SHAPES = ("fraction", "ratio_text", "step_total", "percent")
