@@ -215,6 +215,15 @@ class Hub:
         self._jobs[job_id] = entry
         try:
             await self._engine.listen(job_id)
+        except Exception as exc:
+            # Not listened: forget the entry, so the next watcher tries again, and fail every
+            # watcher that joined meanwhile as well.
+            if self._jobs.get(job_id) is entry:
+                del self._jobs[job_id]
+            if not entry.ready.done():
+                entry.ready.set_exception(exc)
+                entry.ready.exception()  # retrieved: joiners re-raise it, nobody must
+            raise
         finally:
             if not entry.ready.done():
                 entry.ready.set_result(None)

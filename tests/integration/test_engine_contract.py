@@ -9,9 +9,20 @@ import pytest
 
 from phasecast.engines import Engine, open_engine
 from phasecast.engines.base import Change
-from phasecast.errors import ConfigurationError, JobExists
-from phasecast.model import JobState, Phase, ProgressUpdate, apply_progress, new_job, utc_now
+from phasecast.engines.redis import RedisEngine
+from phasecast.errors import ConfigurationError, EngineUnavailable, JobExists, JobTerminal
+from phasecast.model import (
+    JobState,
+    Phase,
+    ProgressUpdate,
+    apply_progress,
+    apply_terminal,
+    new_job,
+    utc_now,
+)
 from phasecast.progress import COMIC_WEIGHTS
+from phasecast.testing.process import PrivateRedis
+from phasecast.tracker import ProgressTracker
 
 
 def make(job_id: str = "job-1", owner: str = "alice") -> JobState:
@@ -135,3 +146,143 @@ def test_unknown_engine_urls_are_explained() -> None:
         open_engine("mysql://localhost/x")
     with pytest.raises(ConfigurationError, match="names no file"):
         open_engine("sqlite://")
+
+
+# --- what a replace may change: the same answer from every engine (issue 8, section 7) ----
+
+
+def finish(state: JobState) -> JobState:
+    outcome = apply_terminal(state, Phase.COMPLETE, utc_now() + timedelta(milliseconds=1))
+    assert outcome.applied
+    return outcome.state
+
+
+async def test_replace_refuses_to_change_a_finished_job(engine: Engine) -> None:
+    state = make()
+    await engine.insert(state)
+    done = finish(state)
+    assert await engine.replace(done, expected_seq=1)
+    # A writer that read the finished state and still computed a change from it.
+    revived = done.copy()
+    revived.phase, revived.phase_progress, revived.seq = Phase.GENERATING, 50.0, 3
+    with pytest.raises(JobTerminal) as refused:
+        await engine.replace(revived, expected_seq=2)
+    assert refused.value.phase is Phase.COMPLETE
+    assert await engine.load("job-1") == done
+    assert [e["seq"] for e in await engine.history("job-1", limit=10)] == [1, 2]
+    # A stale writer (its base is older than the ending) just loses, as on a live job.
+    assert not await engine.replace(step(state, 10), expected_seq=1)
+
+
+async def test_replace_must_move_seq_up_by_exactly_one(engine: Engine) -> None:
+    state = make()
+    await engine.insert(state)
+    skipping = step(state, 10)
+    skipping.seq = 5
+    with pytest.raises(ValueError, match="must carry seq 2"):
+        await engine.replace(skipping, expected_seq=1)
+    assert await engine.load("job-1") == state
+
+
+async def test_replace_of_a_missing_job_stores_nothing(engine: Engine) -> None:
+    ghost = step(make("ghost"), 10)
+    assert not await engine.replace(ghost, expected_seq=1)
+    assert await engine.load("ghost") is None
+    assert await engine.history("ghost", limit=10) == []
+
+
+# --- listen either makes delivery sure or says it cannot ----------------------------------
+
+
+async def test_listen_without_a_change_handler_is_refused(engine: Engine) -> None:
+    # The ``engine`` fixture starts engines without ``on_change``: nothing could be delivered.
+    with pytest.raises(EngineUnavailable, match="cannot be watched"):
+        await engine.listen("job-1")
+
+
+async def test_listen_on_a_stopped_engine_is_refused(engine_url: str) -> None:
+    engine = open_engine(engine_url)
+    await engine.start(lambda change: None)
+    await engine.stop()
+    with pytest.raises(EngineUnavailable):
+        await engine.listen("job-1")
+
+
+@pytest.mark.redis
+async def test_listen_raises_when_the_change_feed_is_down_and_recovers_after() -> None:
+    received: list[Change] = []
+    delivered = asyncio.Event()
+
+    def on_change(change: Change) -> None:
+        received.append(change)
+        delivered.set()
+
+    with PrivateRedis() as server:
+        engine = open_engine(server.url)
+        assert isinstance(engine, RedisEngine)
+        engine.subscribe_timeout = 1.0
+        await engine.start(on_change)
+        try:
+            server.kill()
+            with pytest.raises(EngineUnavailable, match="not confirmed"):
+                await engine.listen("job-1")
+            server.start()  # same port: the listener reconnects by itself
+            engine.subscribe_timeout = 10.0  # longer than the capped reconnect backoff
+            await engine.listen("job-1")
+            await engine.insert(make())
+            await asyncio.wait_for(delivered.wait(), 5)
+            assert [c.seq for c in received if c.job_id == "job-1"] == [1]
+        finally:
+            await engine.stop()
+
+
+@pytest.mark.redis
+async def test_listen_waits_for_a_feed_that_comes_back_in_time() -> None:
+    received: list[Change] = []
+    delivered = asyncio.Event()
+
+    def on_change(change: Change) -> None:
+        if change.job_id == "job-1":
+            received.append(change)
+            delivered.set()
+
+    with PrivateRedis() as server:
+        engine = open_engine(server.url)
+        assert isinstance(engine, RedisEngine)
+        engine.subscribe_timeout = 8.0
+        await engine.start(on_change)
+        try:
+            server.kill()
+            listening = asyncio.create_task(engine.listen("job-1"))
+            await asyncio.sleep(0.2)  # the listen is waiting for the link, not refused
+            assert not listening.done()
+            server.start()
+            await listening
+            await engine.insert(make())
+            await asyncio.wait_for(delivered.wait(), 5)
+            assert [c.seq for c in received] == [1]
+        finally:
+            await engine.stop()
+
+
+@pytest.mark.redis
+async def test_a_watch_refused_while_the_feed_is_down_leaves_nothing_behind() -> None:
+    with PrivateRedis() as server:
+        engine = open_engine(server.url)
+        assert isinstance(engine, RedisEngine)
+        engine.subscribe_timeout = 1.0
+        async with ProgressTracker(engine) as tracker:
+            await tracker.create(owner="alice", job_id="job-1")
+            server.kill()
+            with pytest.raises(EngineUnavailable):
+                async with tracker.watch("job-1"):
+                    pass
+            assert tracker.hub.watched_jobs == 0  # the next watcher subscribes afresh
+            engine.subscribe_timeout = 10.0  # longer than the capped reconnect backoff
+            server.start()
+            await tracker.create(owner="alice", job_id="job-1")  # the private Redis kept nothing
+            async with tracker.watch("job-1") as states:
+                seen = [(await anext(states)).seq]
+                await tracker.report("job-1", Phase.ANALYZING, 10)
+                seen.append((await anext(states)).seq)
+            assert seen == [1, 2]

@@ -66,6 +66,15 @@ class Change:
 ChangeHandler = Callable[[Change], None]
 
 
+def check_successor(state: JobState, expected_seq: int) -> None:
+    """A replacement moves seq up by exactly one; anything else is a caller's bug."""
+    if state.seq != expected_seq + 1:
+        raise ValueError(
+            f"job {state.job_id!r}: a replacement of seq {expected_seq} must carry seq "
+            f"{expected_seq + 1}, not {state.seq}"
+        )
+
+
 def history_entry(state: JobState) -> dict[str, Any]:
     """What the per-job history keeps of each change: enough to draw a timeline."""
     return {
@@ -117,7 +126,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def replace(self, state: JobState, expected_seq: int) -> bool:
         """Store ``state`` only if the stored seq is still ``expected_seq``; append it to the
-        history and publish it, all at once. Return False if another write came first."""
+        history and publish it, all at once. Return False if another write came first or the
+        job is gone. Raise ``JobTerminal`` (storing nothing) if the stored job has ended: a
+        finished job never changes, whatever a caller computed. ``state.seq`` must be
+        ``expected_seq + 1`` (``ValueError`` otherwise, before anything is stored)."""
 
     @abc.abstractmethod
     async def list_jobs(
@@ -138,7 +150,9 @@ class Engine(abc.ABC):
 
     async def listen(self, job_id: str) -> None:
         """Make sure changes of ``job_id`` reach ``on_change``, and return once they will.
-        Engines that deliver every change anyway need not override this."""
+        Raise ``EngineUnavailable`` if that cannot be made sure (the engine is not started,
+        or its change feed is down and does not come back in time); the job is then not
+        listened to, and a later call tries again."""
 
     async def unlisten(self, job_id: str) -> None:
         """Stop delivering changes of ``job_id`` (the last local watcher left)."""

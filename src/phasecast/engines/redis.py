@@ -27,6 +27,7 @@ from phasecast.engines.base import (
     Change,
     ChangeHandler,
     Engine,
+    check_successor,
     history_entry,
 )
 from phasecast.engines.redis_keys import RedisKeys
@@ -88,6 +89,7 @@ class RedisEngine(Engine):
         self._replace_queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._replace_flusher: asyncio.Task[None] | None = None
         self.reconnects = 0
+        self.subscribe_timeout = SUBSCRIBE_TIMEOUT_SECONDS
 
     @property
     def shared(self) -> bool:
@@ -185,6 +187,7 @@ class RedisEngine(Engine):
             raise JobExists(state.job_id)
 
     async def replace(self, state: JobState, expected_seq: int) -> bool:
+        check_successor(state, expected_seq)
         state_json = state.to_json()
         try:
             result = await self._batched_replace(
@@ -319,20 +322,46 @@ class RedisEngine(Engine):
     async def listen(self, job_id: str) -> None:
         if job_id in self._listened:
             return
+        if self._client is None or self._listener is None:
+            raise EngineUnavailable(
+                "the Redis engine was started without a change handler; its changes cannot be watched"
+            )
+        # Listened from now on: if the link drops before the subscription is confirmed, the
+        # listener subscribes it again when it reconnects.
         self._listened.add(job_id)
-        if self._pubsub is None or not self._connected.is_set():
-            return  # the listener subscribes everything listened when it (re)connects
         channel = self.keys.channel(job_id)
-        confirmed = asyncio.get_running_loop().create_future()
-        self._confirmations[channel] = confirmed
         try:
-            await self._pubsub.subscribe(channel)
-            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT_SECONDS)
+            await asyncio.wait_for(self._subscribe(channel), self.subscribe_timeout)
         except (RedisError, OSError, TimeoutError) as exc:
-            # The listener will resubscribe and resync this job once the link is back.
-            log.warning("subscribe to %s not confirmed: %s", channel, exc)
-        finally:
-            self._confirmations.pop(channel, None)
+            self._listened.discard(job_id)
+            raise EngineUnavailable(
+                f"cannot watch job {job_id!r}: the subscription to Redis at "
+                f"{self._redacted_url()} was not confirmed ({str(exc) or 'timed out'}); try again"
+            ) from exc
+
+    async def _subscribe(self, channel: str) -> None:
+        """Subscribe on the live pub/sub connection (waiting for it while it reconnects) and
+        return once Redis has confirmed the subscription."""
+        while True:
+            await self._connected.wait()
+            pubsub = self._pubsub
+            if pubsub is None:
+                await asyncio.sleep(0)  # the flag is being cleared by a failing listener
+                continue
+            confirmed = asyncio.get_running_loop().create_future()
+            self._confirmations[channel] = confirmed
+            try:
+                await pubsub.subscribe(channel)
+                await confirmed
+                return
+            except (RedisError, OSError) as exc:
+                # The link dropped under us; the listener reconnects, and we try again on
+                # the new connection (the caller bounds the whole wait).
+                log.info("subscribe to %s interrupted (%s); retrying after reconnect", channel, exc)
+                await asyncio.sleep(0)
+            finally:
+                if self._confirmations.get(channel) is confirmed:
+                    del self._confirmations[channel]
 
     async def unlisten(self, job_id: str) -> None:
         if job_id not in self._listened:
@@ -379,6 +408,9 @@ class RedisEngine(Engine):
             except (RedisError, OSError) as exc:
                 self._connected.clear()
                 self._pubsub = None
+                for pending in list(self._confirmations.values()):
+                    if not pending.done():
+                        pending.set_exception(ConnectionError(f"pub/sub connection lost: {exc}"))
                 failures += 1
                 delay = min(RECONNECT_CAP_SECONDS, RECONNECT_BASE_SECONDS * 2 ** min(failures, 10))
                 delay = random.uniform(delay / 2, delay)

@@ -23,9 +23,10 @@ from phasecast.engines.base import (
     Change,
     ChangeHandler,
     Engine,
+    check_successor,
     history_entry,
 )
-from phasecast.errors import ConfigurationError, EngineUnavailable, JobExists
+from phasecast.errors import ConfigurationError, EngineUnavailable, JobExists, JobTerminal
 from phasecast.model import JobState, Phase
 from phasecast.progress import PhaseStat, PhaseStats, learn
 
@@ -203,6 +204,14 @@ class SQLiteEngine(Engine):
 
     # --- operations ----------------------------------------------------------------------
 
+    async def listen(self, job_id: str) -> None:
+        # Every change of this process passes through ``_finish``; there is nothing to
+        # subscribe to, only a started engine to be sure of.
+        if self._thread is None or self._on_change is None:
+            raise EngineUnavailable(
+                "the SQLite engine is not started with a change handler; its changes cannot be watched"
+            )
+
     async def ping(self) -> None:
         await self._submit(lambda conn: (conn.execute("SELECT 1").fetchone(), None))
 
@@ -241,12 +250,13 @@ class SQLiteEngine(Engine):
         return result
 
     async def replace(self, state: JobState, expected_seq: int) -> bool:
+        check_successor(state, expected_seq)
         state_json = state.to_json()
 
         def op(conn: sqlite3.Connection) -> tuple[bool, Change | None]:
             cursor = conn.execute(
                 "UPDATE jobs SET phase = ?, terminal = ?, seq = ?, updated_at = ?, state = ? "
-                "WHERE job_id = ? AND seq = ?",
+                "WHERE job_id = ? AND seq = ? AND terminal = 0",
                 (
                     state.phase.value,
                     int(state.terminal),
@@ -258,7 +268,12 @@ class SQLiteEngine(Engine):
                 ),
             )
             if cursor.rowcount != 1:
-                return False, None
+                row = conn.execute(
+                    "SELECT seq, terminal, phase FROM jobs WHERE job_id = ?", (state.job_id,)
+                ).fetchone()
+                if row is not None and row[0] == expected_seq and row[1]:
+                    raise JobTerminal(state.job_id, Phase(row[2]))
+                return False, None  # gone, or another write came first
             self._append_history(conn, state)
             return True, Change.of(state, state_json)
 
