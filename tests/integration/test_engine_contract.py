@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from tests.support.process import PrivateRedis
 
 from phasecast.engines import Engine, open_engine
 from phasecast.engines.base import Change
@@ -21,7 +22,6 @@ from phasecast.model import (
     utc_now,
 )
 from phasecast.progress import COMIC_WEIGHTS
-from phasecast.testing.process import PrivateRedis
 from phasecast.tracker import ProgressTracker
 
 
