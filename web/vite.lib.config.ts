@@ -3,8 +3,12 @@ import { fileURLToPath } from 'node:url';
 import react from '@vitejs/plugin-react';
 import { defineConfig, type Plugin } from 'vite';
 
-// The npm package: ES module + CSS; React stays external (peer dependency).
-// Type declarations come from `tsc -p tsconfig.lib.json` (see the build:lib script).
+// The npm package: two ES module entries plus CSS.
+// - dist/index.js: `@phasecast/client`, the framework-free ProgressClient (no React import);
+// - dist/react.js: `@phasecast/client/react`, the hook, provider and tracker. React stays
+//   external (an optional peer dependency) and only this entry imports it.
+// Code both entries use lands in one shared chunk, so an app that imports both gets one
+// ProgressClient class. Type declarations come from `tsc -p tsconfig.lib.json`.
 const here = (path: string) => fileURLToPath(new URL(path, import.meta.url));
 
 function copyStyles(): Plugin {
@@ -25,12 +29,13 @@ export default defineConfig({
     emptyOutDir: true,
     sourcemap: true,
     lib: {
-      entry: here('src/index.ts'),
+      entry: { index: here('src/index.ts'), react: here('src/react/index.ts') },
       formats: ['es'],
-      fileName: () => 'index.js',
+      fileName: (_format, name) => `${name}.js`,
     },
     rolldownOptions: {
       external: ['react', 'react-dom', 'react/jsx-runtime', 'react/jsx-dev-runtime'],
+      output: { chunkFileNames: 'shared-[hash].js' },
     },
   },
 });

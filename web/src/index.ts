@@ -1,4 +1,6 @@
-// Public API of @phasecast/client. Styles: import '@phasecast/client/styles.css'.
+// Public API of @phasecast/client: the framework-free client. It imports nothing from React,
+// so a plain-JS, Vue or Svelte app bundles it without React. The React hook, provider and
+// <ProgressTracker> live in the subpath export `@phasecast/client/react` (src/react/index.ts).
 export { ProgressClient } from './client/ProgressClient';
 export type { ProgressClientOptions, TokenSource, JobListener } from './client/ProgressClient';
 export { backoffDelay, backoffCeiling, DEFAULT_BACKOFF } from './client/backoff';
@@ -25,11 +27,6 @@ export type {
   TransportKind,
   WorkingPhase,
 } from './client/types';
-export { ProgressProvider, useProgressClient } from './react/context';
-export type { ProgressProviderProps } from './react/context';
-export { useGenerationProgress } from './react/useGenerationProgress';
-export type { GenerationProgress, UseGenerationProgressOptions } from './react/useGenerationProgress';
-export { ProgressTracker } from './react/ProgressTracker';
-export type { ProgressTrackerProps } from './react/ProgressTracker';
-export { formatEta, formatDuration, phaseRows, stepRows, PHASE_LABELS } from './react/format';
-export type { PhaseRow, PhaseStepStatus, StepRow } from './react/format';
+// Display helpers (pure functions, no React): useful to any UI that renders a job.
+export { formatEta, formatDuration, displayProgress, phaseRows, stepRows, PHASE_LABELS } from './format';
+export type { PhaseRow, PhaseStepStatus, StepRow } from './format';

@@ -3,7 +3,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { ProgressClient } from '../src/client/ProgressClient';
 import type { FetchLike } from '../src/client/transport';
 import type { JobState } from '../src/client/types';
-import { formatEta } from '../src/react/format';
+import { formatEta } from '../src/format';
 import { ProgressProvider } from '../src/react/context';
 import { ProgressTracker } from '../src/react/ProgressTracker';
 import { at, fakeFetch, FakeEventSource, FakeWebSocket, job, jsonResponse } from './fakes';

@@ -1,6 +1,6 @@
 import { useId, useState, type ReactNode } from 'react';
 import type { ProgressClient } from '../client/ProgressClient';
-import { clamp, formatDuration, formatEta, PHASE_LABELS, phaseRows, stepRows } from './format';
+import { clamp, formatDuration, formatEta, PHASE_LABELS, phaseRows, stepRows } from '../format';
 import { useProgressClient } from './context';
 import { useGenerationProgress } from './useGenerationProgress';
 

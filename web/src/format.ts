@@ -1,4 +1,4 @@
-import { PIPELINE_PHASES, type JobState, type Phase, type StepState } from '../client/types';
+import { PIPELINE_PHASES, type JobState, type Phase, type StepState } from './client/types';
 
 export const PHASE_LABELS: Record<Phase, string> = {
   QUEUED: 'Queued',
@@ -114,4 +114,15 @@ function stepLabel(id: string): string {
 export function clamp(value: number | null | undefined): number {
   if (typeof value !== 'number' || !Number.isFinite(value)) return 0;
   return Math.min(100, Math.max(0, value));
+}
+
+/**
+ * The overall percentage to show, as a whole number. Only a COMPLETE job shows 100: a job
+ * still post-processing at 99.6 % would round to 100 and look finished while it is not, so
+ * every other phase stops at 99.
+ */
+export function displayProgress(state: Pick<JobState, 'phase' | 'progress'> | null | undefined): number {
+  if (!state) return 0;
+  if (state.phase === 'COMPLETE') return 100;
+  return Math.min(99, Math.round(clamp(state.progress)));
 }
