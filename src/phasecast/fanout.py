@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from phasecast.engines.base import Change, Engine
+from phasecast.engines.base import Change, ChangeFeed
 from phasecast.model import JobState
 
 log = logging.getLogger("phasecast.fanout")
@@ -180,8 +180,8 @@ class _JobWatchers:
 class Hub:
     """Which local mailboxes watch which job; tells the engine which jobs to listen to."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, feed: ChangeFeed) -> None:
+        self._engine = feed
         self._jobs: dict[str, _JobWatchers] = {}
         self._background: set[asyncio.Task[None]] = set()
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from tests.support.process import PrivateRedis
 
-from phasecast.engines import Engine, open_engine
+from phasecast.engines import ChangeFeed, Engine, JobStore, open_engine
 from phasecast.engines.base import Change
 from phasecast.engines.redis import RedisEngine
 from phasecast.errors import ConfigurationError, EngineUnavailable, JobExists, JobTerminal
@@ -286,3 +286,88 @@ async def test_a_watch_refused_while_the_feed_is_down_leaves_nothing_behind() ->
                 await tracker.report("job-1", Phase.ANALYZING, 10)
                 seen.append((await anext(states)).seq)
             assert seen == [1, 2]
+
+
+# --- the split: a store and a change feed, each keeping its own promises ------------------
+
+
+def test_every_engine_is_a_store_and_a_change_feed(engine_url: str) -> None:
+    engine = open_engine(engine_url)
+    assert isinstance(engine, JobStore) and isinstance(engine, ChangeFeed)
+
+
+async def test_what_a_write_returned_for_is_read_back_by_a_fresh_engine(engine_url: str) -> None:
+    first = open_engine(engine_url)
+    await first.start()
+    state = make()
+    await first.insert(state)
+    changed = step(state, 40)
+    assert await first.replace(changed, expected_seq=1)
+    await first.stop()
+    second = open_engine(engine_url)
+    await second.start()
+    try:
+        assert await second.load("job-1") == changed
+        assert [e["seq"] for e in await second.history("job-1", limit=10)] == [1, 2]
+    finally:
+        await second.stop()
+
+
+async def test_history_keeps_at_least_its_limit_and_answers_the_newest(engine_url: str) -> None:
+    kind = type(open_engine(engine_url))
+    engine = kind(engine_url, history_limit=3)  # type: ignore[call-arg]
+    await engine.start()
+    try:
+        state = make()
+        await engine.insert(state)
+        for progress in range(10, 80, 10):
+            new = step(state, progress)
+            assert await engine.replace(new, expected_seq=state.seq)
+            state = new
+        assert [e["seq"] for e in await engine.history("job-1", limit=3)] == [6, 7, 8]
+        kept = [e["seq"] for e in await engine.history("job-1", limit=100)]
+        assert kept[-3:] == [6, 7, 8] and kept == sorted(kept)  # Redis trims approximately
+    finally:
+        await engine.stop()
+
+
+async def test_a_stopped_engine_says_it_is_unavailable(engine_url: str) -> None:
+    engine = open_engine(engine_url)
+    await engine.start()
+    await engine.ping()
+    await engine.stop()
+    with pytest.raises(EngineUnavailable):
+        await engine.ping()
+    with pytest.raises(EngineUnavailable):
+        await engine.load("job-1")
+
+
+async def test_the_feed_delivers_again_after_unlisten_and_listen(engine_url: str) -> None:
+    received: list[Change] = []
+    arrived = asyncio.Event()
+
+    def on_change(change: Change) -> None:
+        if change.job_id == "job-1":
+            received.append(change)
+            arrived.set()
+
+    engine = open_engine(engine_url)
+    await engine.start(on_change)
+    try:
+        await engine.listen("job-1")
+        state = make()
+        await engine.insert(state)
+        await asyncio.wait_for(arrived.wait(), 5)
+        await engine.unlisten("job-1")
+        await engine.listen("job-1")
+        arrived.clear()
+        new = step(state, 10)
+        assert await engine.replace(new, expected_seq=1)
+        while not received or received[-1].seq < 2:
+            await asyncio.wait_for(arrived.wait(), 5)
+            arrived.clear()
+        assert [c.seq for c in received] == [1, 2]
+        assert received[-1].state_json == new.to_json()
+        assert JobState.from_json(received[-1].state_json) == await engine.load("job-1")
+    finally:
+        await engine.stop()

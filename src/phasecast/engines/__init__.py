@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from phasecast.engines.base import Change, ChangeHandler, Engine
+from phasecast.engines.base import Change, ChangeFeed, ChangeHandler, Engine, JobStore
 from phasecast.errors import ConfigurationError
 
 DEFAULT_ENGINE_URL = "sqlite:///phasecast.db"
 
-__all__ = ["DEFAULT_ENGINE_URL", "Change", "ChangeHandler", "Engine", "open_engine"]
+__all__ = [
+    "DEFAULT_ENGINE_URL",
+    "Change",
+    "ChangeFeed",
+    "ChangeHandler",
+    "Engine",
+    "JobStore",
+    "open_engine",
+]
 
 
 def open_engine(url: str) -> Engine:

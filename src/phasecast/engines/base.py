@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from phasecast.model import JobState, Phase, parse_time
 from phasecast.progress import PhaseStats
@@ -87,34 +87,13 @@ def history_entry(state: JobState) -> dict[str, Any]:
     }
 
 
-class Engine(abc.ABC):
-    """Storage and change feed for job states. Chosen by URL scheme (``engines.open_engine``)."""
+class JobStore(abc.ABC):
+    """Job states: compare-and-set writes, bounded history, learned phase durations.
 
-    schemes: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._on_change: ChangeHandler | None = None
-
-    @property
-    def shared(self) -> bool:
-        """True when several server processes may use the same store at once."""
-        return False
-
-    def _emit(self, change: Change) -> None:
-        if self._on_change is not None:
-            self._on_change(change)
-
-    @abc.abstractmethod
-    async def start(self, on_change: ChangeHandler | None = None) -> None:
-        """Connect and begin delivering changes of listened jobs to ``on_change``."""
-
-    @abc.abstractmethod
-    async def stop(self) -> None: ...
-
-    @abc.abstractmethod
-    async def ping(self) -> None:
-        """Raise ``EngineUnavailable`` if the store cannot be reached."""
+    What every store promises (checked on each engine by the contract suite): an accepted
+    write is durable before the call returns; a write whose base is stale stores nothing; a
+    finished job never changes; each stored change is in the history, oldest first, at most
+    the history limit of them."""
 
     @abc.abstractmethod
     async def insert(self, state: JobState) -> None:
@@ -148,6 +127,19 @@ class Engine(abc.ABC):
     async def record_durations(self, kind: str, durations: dict[Phase, float]) -> None:
         """Fold one finished job's phase durations into the learned typical durations."""
 
+
+class ChangeFeed(abc.ABC):
+    """Delivers every change stored for a listened job to one handler in this process, in
+    seq order per job, each once while the feed stays up; after an outage it delivers the
+    newest stored state of each listened job instead of the changes it missed."""
+
+    _on_change: ChangeHandler | None = None
+
+    def _emit(self, change: Change) -> None:
+        if self._on_change is not None:
+            self._on_change(change)
+
+    @abc.abstractmethod
     async def listen(self, job_id: str) -> None:
         """Make sure changes of ``job_id`` reach ``on_change``, and return once they will.
         Raise ``EngineUnavailable`` if that cannot be made sure (the engine is not started,
@@ -155,5 +147,25 @@ class Engine(abc.ABC):
         listened to, and a later call tries again."""
 
     async def unlisten(self, job_id: str) -> None:
-        """Stop delivering changes of ``job_id`` (the last local watcher left)."""
+        """Changes of ``job_id`` are no longer needed (the last local watcher left). A feed
+        may go on delivering them; the handler ignores jobs it does not watch."""
 
+
+class Engine(JobStore, ChangeFeed):
+    """A store and its change feed, chosen by URL scheme (``engines.open_engine``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._on_change = None
+
+    @abc.abstractmethod
+    async def start(self, on_change: ChangeHandler | None = None) -> None:
+        """Connect; from now on deliver changes of listened jobs to ``on_change`` (without a
+        handler, the engine is a store only and ``listen`` is refused)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise ``EngineUnavailable`` if the store cannot be reached."""

@@ -58,8 +58,6 @@ def _script(name: str) -> str:
 
 
 class RedisEngine(Engine):
-    schemes = ("redis", "rediss", "unix")
-
     def __init__(
         self,
         url: str,
@@ -88,12 +86,7 @@ class RedisEngine(Engine):
         self._listener: asyncio.Task[None] | None = None
         self._replace_queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
         self._replace_flusher: asyncio.Task[None] | None = None
-        self.reconnects = 0
         self.subscribe_timeout = SUBSCRIBE_TIMEOUT_SECONDS
-
-    @property
-    def shared(self) -> bool:
-        return True
 
     @property
     def client(self) -> aioredis.Redis:
@@ -387,7 +380,6 @@ class RedisEngine(Engine):
                 self._pubsub = pubsub
                 self._connected.set()
                 if failures:
-                    self.reconnects += 1
                     log.info("pub/sub reconnected after %d failures; resyncing %d jobs",
                              failures, len(listened))
                     await self._resync(listened)

@@ -87,8 +87,6 @@ def path_from_url(url: str) -> tuple[Path, str]:
 
 
 class SQLiteEngine(Engine):
-    schemes = ("sqlite",)
-
     def __init__(self, url: str, *, history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
         super().__init__(url)
         self.path, self._synchronous = path_from_url(url)
