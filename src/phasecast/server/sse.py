@@ -1,92 +1,534 @@
-"""``/v1/jobs/{job_id}/events``: the WebSocket's states as server-sent events, one job per
-stream, for networks that block WebSockets."""
+"""Server-sent events: the WebSocket's states for networks that block WebSockets.
+
+Two routes share one stream class:
+
+- ``GET /v1/jobs/{job_id}/events``: one job per stream, ``id:`` is the state's seq.
+- ``GET /v1/events?job=…&job=…`` or ``?follow=active``: many jobs on one stream (a browser
+  has ~6 HTTP/1.1 connections per origin), ``id:`` is an opaque cursor
+  (``server/sse_cursor.py``) that resumes every job of the stream.
+
+A stream is a plain ASGI response (no generator, no task group): the request's own task
+subscribes every job before the response starts (so refusals of the per-job route are
+ordinary JSON responses), then writes whatever the connection's latest-wins mailbox holds,
+one write per wake-up, pre-encoded bytes only. One small task per stream waits for the
+client to go away. The stream ends after the terminal state of every job of an explicit list
+(with ``event: end`` on the multiplexed route), and at the token's expiry (with
+``event: expired``), so a client reconnects with a fresh token and its last event id.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import re
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated
+import weakref
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from phasecast.errors import InvalidUpdate
+from phasecast.engines.base import Change
+from phasecast.errors import EngineUnavailable, InvalidUpdate, PhasecastError
 from phasecast.fanout import Mailbox
-from phasecast.model import validate_job_id
-from phasecast.server.deps import authenticate, services
+from phasecast.model import JOB_ID_PATTERN, JobState, parse_time, validate_job_id
+from phasecast.server.auth import Forbidden, Principal
+from phasecast.server.deps import Services, authenticate, services
 from phasecast.server.logs import job_id_var
+from phasecast.server.sse_cursor import Mark, entry, epoch_of, format_cursor, parse_cursor
+from phasecast.tracker import ProgressTracker
 
 router = APIRouter(prefix="/v1", tags=["streams"])
 
-HEARTBEAT = ": ping\n\n"
+HEARTBEAT = b": ping\n\n"
+FOLLOW_SLACK_SECONDS = 5  # clock skew between instances that a follow watermark allows for
+_SEQ = re.compile(r"[0-9]{1,18}")
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "field": {"type": "string"},
+            },
+        }
+    },
+}
 
 
-def _resume_point(last_event_id: str | None, since: int | None) -> int:
-    if last_event_id:
+def _error_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+
+
+_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A stream of server-sent events (see docs/protocol.md)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    204: {"description": "Resumed with nothing left to send: every job already ended"},
+    401: _error_response("No token, or the token is not valid or has expired"),
+    403: _error_response("The token may not watch jobs (or, per job, this job)"),
+    422: _error_response("A malformed job id, Last-Event-ID, cursor or query"),
+}
+
+
+# --- wire bytes (encoded once per change where the bytes are shared) --------------------
+
+
+def _state_event(change: Change) -> bytes:
+    """Per-job stream: the complete event, the same for every watcher."""
+    return change.sse_frame().encode()
+
+
+def _state_body(change: Change) -> bytes:
+    """Multiplexed stream: the event without its ``id:`` line (each stream's cursor differs)."""
+    return b"event: state\ndata: " + change.state_json.encode() + b"\n"
+
+
+def _control_event(kind: str, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+# --- the stream --------------------------------------------------------------------------
+
+
+class EventStream(Response):
+    """One SSE response. Built and subscribed by a route, then run by the ASGI server."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, found: Services, caller: Principal, *, multiplexed: bool, follow: bool = False
+    ) -> None:
+        self.services = found
+        self.tracker: ProgressTracker = found.tracker
+        self.caller = caller
+        self.multiplexed = multiplexed
+        self.follow = follow
+        self.mailbox = Mailbox()
+        self.open: set[str] = set()  # jobs streaming now
+        self.marks: dict[str, str] = {}  # cursor entry per job (multiplexed)
+        self.created: dict[str, float] = {}  # follow: creation time of each job seen
+        self.finished: dict[str, float] = {}  # follow: ended jobs, by creation time
+        self.refused: set[str] = set()  # follow: jobs refused once, never retried
+        self.arrivals: set[str] = set()  # follow: jobs to pick up, found by the observer
+        self.watermark = 0
+        self.initial: list[bytes] = []
+        self.gone = False
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # --- subscribing (register -> read -> authorise -> release) --------------------------
+
+    async def subscribe(self, job_id: str, mark: Mark | None) -> bool:
+        """Watch ``job_id`` from ``mark`` on. Returns False if the client already has the
+        job's terminal state (nothing to send). Raises ``PhasecastError`` if the job cannot
+        be watched (then nothing of it is left registered)."""
+        hub, tracker, mailbox = self.tracker.hub, self.tracker, self.mailbox
+        # Changes that arrive before the job is authorised are held back (the newest one).
+        mailbox.hold(job_id)
+        self.open.add(job_id)
+        floor = 0
         try:
-            value = int(last_event_id)
-        except ValueError:
-            raise InvalidUpdate("Last-Event-ID", "must be the integer seq of an event") from None
-        if value < 0:
-            raise InvalidUpdate("Last-Event-ID", "must not be negative")
-        return value
-    return since or 0
+            await hub.add(job_id, mailbox)
+            state, change = await tracker.watched_state(job_id)
+            self.caller.require_read(state)
+            if mark is not None:
+                if mark.seq > state.seq or (mark.epoch and mark.epoch != state.epoch):
+                    # The hub's newest may lag the store by a message in flight: ask the
+                    # store before deciding that the resume point cannot be honoured.
+                    stored = await tracker.get(job_id)
+                    if stored.seq > state.seq:
+                        state, change = stored, hub.note(stored)
+                if mark.seq <= state.seq and (not mark.epoch or mark.epoch == state.epoch):
+                    floor = mark.seq
+                # Otherwise (a seq beyond the current one, another epoch): the client's view
+                # is from a history this store no longer has; send the full current state.
+        except BaseException:
+            self._release(job_id)
+            raise
+        if self.follow:
+            self.finished.pop(job_id, None)
+            self.created[job_id] = parse_time(state.created_at).timestamp()
+        if state.terminal and state.seq <= floor:
+            self._release(job_id)
+            self._ended(job_id, state, floor)
+            return False
+        mailbox.set_floor(job_id, floor)
+        mailbox.release(job_id)
+        mailbox.offer(change)
+        return True
+
+    async def subscribe_all(self, wanted: dict[str, Mark | None]) -> None:
+        """Subscribe several jobs at once; a job that cannot be watched becomes an error
+        event (multiplexed) or the request's error (per-job)."""
+        results = await asyncio.gather(
+            *(self.subscribe(job_id, mark) for job_id, mark in wanted.items()),
+            return_exceptions=True,
+        )
+        for job_id, result in zip(wanted, results, strict=True):
+            if isinstance(result, BaseException):
+                if not self.multiplexed or not isinstance(result, PhasecastError):
+                    self.release_all()
+                    raise result
+                self.refuse(job_id, result)
+
+    def refuse(self, job_id: str, error: PhasecastError) -> None:
+        if self.follow:
+            self.refused.add(job_id)
+        self.initial.append(
+            _control_event("error", {"job_id": job_id, "code": error.code, "message": error.message})
+        )
+
+    def _release(self, job_id: str) -> None:
+        self.open.discard(job_id)
+        self.tracker.hub.remove(job_id, self.mailbox)
+
+    def release_all(self) -> None:
+        for job_id in list(self.open):
+            self._release(job_id)
+
+    def _ended(self, job_id: str, state: JobState | None, seq: int) -> None:
+        """The client has this job's terminal state."""
+        if not self.multiplexed:
+            return
+        if self.follow:
+            created = self.created.pop(job_id, None)
+            if created is None or created < self.watermark - FOLLOW_SLACK_SECONDS:
+                self.marks.pop(job_id, None)  # older than any rescan looks: forget it
+                return
+            self.finished[job_id] = created
+        if state is not None:
+            self.marks[job_id] = entry(job_id, state.epoch, seq)
+
+    @property
+    def nothing_to_send(self) -> bool:
+        return not self.open and not self.initial and not self.follow
+
+    # --- follow=active -------------------------------------------------------------------
+
+    async def scan(self, cursor_marks: dict[str, Mark] | None = None) -> None:
+        """Pick up the caller's jobs this stream does not have yet.
+
+        The first scan (given the resumed cursor's marks, possibly none) takes the caller's
+        active jobs and the jobs the cursor names. Every scan after a watermark (the time of
+        the previous scan, carried in the cursor) also takes the jobs created since then,
+        which may have ended in between. Jobs that had already ended before the stream
+        first looked are known, not sent: they were never active for this stream."""
+        owner, limit = self.caller.sub, self.services.settings.max_subscriptions
+        now = int(time.time())
+        since = self.watermark - FOLLOW_SLACK_SECONDS if self.watermark else None
+        self.watermark = now
+        wanted: dict[str, Mark | None] = {}
+        if cursor_marks is not None:
+            wanted.update(cursor_marks)
+            for state in await self.tracker.list(owner, active_only=True, limit=limit):
+                wanted.setdefault(state.job_id, None)
+        window = now - FOLLOW_SLACK_SECONDS if since is None else since
+        if since is not None or cursor_marks is not None:
+            for state in await self.tracker.list(owner, active_only=False, limit=limit):
+                created = parse_time(state.created_at).timestamp()
+                if created < window or state.job_id in wanted:
+                    continue
+                if since is not None:
+                    wanted[state.job_id] = None
+                elif state.terminal:
+                    self.finished[state.job_id] = created
+                    self.marks[state.job_id] = entry(state.job_id, state.epoch, state.seq)
+        if since is not None:
+            for job_id, created in list(self.finished.items()):
+                if created < since:
+                    del self.finished[job_id]
+                    self.marks.pop(job_id, None)
+        await self._follow_jobs(wanted)
+
+    async def _follow_jobs(self, wanted: dict[str, Mark | None]) -> None:
+        limit = self.services.settings.max_subscriptions
+        fresh: dict[str, Mark | None] = {}
+        for job_id, mark in wanted.items():
+            if job_id in self.open or job_id in self.finished or job_id in self.refused:
+                continue
+            if len(self.open) + len(fresh) >= limit:
+                self.refuse(job_id, _TooMany(limit))
+                continue
+            fresh[job_id] = mark
+        await self.subscribe_all(fresh)
+
+    def notice(self, state: JobState) -> None:
+        """Observer hook (this process stored ``state`` for the caller): a new job of the
+        caller is picked up at once rather than at the next scan."""
+        job_id = state.job_id
+        if job_id in self.open or job_id in self.finished or job_id in self.refused:
+            return
+        self.arrivals.add(job_id)
+        self.mailbox.wake()
+
+    # --- writing -------------------------------------------------------------------------
+
+    def _encode(self, change: Change) -> bytes:
+        if not self.multiplexed:
+            return _state_event(change)
+        job_id = change.job_id
+        self.marks[job_id] = entry(job_id, epoch_of(change.state_json), change.seq)
+        cursor = format_cursor(self.watermark, list(self.marks.values()))
+        return _state_body(change) + b"id: " + cursor.encode() + b"\n\n"
+
+    def _drain(self) -> bytes:
+        chunks = self.initial
+        self.initial = []
+        changes = self.mailbox.take()
+        if changes:
+            metrics = self.services.metrics
+            sent = metrics.messages.labels("sse")
+            latency = metrics.latency.labels("sse")
+            now = time.time()
+            for change in changes:
+                if change.job_id not in self.open:
+                    continue  # released while pending
+                chunks.append(self._encode(change))
+                sent.inc()
+                latency.observe(max(0.0, now - change.changed_at))
+                if change.terminal:
+                    self._release(change.job_id)
+                    self._ended(change.job_id, None, change.seq)
+        return b"".join(chunks)
+
+    async def _hear_disconnect(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        self.gone = True
+        self.mailbox.wake()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings, metrics = self.services.settings, self.services.metrics
+        listener = asyncio.get_running_loop().create_task(self._hear_disconnect(receive))
+        metrics.connections.labels("sse").inc()
+        registry = _follow_registry(self.tracker) if self.follow else None
+        if registry is not None:
+            registry.add(self)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            first = f"retry: {settings.sse_retry_ms}\n\n".encode() + self._drain()
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            await self._pump(send)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if registry is not None:
+                registry.discard(self)
+            listener.cancel()
+            self.release_all()
+            metrics.conflated.inc(self.mailbox.conflated)
+            metrics.connections.labels("sse").dec()
+
+    async def _pump(self, send: Send) -> None:
+        interval = self.services.settings.ping_interval
+        expires_at = self.caller.expires_at
+        mailbox = self.mailbox
+        now = time.time()
+        next_ping = now + interval
+        next_scan = now + interval if self.follow else float("inf")
+        while not self.gone:
+            if not self.open and not self.follow:
+                if self.multiplexed:
+                    await self._write(send, _END)
+                return
+            now = time.time()
+            if now >= expires_at:
+                await self._write(send, _EXPIRED)
+                return
+            deadline = min(next_ping, next_scan, expires_at)
+            if not await mailbox.wait(max(0.0, deadline - now)):
+                now = time.time()
+                if now >= next_scan:
+                    next_scan = now + interval
+                    await self._scan_quietly()
+                if now >= next_ping and not mailbox.has_pending and not self.initial:
+                    await self._write(send, HEARTBEAT)
+                    next_ping = time.time() + interval
+            if self.gone:
+                return
+            if self.arrivals:
+                arrivals, self.arrivals = self.arrivals, set()
+                await self._follow_jobs(dict.fromkeys(arrivals))
+            chunk = self._drain()
+            if chunk:
+                await self._write(send, chunk)
+                next_ping = time.time() + interval
+
+    async def _scan_quietly(self) -> None:
+        # The next scan tries again; the jobs already followed go on meanwhile.
+        with contextlib.suppress(EngineUnavailable):
+            await self.scan()
+
+    async def _write(self, send: Send, body: bytes) -> None:
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+_END = _control_event("end", {"message": "every job of this stream has ended; close the EventSource"})
+_EXPIRED = _control_event(
+    "expired",
+    {
+        "code": "token_expired",
+        "message": "the token has expired; reconnect with a fresh token and "
+        "last_event_id set to the id of the last event received",
+    },
+)
+
+
+class _TooMany(PhasecastError):
+    code = "too_many_subscriptions"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"a stream may watch {limit} jobs at once; this one was not added")
+
+
+class _FollowRegistry:
+    """The follow streams of one tracker, by owner; one observer for all of them."""
+
+    def __init__(self, tracker: ProgressTracker) -> None:
+        self.by_owner: dict[str, set[EventStream]] = {}
+        tracker.observe(self.on_state)
+
+    def add(self, stream: EventStream) -> None:
+        self.by_owner.setdefault(stream.caller.sub, set()).add(stream)
+
+    def discard(self, stream: EventStream) -> None:
+        streams = self.by_owner.get(stream.caller.sub)
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self.by_owner[stream.caller.sub]
+
+    def on_state(self, state: JobState) -> None:
+        streams = self.by_owner.get(state.owner)
+        if streams:
+            for stream in streams:
+                stream.notice(state)
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[ProgressTracker, _FollowRegistry] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _follow_registry(tracker: ProgressTracker) -> _FollowRegistry:
+    registry = _REGISTRIES.get(tracker)
+    if registry is None:
+        registry = _REGISTRIES[tracker] = _FollowRegistry(tracker)
+    return registry
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+def _seq_resume_point(
+    header: str | None, query: str | None, since: int | None
+) -> int | None:
+    for name, raw in (("Last-Event-ID", header), ("last_event_id", query)):
+        if raw is None or raw == "":
+            continue
+        if not _SEQ.fullmatch(raw):
+            raise InvalidUpdate(
+                name, "must be the id of an event of this stream: the integer seq of a state"
+            )
+        return int(raw)
+    return since
 
 
 @router.get(
     "/jobs/{job_id}/events",
-    response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    response_class=EventStream,
+    responses=_STREAM_RESPONSES | {404: _error_response("No such job")},
+    summary="Stream one job's states as server-sent events",
 )
 async def job_events(
     job_id: str,
     request: Request,
-    since: Annotated[int | None, Query(ge=0)] = None,
-    last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
+    since: Annotated[int | None, Query(ge=0, description="resume after this seq")] = None,
+    last_event_id: Annotated[
+        str | None, Query(description="the id of the last event received (resume point)")
+    ] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
     job_id_var.set(job_id)
     validate_job_id(job_id)
     caller = authenticate(request, allow_query=True)
-    floor = _resume_point(last_event_id, since)
+    floor = _seq_resume_point(last_event_id_header, last_event_id, since)
+    stream = EventStream(services(request), caller, multiplexed=False)
+    # Access is checked before the response starts, so refusals are ordinary JSON responses.
+    await stream.subscribe_all({job_id: None if floor is None else Mark("", floor)})
+    if stream.nothing_to_send:
+        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
+    return stream
+
+
+@router.get(
+    "/events",
+    response_class=EventStream,
+    responses=_STREAM_RESPONSES,
+    summary="Stream many jobs' states on one connection (server-sent events)",
+)
+async def events(
+    request: Request,
+    job: Annotated[
+        list[str] | None,
+        Query(description="a job to watch (repeat for more); or use follow=active"),
+    ] = None,
+    follow: Annotated[
+        Literal["active"] | None,
+        Query(description="watch the caller's active jobs, and those it creates later"),
+    ] = None,
+    last_event_id: Annotated[
+        str | None, Query(description="the id of the last event received (resume point)")
+    ] = None,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
     found = services(request)
-    tracker, metrics, settings = found.tracker, found.metrics, found.settings
-
-    # Check access before the stream starts, so refusals are ordinary JSON responses.
-    caller.require_read(await tracker.get(job_id))
-
-    async def stream() -> AsyncIterator[str]:
-        # Registered inside the generator, so the ``finally`` that unregisters always runs:
-        # a response body that never starts leaves nothing behind.
-        mailbox = Mailbox()
-        mailbox.set_floor(job_id, floor)
-        metrics.connections.labels("sse").inc()
-        try:
-            await tracker.hub.add(job_id, mailbox)
-            state, change = await tracker.watched_state(job_id)
-            mailbox.offer(change)
-            yield f"retry: {settings.sse_retry_ms}\n\n"
-            if state.terminal and state.seq <= floor:
-                return
-            # Metric children looked up once per stream, not once per event.
-            sent_counter = metrics.messages.labels("sse")
-            latency = metrics.latency.labels("sse")
-            while True:
-                if not await mailbox.wait(settings.ping_interval):
-                    yield HEARTBEAT
-                    continue
-                for change in mailbox.take():
-                    yield change.sse_frame()
-                    sent_counter.inc()
-                    latency.observe(max(0.0, time.time() - change.changed_at))
-                    if change.terminal:
-                        return
-        finally:
-            tracker.hub.remove(job_id, mailbox)
-            metrics.conflated.inc(mailbox.conflated)
-            metrics.connections.labels("sse").dec()
-
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    limit = found.settings.max_subscriptions
+    wanted = list(dict.fromkeys(job or ()))
+    if follow is None and not wanted:
+        raise InvalidUpdate("job", "name at least one job (?job=<id>&job=<id>…) or use ?follow=active")
+    if follow is not None and wanted:
+        raise InvalidUpdate("follow", "use either ?job=… or ?follow=active, not both")
+    if len(wanted) > limit:
+        raise InvalidUpdate("job", f"a stream may watch at most {limit} jobs; open another stream")
+    for job_id in wanted:
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            raise InvalidUpdate(
+                "job",
+                f"{job_id[:40]!r} is not a job id: 1-128 letters, digits, '.', '_', ':' or '-', "
+                "starting with a letter or digit",
+            )
+    caller = authenticate(request, allow_query=True)
+    if not caller.can_watch:
+        raise Forbidden("the token has no scope that allows watching jobs (jobs:read)")
+    marks: dict[str, Mark] = {}
+    watermark = 0
+    for name, raw in (("Last-Event-ID", last_event_id_header), ("last_event_id", last_event_id)):
+        if raw:
+            cursor = parse_cursor(raw, field=name, max_jobs=limit)
+            marks, watermark = cursor.marks, cursor.watermark
+            break
+    stream = EventStream(found, caller, multiplexed=True, follow=follow is not None)
+    try:
+        if follow is None:
+            await stream.subscribe_all({job_id: marks.get(job_id) for job_id in wanted})
+        else:
+            stream.watermark = watermark
+            await stream.scan(marks)
+    except BaseException:
+        stream.release_all()
+        raise
+    if stream.nothing_to_send:
+        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
+    return stream

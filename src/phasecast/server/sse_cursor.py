@@ -1,0 +1,98 @@
+"""The resume cursor of a multiplexed SSE stream (``GET /v1/events``).
+
+Clients treat it as opaque: they keep the ``id:`` of the last event they received and send it
+back (``Last-Event-ID`` or ``?last_event_id=``). It records, for each job of the stream, the
+epoch and seq of the last state delivered, so a resumed stream sends each job only what is
+newer. A ``follow=active`` stream also records when it last looked for new jobs (the
+watermark), so jobs created while the client was away are not missed.
+
+Format (version 1; the server may change it, a client never parses it)::
+
+    1,<watermark>,<job_id>~<epoch>~<seq>,<job_id>~<epoch>~<seq>,…
+
+Job ids never contain ``,`` or ``~`` (``model.JOB_ID_PATTERN``), epochs are letters and digits,
+so the text needs no escaping and is safe in an ``id:`` line, a header and a query string.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from phasecast.errors import InvalidUpdate
+from phasecast.model import JOB_ID_PATTERN
+
+VERSION = "1"
+_EPOCH = re.compile(r"[A-Za-z0-9]{1,32}")
+_DIGITS = re.compile(r"[0-9]{1,18}")
+# A job id is at most 128 characters, an epoch 32, a seq 18 digits, plus separators.
+MAX_ENTRY_CHARS = 128 + 32 + 18 + 3
+_JOB_MARKER = ',"epoch":"'
+
+
+@dataclass(slots=True, frozen=True)
+class Mark:
+    """What a client has of one job: the state with this epoch and seq."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(slots=True)
+class Cursor:
+    marks: dict[str, Mark]
+    watermark: int = 0
+
+
+def entry(job_id: str, epoch: str, seq: int) -> str:
+    """One job's part of a cursor."""
+    return f"{job_id}~{epoch}~{seq}"
+
+
+def format_cursor(watermark: int, entries: list[str]) -> str:
+    return f"{VERSION},{watermark or ''}," + ",".join(entries)
+
+
+def epoch_of(state_json: str) -> str:
+    """The top-level ``epoch`` of a state's JSON, without parsing it. The first
+    ``,"epoch":"`` is the top-level key: it comes before metadata, and a quote inside an
+    earlier string value is always escaped."""
+    start = state_json.find(_JOB_MARKER)
+    if start < 0:
+        return ""
+    start += len(_JOB_MARKER)
+    return state_json[start : state_json.find('"', start)]
+
+
+def parse_cursor(text: str, *, field: str, max_jobs: int) -> Cursor:
+    """Parse a cursor the server made; anything else is refused with 422, naming ``field``."""
+    if len(text) > 32 + max_jobs * (MAX_ENTRY_CHARS + 1):
+        raise InvalidUpdate(field, f"is too long for a stream of at most {max_jobs} jobs")
+    parts = text.split(",")
+    if len(parts) < 2 or parts[0] != VERSION:
+        raise InvalidUpdate(
+            field,
+            "is not a cursor of GET /v1/events: send back the id of the last event received, "
+            "unchanged (or leave it out to start from each job's current state)",
+        )
+    raw_watermark = parts[1]
+    if raw_watermark and not _DIGITS.fullmatch(raw_watermark):
+        raise InvalidUpdate(field, "is not a cursor of GET /v1/events: bad watermark")
+    marks: dict[str, Mark] = {}
+    for raw in parts[2:]:
+        if not raw:
+            continue
+        pieces = raw.split("~")
+        if (
+            len(pieces) != 3
+            or not JOB_ID_PATTERN.fullmatch(pieces[0])
+            or not _EPOCH.fullmatch(pieces[1])
+            or not _DIGITS.fullmatch(pieces[2])
+        ):
+            raise InvalidUpdate(field, f"is not a cursor of GET /v1/events: bad entry {raw[:40]!r}")
+        if pieces[0] in marks:
+            raise InvalidUpdate(field, f"is not a cursor of GET /v1/events: {pieces[0]!r} twice")
+        marks[pieces[0]] = Mark(pieces[1], int(pieces[2]))
+    if len(marks) > max_jobs:
+        raise InvalidUpdate(field, f"names more than {max_jobs} jobs")
+    return Cursor(marks, int(raw_watermark) if raw_watermark else 0)

@@ -1,0 +1,471 @@
+"""``GET /v1/events``: many jobs on one SSE stream, resumed by an opaque cursor; and the
+stream edges shared with the per-job route (token expiry, resume points the server cannot
+honour, malformed resume points). Real server processes on each engine."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from phasecast.testing.clients import SSEEvent, sse_events
+from phasecast.testing.process import ServerProcess
+
+TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
+
+
+@pytest.fixture
+def server(module_server: ServerProcess) -> ServerProcess:
+    return module_server
+
+
+@pytest.fixture
+async def api(server: ServerProcess, worker_token: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {worker_token}"}, timeout=10
+    ) as client:
+        yield client
+
+
+async def new_job(api: httpx.AsyncClient, owner: str = "alice", job_id: str | None = None) -> str:
+    job_id = job_id or f"mx-{uuid.uuid4().hex[:10]}"
+    reply = await api.post("/v1/jobs", json={"job_id": job_id, "owner": owner})
+    assert reply.status_code == 201, reply.text
+    return job_id
+
+
+async def report(api: httpx.AsyncClient, job_id: str, progress: float) -> int:
+    reply = await api.post(
+        f"/v1/jobs/{job_id}/progress", json={"phase": "ANALYZING", "phase_progress": progress}
+    )
+    assert reply.status_code == 200, reply.text
+    seq: int = reply.json()["state"]["seq"]
+    return seq
+
+
+async def finish(api: httpx.AsyncClient, job_id: str, how: str = "complete") -> int:
+    body: dict[str, Any] = {}
+    if how == "fail":
+        body = {"error": {"code": "boom", "message": "it broke"}}
+    reply = await api.post(f"/v1/jobs/{job_id}/{how}", json=body)
+    assert reply.status_code == 200, reply.text
+    seq: int = reply.json()["state"]["seq"]
+    return seq
+
+
+class Stream:
+    """An SSE stream read in the background; tests await conditions on what arrived."""
+
+    def __init__(self, base_url: str, path: str, headers: dict[str, str] | None = None) -> None:
+        self.items: list[SSEEvent | str] = []
+        self.ended = False
+        self.error: BaseException | None = None
+        self._tick = asyncio.Event()
+        self._client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(10, read=60))
+        self._task = asyncio.create_task(self._run(path, headers))
+
+    async def _run(self, path: str, headers: dict[str, str] | None) -> None:
+        try:
+            async for item in sse_events(self._client, path, headers=headers):
+                self.items.append(item)
+                self._tick.set()
+        except httpx.HTTPError as exc:
+            self.error = exc
+        finally:
+            self.ended = True
+            self._tick.set()
+
+    async def wait(self, predicate: Callable[[Stream], bool], timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                if self.ended:
+                    raise AssertionError(f"stream ended first: {self.items!r} {self.error!r}")
+                self._tick.clear()
+                await self._tick.wait()
+
+    async def wait_end(self, timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(self._task)
+
+    @property
+    def events(self) -> list[SSEEvent]:
+        return [item for item in self.items if isinstance(item, SSEEvent)]
+
+    def states(self, job_id: str) -> list[dict[str, Any]]:
+        return [
+            e.json() for e in self.events if e.event == "state" and e.json()["job_id"] == job_id
+        ]
+
+    def seqs(self, job_id: str) -> list[int]:
+        return [s["seq"] for s in self.states(job_id)]
+
+    def has_seq(self, job_id: str, seq: int) -> bool:
+        return seq in self.seqs(job_id)
+
+    def errors(self) -> dict[str, dict[str, Any]]:
+        return {e.json()["job_id"]: e.json() for e in self.events if e.event == "error"}
+
+    @property
+    def last_id(self) -> str:
+        ids = [e.id for e in self.events if e.id]
+        assert ids, "no event with an id yet"
+        return ids[-1]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._client.aclose()
+
+
+@pytest.fixture
+async def streams() -> AsyncIterator[Callable[..., Stream]]:
+    opened: list[Stream] = []
+
+    def open_stream(base_url: str, path: str, headers: dict[str, str] | None = None) -> Stream:
+        stream = Stream(base_url, path, headers)
+        opened.append(stream)
+        return stream
+
+    yield open_stream
+    for stream in opened:
+        await stream.close()
+
+
+def query(*job_ids: str, token: str, **extra: str) -> str:
+    params = [("job", job_id) for job_id in job_ids] + [("access_token", token), *extra.items()]
+    return "/v1/events?" + str(httpx.QueryParams(params))
+
+
+# --- the happy path ----------------------------------------------------------------------
+
+
+async def test_several_jobs_reach_their_terminal_states_on_one_stream(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    jobs = [await new_job(api) for _ in range(4)]
+    stream = streams(server.url, query(*jobs, token=make_token("alice")))
+    await stream.wait(lambda s: all(s.has_seq(j, 1) for j in jobs))
+    expected: dict[str, list[int]] = {j: [1] for j in jobs}
+    for step in range(1, 4):
+        for job_id in jobs:
+            seq = await report(api, job_id, step * 20)
+            expected[job_id].append(seq)
+            await stream.wait(lambda s, j=job_id, q=seq: s.has_seq(j, q))
+    for job_id, how in zip(jobs, ["complete", "fail", "cancel", "complete"], strict=True):
+        expected[job_id].append(await finish(api, job_id, how))
+    await stream.wait_end()
+    assert stream.error is None
+    for job_id in jobs:
+        assert stream.seqs(job_id) == expected[job_id]
+        assert stream.states(job_id)[-1]["phase"] in TERMINAL
+    kinds = [e.event for e in stream.events]
+    assert kinds[-1] == "end" and kinds[:-1] == ["state"] * (len(kinds) - 1)
+    # Every state carries a cursor, and each differs from the one before.
+    ids = [e.id for e in stream.events if e.event == "state"]
+    assert all(ids) and len(set(ids)) == len(ids)
+
+
+async def test_resume_from_the_cursor_misses_nothing_and_repeats_nothing(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    jobs = [await new_job(api) for _ in range(3)]
+    a, b, c = jobs
+    first = streams(server.url, query(*jobs, token=make_token("alice")))
+    await first.wait(lambda s: all(s.has_seq(j, 1) for j in jobs))
+    for job_id in (a, b):
+        seq = await report(api, job_id, 10)
+        await first.wait(lambda s, j=job_id, q=seq: s.has_seq(j, q))
+    cursor = first.last_id
+    await first.close()  # the connection drops mid-way
+
+    # While away: a moves once, b ends, c does not move.
+    away_a = await report(api, a, 30)
+    away_b = await finish(api, b)
+
+    # Reconnect as a browser would: same URL, Last-Event-ID header.
+    second = streams(server.url, query(*jobs, token=make_token("alice")), {"Last-Event-ID": cursor})
+    await second.wait(lambda s: s.has_seq(a, away_a) and s.has_seq(b, away_b))
+    assert second.seqs(c) == []  # nothing new for c: nothing sent
+    more_c = await report(api, c, 50)
+    await second.wait(lambda s: s.has_seq(c, more_c))
+    cursor = second.last_id
+    await second.close()
+
+    # Again, as a client opening a new EventSource with a fresh token: ?last_event_id=.
+    last_a = await finish(api, a)
+    third = streams(server.url, query(*jobs, token=make_token("alice"), last_event_id=cursor))
+    await third.wait(lambda s: s.has_seq(a, last_a))
+    last_c = await finish(api, c, "cancel")
+    await third.wait_end()
+    assert third.seqs(b) == []  # b's terminal state was delivered before: not repeated
+    for job_id in jobs:
+        seen = first.seqs(job_id) + second.seqs(job_id) + third.seqs(job_id)
+        history = (await api.get(f"/v1/jobs/{job_id}/history")).json()["events"]
+        assert seen == [entry["seq"] for entry in history], job_id
+    assert last_c == third.seqs(c)[-1]
+    assert [e.event for e in third.events][-1] == "end"
+
+    # A fourth reconnect has nothing left to send: 204, so an EventSource stops retrying.
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        done = await client.get(
+            query(*jobs, token=make_token("alice")), headers={"Last-Event-ID": third.last_id}
+        )
+    assert done.status_code == 204
+
+
+async def test_jobs_that_cannot_be_watched_get_error_events_and_the_rest_goes_on(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    mine = await new_job(api, "alice")
+    theirs = await new_job(api, "bob")
+    unknown = f"nope-{uuid.uuid4().hex[:8]}"
+    stream = streams(server.url, query(theirs, mine, unknown, token=make_token("alice")))
+    await stream.wait(lambda s: s.has_seq(mine, 1) and len(s.errors()) == 2)
+    errors = stream.errors()
+    assert errors[theirs]["code"] == "forbidden"
+    assert errors[unknown]["code"] == "not_found"
+    assert all(errors[j]["message"] for j in (theirs, unknown))
+    await report(api, theirs, 40)  # never reaches alice
+    last = await finish(api, mine)
+    await stream.wait_end()
+    assert stream.seqs(mine) == [1, last]
+    assert stream.states(theirs) == []
+    assert [e.event for e in stream.events][-1] == "end"
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "status", "field"),
+    [
+        ({}, {}, 422, "job"),
+        ({"job": "bad id"}, {}, 422, "job"),
+        ({"job": "x\n"}, {}, 422, "job"),
+        ({"job": "a", "follow": "active"}, {}, 422, "follow"),
+        ({"follow": "everything"}, {}, 422, "follow"),
+        ({"job": "a"}, {"Last-Event-ID": "17"}, 422, "Last-Event-ID"),
+        ({"job": "a"}, {"Last-Event-ID": "1,,a~e~x"}, 422, "Last-Event-ID"),
+        ({"job": "a", "last_event_id": "1,,a~e~1,a~e~2"}, {}, 422, "last_event_id"),
+        ({"job": "a", "last_event_id": "2,,a~e~1"}, {}, 422, "last_event_id"),
+    ],
+)
+async def test_malformed_requests_get_their_documented_4xx(
+    server: ServerProcess, make_token: Callable[..., str],
+    params: dict[str, str], headers: dict[str, str], status: int, field: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        reply = await client.get(
+            "/v1/events", params={**params, "access_token": make_token("alice")}, headers=headers
+        )
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "invalid"
+    assert field in error.get("field", ""), error
+
+
+async def test_refusals_before_the_stream_starts(
+    server: ServerProcess, make_token: Callable[..., str]
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        missing = await client.get("/v1/events", params={"job": "a"})
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+        scope = make_token("alice", ("billing:read",))
+        refused = await client.get("/v1/events", params={"job": "a", "access_token": scope})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+        too_many = await client.get(
+            "/v1/events",
+            params=[("job", f"j{i}") for i in range(101)] + [("access_token", make_token())],
+        )
+        assert too_many.status_code == 422 and "at most 100" in too_many.json()["error"]["message"]
+
+
+# --- credentials expire on the stream ----------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["multiplexed", "per-job"])
+async def test_the_stream_ends_at_the_token_expiry_and_resumes_with_a_fresh_token(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream], route: str,
+) -> None:
+    job_id = await new_job(api)
+    short = make_token("alice", ttl=3)
+
+    def path(token: str, **extra: str) -> str:
+        if route == "multiplexed":
+            return query(job_id, token=token, **extra)
+        return f"/v1/jobs/{job_id}/events?" + str(httpx.QueryParams({"access_token": token, **extra}))
+
+    stream = streams(server.url, path(short))
+    await stream.wait(lambda s: s.has_seq(job_id, 1))
+    seq = await report(api, job_id, 30)
+    await stream.wait(lambda s: s.has_seq(job_id, seq))
+    await stream.wait_end(timeout=10)  # ends by itself, at the expiry
+    last = stream.events[-1]
+    assert last.event == "expired"
+    assert last.json()["code"] == "token_expired"
+    # Nothing was written after the expiry notice, and the stream did carry states before.
+    assert stream.seqs(job_id) == [1, seq]
+
+    moved = await report(api, job_id, 60)
+    resumed = streams(server.url, path(make_token("alice"), last_event_id=stream.last_id))
+    await resumed.wait(lambda s: s.has_seq(job_id, moved))
+    final = await finish(api, job_id)
+    await resumed.wait_end()
+    assert resumed.seqs(job_id) == [moved, final]
+
+
+async def test_an_expired_token_is_refused_before_the_stream_starts(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    job_id = await new_job(api)
+    expired = make_token("alice", ttl=-120)  # beyond the server's leeway
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for path in (f"/v1/jobs/{job_id}/events", "/v1/events"):
+            reply = await client.get(path, params={"job": job_id, "access_token": expired})
+            assert reply.status_code == 401, (path, reply.text)
+
+
+# --- resume points the server cannot honour ----------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["multiplexed", "per-job"])
+async def test_a_resume_point_beyond_the_current_seq_gets_the_full_state_and_ends(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream], route: str,
+) -> None:
+    # A client that saw seq 5 of a job; the store lost it and the job was made again (the
+    # same id, a new epoch), now at seq 2.
+    old = await new_job(api)
+    for progress in (10, 20, 30, 40):
+        await report(api, old, progress)
+    token = make_token("alice")
+    probe = streams(server.url, query(old, token=token))
+    await probe.wait(lambda s: s.has_seq(old, 5))
+    cursor = probe.last_id
+    await probe.close()
+    job_id = await new_job(api)
+    await report(api, job_id, 10)
+    if route == "multiplexed":
+        resume = cursor.replace(old, job_id)  # the same resume point, for the remade job
+        path = query(job_id, token=token)
+    else:
+        resume = "5"
+        path = f"/v1/jobs/{job_id}/events?access_token={token}"
+    stream = streams(server.url, path, {"Last-Event-ID": resume})
+    await stream.wait(lambda s: s.has_seq(job_id, 2))
+    seq = await report(api, job_id, 50)
+    await stream.wait(lambda s: s.has_seq(job_id, seq))
+    final = await finish(api, job_id)
+    await stream.wait_end()  # ends after the terminal state, as any stream
+    assert stream.seqs(job_id) == [2, seq, final]
+
+
+def wipe_store(engine_url: str) -> None:
+    if engine_url.startswith("sqlite"):
+        path = engine_url.removeprefix("sqlite:///")
+        for suffix in ("", "-wal", "-shm"):
+            Path(path + suffix).unlink(missing_ok=True)
+    else:
+        prefix = engine_url.split("prefix=", 1)[1]
+        client = redis.Redis.from_url(engine_url.split("?", 1)[0])
+        keys = list(client.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+@pytest.fixture
+def own_server(engine_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    process = ServerProcess(
+        engine_url, env={"PHASECAST_PING_INTERVAL": "1"}, log_path=tmp_path / "server.log"
+    )
+    with process:
+        yield process
+
+
+async def test_a_cursor_from_another_epoch_gets_the_full_state_after_a_store_loss(
+    own_server: ServerProcess, engine_url: str, worker_token: str,
+    make_token: Callable[..., str], streams: Callable[..., Stream],
+) -> None:
+    server = own_server
+    token = make_token("alice")
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {worker_token}"}
+    ) as api:
+        moving, done = await new_job(api), await new_job(api)
+        for job_id in (moving, done):
+            await report(api, job_id, 10)
+            await report(api, job_id, 20)
+        stream = streams(server.url, query(moving, done, token=token))
+        await stream.wait(lambda s: s.has_seq(moving, 3) and s.has_seq(done, 3))
+        cursor = stream.last_id
+        old_epoch = stream.states(moving)[-1]["epoch"]
+        await stream.close()
+
+    # The store is lost; the jobs are made again under the same ids, with new epochs, and
+    # reach the very seqs the client has (3): a seq-only resume would send nothing.
+    server.stop()
+    wipe_store(engine_url)
+    server.start()
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {worker_token}"}
+    ) as api:
+        for job_id in (moving, done):
+            await new_job(api, job_id=job_id)
+            await report(api, job_id, 5)
+        third = await finish(api, done)
+        assert third == 3
+        await report(api, moving, 50)
+        resumed = streams(server.url, query(moving, done, token=token), {"Last-Event-ID": cursor})
+        await resumed.wait(lambda s: s.has_seq(moving, 3) and s.has_seq(done, 3))
+        assert resumed.states(moving)[-1]["epoch"] != old_epoch
+        assert resumed.states(done)[-1]["phase"] == "COMPLETE"
+        final = await finish(api, moving)
+        await resumed.wait_end()
+        assert resumed.seqs(moving) == [3, final]
+        assert resumed.seqs(done) == [3]
+
+
+# --- follow=active -----------------------------------------------------------------------
+
+
+async def test_follow_active_streams_the_callers_active_jobs_and_new_ones(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    me = f"follower-{uuid.uuid4().hex[:6]}"
+    running = [await new_job(api, me) for _ in range(2)]
+    ended = await new_job(api, me)
+    await finish(api, ended)
+    other = await new_job(api, "someone-else")
+    token = make_token(me)
+    stream = streams(server.url, f"/v1/events?follow=active&access_token={token}")
+    await stream.wait(lambda s: all(s.has_seq(j, 1) for j in running))
+    created = await new_job(api, me)  # created while the stream is open
+    await stream.wait(lambda s: s.has_seq(created, 1))
+    for job_id in [*running, created]:
+        seq = await finish(api, job_id)
+        await stream.wait(lambda s, j=job_id, q=seq: s.has_seq(j, q))
+    await stream.wait(lambda s: ": ping" in s.items[-1:])  # open still, though all ended
+    assert stream.states(ended) == [] and stream.states(other) == []
+    cursor = stream.last_id
+    await stream.close()
+
+    # Away: a job is created and ends. On resume it arrives; what was delivered does not.
+    missed = await new_job(api, me)
+    missed_final = await finish(api, missed)
+    later = streams(server.url, f"/v1/events?follow=active&access_token={token}",
+                    {"Last-Event-ID": cursor})
+    await later.wait(lambda s: s.has_seq(missed, missed_final))
+    fresh = await new_job(api, me)
+    await later.wait(lambda s: s.has_seq(fresh, 1))
+    assert later.seqs(missed) == [missed_final]
+    for job_id in [*running, created, ended, other]:
+        assert later.seqs(job_id) == []
