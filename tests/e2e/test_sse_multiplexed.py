@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-
-from phasecast.testing.clients import SSEEvent, sse_events
-from phasecast.testing.process import ServerProcess
+from tests.support.clients import SSEEvent, sse_events
+from tests.support.process import ServerProcess
 
 TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
 

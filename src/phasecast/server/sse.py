@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
+from pydantic import StringConstraints
 from starlette.types import Receive, Scope, Send
 
 from phasecast.engines.base import Change
@@ -448,6 +449,7 @@ def _seq_resume_point(
 @router.get(
     "/jobs/{job_id}/events",
     response_class=EventStream,
+    status_code=200,
     responses=_STREAM_RESPONSES | {404: _error_response("No such job")},
     summary="Stream one job's states as server-sent events",
 )
@@ -475,13 +477,14 @@ async def job_events(
 @router.get(
     "/events",
     response_class=EventStream,
+    status_code=200,
     responses=_STREAM_RESPONSES,
     summary="Stream many jobs' states on one connection (server-sent events)",
 )
 async def events(
     request: Request,
     job: Annotated[
-        list[str] | None,
+        list[Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN.pattern)]] | None,
         Query(description="a job to watch (repeat for more); or use follow=active"),
     ] = None,
     follow: Annotated[
