@@ -1,9 +1,14 @@
 """Local fan-out: from one change feed to every watcher in this process.
 
-Each connection owns one ``Mailbox``. A mailbox keeps at most one pending change per job and
-replaces it when a newer one arrives (latest wins), so a watcher that cannot keep up costs a
-bounded amount of memory and, once it reads again, gets the newest state. Nothing after a
-terminal state exists, so the terminal state itself is never replaced and never dropped.
+Each watcher (a WebSocket connection, an SSE stream, an in-process ``tracker.watch``) owns
+one ``Mailbox``, which may carry any number of jobs. A mailbox keeps at most one pending
+change per job and replaces it when a newer one arrives (latest wins), so a watcher that
+cannot keep up costs a bounded amount of memory and, once it reads again, gets the newest
+state. Nothing after a terminal state exists, so the terminal state itself is never replaced
+and never dropped.
+
+Every watcher joins a job through ``Hub.subscribe``: the one place where the sequence
+register -> read -> authorise -> release is written.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from phasecast.engines.base import Change, ChangeFeed
@@ -19,36 +24,46 @@ from phasecast.model import JobState
 
 log = logging.getLogger("phasecast.fanout")
 
-# Control messages (errors, acknowledgements) a connection may have queued at once; past
-# this the oldest are dropped, since they describe requests the client has moved on from.
-MAX_CONTROL_MESSAGES = 64
+# Control messages (acknowledgements, errors, pings) a watcher may have waiting unread at
+# once. They are never dropped: a client needs every acknowledgement to make sense of the
+# stream. A client that keeps asking without reading the answers is past this bound, and
+# ``Mailbox.say`` tells its transport to close the connection (``overloaded``).
+MAX_CONTROL_MESSAGES = 256
 
 
 class Mailbox:
-    """Latest-wins buffer of changes waiting to be written to one connection.
+    """Latest-wins buffer of changes waiting to be written to one watcher.
 
     Built for 10,000 of them per process: no ``asyncio.Event`` (its waiter deque costs
-    memory per connection) and no ``asyncio.wait_for`` (a new task per wait); a waiting
-    writer parks on one bare future that ``offer``/``say`` resolve. Control messages live in
-    a short list that exists only while some are queued (a deque with a maxlen is ~600 bytes
-    per connection, held for the connection's whole life).
+    memory per watcher) and no ``asyncio.wait_for`` (a new task per wait). A transport
+    consumes a mailbox in one of two ways:
+
+    - a task parks in ``wait()`` and then writes out ``take_control()`` and ``take()``;
+    - or, with no task at all, the transport sets ``direct`` (called with a change when
+      nothing is queued; it writes the change at once and returns True, or returns False to
+      have it queued) and ``wakeup`` (called whenever something was queued), and drains the
+      mailbox itself whenever it can write.
+
+    Control messages live in a short list that exists only while some are queued.
     """
 
-    __slots__ = ("_delivered", "_held", "_pending", "_waiter", "conflated", "control", "direct")
+    __slots__ = (
+        "_delivered", "_held", "_pending", "_waiter", "conflated", "control", "direct",
+        "overloaded", "wakeup",
+    )
 
     def __init__(self) -> None:
         self._pending: dict[str, Change] = {}
         self._delivered: dict[str, int] = {}
         self._waiter: asyncio.Future[bool] | None = None
         # Jobs whose changes are kept back (latest wins) until ``release``: a subscription
-        # that is not yet authorised must not leak a state to the socket.
+        # that is not yet authorised must not leak a state to the watcher.
         self._held: dict[str, Change | None] | None = None
         self.control: list[str] | None = None
         self.conflated = 0
-        # Optional fast path, set by a connection that can write without a task hop: called
-        # with a change when the writer is idle and nothing else is queued, it takes the
-        # change over (writes it at once, or hands it to its writer) and returns True.
+        self.overloaded = False
         self.direct: Callable[[Change], bool] | None = None
+        self.wakeup: Callable[[], None] | None = None
 
     def set_floor(self, job_id: str, seq: int) -> None:
         """The watcher already has everything up to ``seq`` of this job."""
@@ -63,13 +78,8 @@ class Mailbox:
             if kept is None or kept.seq < change.seq:
                 held[change.job_id] = change
             return
-        if (
-            self._waiter is not None
-            and self.direct is not None
-            and not self._pending
-            and not self.control
-            and self.direct(change)
-        ):
+        direct = self.direct
+        if direct is not None and not self._pending and not self.control and direct(change):
             self._delivered[change.job_id] = change.seq
             return
         pending = self._pending.get(change.job_id)
@@ -78,17 +88,20 @@ class Mailbox:
                 return
             self.conflated += 1
         self._pending[change.job_id] = change
-        self._wake(True)
+        self._wake()
 
-    def say(self, frame: str) -> None:
+    def say(self, frame: str) -> bool:
+        """Queue a control message. Returns False (and sets ``overloaded``) once more than
+        ``MAX_CONTROL_MESSAGES`` wait unread: the transport should close the connection."""
         control = self.control
         if control is None:
             self.control = [frame]
         else:
-            if len(control) >= MAX_CONTROL_MESSAGES:
-                del control[0]
             control.append(frame)
-        self._wake(True)
+            if len(control) > MAX_CONTROL_MESSAGES:
+                self.overloaded = True
+        self._wake()
+        return not self.overloaded
 
     def take_control(self) -> list[str]:
         """Queued control frames, oldest first; the caller writes them out."""
@@ -137,26 +150,29 @@ class Mailbox:
         return bool(self._pending) or bool(self.control)
 
     def wake(self) -> None:
-        """Wake the waiting writer even though nothing is queued (the direct path handed it
-        work of its own)."""
-        self._wake(True)
+        """Wake the consumer although nothing was queued (its transport has work of its own,
+        such as closing)."""
+        self._wake()
 
-    def _wake(self, value: bool) -> None:
+    def _wake(self) -> None:
+        wakeup = self.wakeup
+        if wakeup is not None:
+            wakeup()
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
-                waiter.set_result(value)
+                waiter.set_result(True)
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until something is pending; False if ``timeout`` passed first. One waiter at
-        a time (the connection's single writer)."""
+        a time (the watcher's single writer)."""
         if self.has_pending:
             return True
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
-        timer = None if timeout is None else loop.call_later(timeout, self._wake, False)
+        timer = None if timeout is None else loop.call_later(timeout, self._wake_waiter)
         try:
             return await waiter
         finally:
@@ -164,6 +180,13 @@ class Mailbox:
                 timer.cancel()
             if self._waiter is waiter:
                 self._waiter = None
+
+    def _wake_waiter(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(False)
 
 
 @dataclass(slots=True)
@@ -177,11 +200,28 @@ class _JobWatchers:
     latest_state: JobState | None = None
 
 
+Loader = Callable[[str], Awaitable[JobState]]
+Authorise = Callable[[JobState], None]
+
+
+@dataclass(slots=True, frozen=True)
+class Subscribed:
+    """What ``Hub.subscribe`` found: the job's current state, the resume point it honoured
+    (``floor``: the watcher had everything up to this seq; 0 for the full state), and whether
+    the subscription already ended (the job is terminal and the watcher has its final
+    state)."""
+
+    state: JobState
+    floor: int
+    ended: bool
+
+
 class Hub:
     """Which local mailboxes watch which job; tells the engine which jobs to listen to."""
 
-    def __init__(self, feed: ChangeFeed) -> None:
+    def __init__(self, feed: ChangeFeed, load: Loader) -> None:
         self._engine = feed
+        self._load = load
         self._jobs: dict[str, _JobWatchers] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -200,10 +240,72 @@ class Hub:
             return
         if entry.latest is None or change.seq > entry.latest.seq:
             entry.latest, entry.latest_state = change, None
-        for mailbox in entry.mailboxes:
+        # A copy: delivering a terminal state ends subscriptions, which leave this set.
+        for mailbox in tuple(entry.mailboxes):
             mailbox.offer(change)
 
-    async def add(self, job_id: str, mailbox: Mailbox) -> None:
+    async def subscribe(
+        self,
+        job_id: str,
+        mailbox: Mailbox,
+        *,
+        since: int = 0,
+        epoch: str | None = None,
+        authorise: Authorise | None = None,
+    ) -> Subscribed:
+        """Watch ``job_id`` through ``mailbox``; the only way any watcher joins a job.
+
+        The sequence, in this order:
+
+        1. register: the mailbox holds the job's changes back and joins the job's watchers;
+           this returns once every later change is guaranteed to reach the mailbox;
+        2. read: the current state, from this hub when it has seen the job's newest change
+           (a reconnect storm then costs no store reads), else from the store;
+        3. authorise: ``authorise(state)`` may refuse by raising (a ``PhasecastError`` such as
+           ``Forbidden``); it runs before anything of the job reaches the mailbox, so whatever
+           it queues with ``mailbox.say`` (an acknowledgement) precedes every state;
+        4. release: the mailbox gets the current state, unless the watcher has it already,
+           then every newer change.
+
+        ``since`` is the last seq the watcher has of this job, ``epoch`` the epoch it was
+        from (if it knows one). A resume point the server cannot honour, a ``since`` beyond
+        the current seq or another epoch, is ignored: the watcher gets the full current state.
+        A mailbox may carry any number of jobs; call ``subscribe`` once per job.
+
+        If any step raises, the mailbox is unregistered again and the error propagates
+        (``JobNotFound``, ``EngineUnavailable`` or whatever ``authorise`` raised). If the
+        job already ended and the watcher has its terminal state, the subscription is
+        released at once and the result says ``ended``. Otherwise the caller ends it with
+        ``unsubscribe`` (also after delivering the terminal state).
+        """
+        mailbox.forget(job_id)
+        mailbox.hold(job_id)
+        try:
+            await self._register(job_id, mailbox)
+            state, change = await self.read(job_id)
+            if since > state.seq or (epoch is not None and epoch != state.epoch):
+                # The hub's newest may lag the store by a change in flight: ask the store
+                # before deciding that the resume point cannot be honoured.
+                stored = await self._load(job_id)
+                if stored.seq > state.seq:
+                    state, change = stored, self._remember(stored)
+            if authorise is not None:
+                authorise(state)
+        except BaseException:
+            self.unsubscribe(job_id, mailbox)
+            raise
+        floor = since
+        if since > state.seq or (epoch is not None and epoch != state.epoch):
+            floor = 0
+        mailbox.set_floor(job_id, floor)
+        if state.terminal and state.seq <= floor:
+            self.unsubscribe(job_id, mailbox)
+            return Subscribed(state, floor, ended=True)
+        mailbox.release(job_id)
+        mailbox.offer(change)
+        return Subscribed(state, floor, ended=False)
+
+    async def _register(self, job_id: str, mailbox: Mailbox) -> None:
         """Returns once every later change of ``job_id`` is guaranteed to reach ``mailbox``:
         load the state after this, not before, and nothing falls in between."""
         entry = self._jobs.get(job_id)
@@ -228,29 +330,39 @@ class Hub:
             if not entry.ready.done():
                 entry.ready.set_result(None)
 
-    def current(self, job_id: str) -> tuple[JobState, Change] | None:
-        """The newest state of a watched job that this hub has seen, if any, with its
-        encoded change. Only current once ``add`` has returned for this job: from then on
-        every change reaches the hub."""
+    async def read(self, job_id: str) -> tuple[JobState, Change]:
+        """The current state of a job this process watches, with its change: the newest the
+        hub has seen once registration is complete, otherwise loaded from the store (and
+        remembered, so the next watcher of the job is served without a read)."""
         entry = self._jobs.get(job_id)
-        if entry is None or entry.latest is None or not entry.ready.done():
-            return None
-        if entry.latest_state is None:
-            entry.latest_state = JobState.from_json(entry.latest.state_json)
-        return entry.latest_state, entry.latest
+        if entry is not None and entry.latest is not None and entry.ready.done():
+            if entry.latest_state is None:
+                entry.latest_state = JobState.from_json(entry.latest.state_json)
+            return entry.latest_state, entry.latest
+        state = await self._load(job_id)
+        return state, self._remember(state)
 
-    def note(self, state: JobState) -> Change:
-        """Record a state read from the store for a watched job (if it is the newest seen);
-        returns its encoded change."""
+    def _remember(self, state: JobState) -> Change:
+        """A state read from the store: the job's newest known, if it is newer."""
         change = Change.of(state)
         entry = self._jobs.get(state.job_id)
         if entry is not None and (entry.latest is None or state.seq > entry.latest.seq):
             entry.latest, entry.latest_state = change, state
         return change
 
-    def remove(self, job_id: str, mailbox: Mailbox) -> None:
-        """Synchronous so that it is safe in a ``finally`` of a cancelled task; the engine
-        is told to stop listening in the background."""
+    def known(self, job_id: str) -> JobState | None:
+        """The newest state of ``job_id`` this hub has seen, without reading the store."""
+        entry = self._jobs.get(job_id)
+        if entry is None or entry.latest is None:
+            return None
+        if entry.latest_state is None:
+            entry.latest_state = JobState.from_json(entry.latest.state_json)
+        return entry.latest_state
+
+    def unsubscribe(self, job_id: str, mailbox: Mailbox) -> None:
+        """Stop delivering ``job_id`` to ``mailbox``. Synchronous so that it is safe in a
+        ``finally`` of a cancelled task; the engine is told to stop listening in the
+        background once the job's last local watcher has left."""
         mailbox.forget(job_id)
         entry = self._jobs.get(job_id)
         if entry is None:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from phasecast.engines.base import Change, Engine
+from phasecast.engines.base import Engine
 from phasecast.errors import EngineUnavailable, JobExists, JobNotFound
 from phasecast.fanout import Hub, Mailbox
 from phasecast.model import (
@@ -75,7 +75,7 @@ class ProgressTracker:
         self.engine = engine
         self.weights = weights or WeightTable()
         self.archive = archive
-        self.hub = Hub(engine)
+        self.hub = Hub(engine, load=self.get)
         self._clock = clock
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._recent: OrderedDict[str, JobState] = OrderedDict()
@@ -151,17 +151,6 @@ class ProgressTracker:
                     extra={"job_id": job_id, "seq": restored.seq})
         self._after_write(restored, learn=False)
         return restored
-
-    async def watched_state(self, job_id: str) -> tuple[JobState, Change]:
-        """The current state of a job that this process watches (call after ``hub.add``),
-        with its encoded change: from the hub when it has seen the job's newest change,
-        otherwise read from the store. Many watchers of one job then cost one read and one
-        encoding, not one each."""
-        known = self.hub.current(job_id)
-        if known is not None:
-            return known
-        state = await self.get(job_id)
-        return state, self.hub.note(state)
 
     async def list(
         self, owner: str | None, *, active_only: bool = False, limit: int = 100
@@ -365,14 +354,11 @@ class ProgressTracker:
         one, ending after the terminal state. A slow reader skips intermediate states and
         gets the newest; it never gets an older one after a newer one."""
         mailbox = Mailbox()
-        mailbox.set_floor(job_id, since)
-        await self.hub.add(job_id, mailbox)
+        subscribed = await self.hub.subscribe(job_id, mailbox, since=since)
         try:
-            state, change = await self.watched_state(job_id)
-            mailbox.offer(change)
-            yield _drain(mailbox, ended=state.terminal and state.seq <= since)
+            yield _drain(mailbox, ended=subscribed.ended)
         finally:
-            self.hub.remove(job_id, mailbox)
+            self.hub.unsubscribe(job_id, mailbox)
 
 
 async def _drain(mailbox: Mailbox, *, ended: bool) -> AsyncIterator[JobState]:

@@ -45,6 +45,7 @@ async def test_a_watcher_that_stops_reading_costs_bounded_memory_and_then_gets_t
             # is waiting, so TCP pushes back on the server just as a stalled browser would.
             # No compression, so the states really are 10 KB on the wire.
             async with websockets.connect(url, max_queue=1, max_size=2**20, compression=None) as stalled:
+                assert json.loads(await stalled.recv())["type"] == "authenticated"
                 await stalled.send(json.dumps({"op": "subscribe", "job_id": "big"}))
                 assert json.loads(await stalled.recv())["type"] == "subscribed"
                 first = json.loads(await stalled.recv())

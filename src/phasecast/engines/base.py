@@ -23,15 +23,16 @@ DEFAULT_HISTORY_LIMIT = 1000
 @dataclass(slots=True)
 class Change:
     """One accepted state change. Built once per change per process and shared by every
-    watcher, so each wire frame is encoded once, not once per watcher."""
+    watcher. ``wire`` is where the transports keep what they encoded of it
+    (``phasecast.server.frames``), so each wire form is encoded once per change, not once
+    per watcher; storage never looks at it."""
 
     job_id: str
     seq: int
     terminal: bool
     state_json: str
     changed_at: float  # Unix seconds of ``updated_at``: the start of delivery latency
-    _ws: str | None = field(default=None, repr=False, compare=False)
-    _sse: str | None = field(default=None, repr=False, compare=False)
+    wire: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, state: JobState, state_json: str | None = None) -> Change:
@@ -42,16 +43,6 @@ class Change:
             state_json=state_json if state_json is not None else state.to_json(),
             changed_at=parse_time(state.updated_at).timestamp(),
         )
-
-    def ws_frame(self) -> str:
-        if self._ws is None:
-            self._ws = '{"type":"state","job":' + self.state_json + "}"
-        return self._ws
-
-    def sse_frame(self) -> str:
-        if self._sse is None:
-            self._sse = f"id: {self.seq}\nevent: state\ndata: {self.state_json}\n\n"
-        return self._sse
 
     def encode(self) -> str:
         """Compact transport form for pub/sub: header fields, then the state JSON."""

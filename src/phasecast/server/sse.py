@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 import weakref
@@ -35,6 +34,7 @@ from phasecast.engines.base import Change
 from phasecast.errors import EngineUnavailable, InvalidUpdate, PhasecastError
 from phasecast.fanout import Mailbox
 from phasecast.model import JOB_ID_PATTERN, JobState, parse_time, validate_job_id
+from phasecast.server import frames
 from phasecast.server.auth import Forbidden, Principal
 from phasecast.server.deps import Services, authenticate, services
 from phasecast.server.logs import job_id_var
@@ -43,7 +43,7 @@ from phasecast.tracker import ProgressTracker
 
 router = APIRouter(prefix="/v1", tags=["streams"])
 
-HEARTBEAT = b": ping\n\n"
+HEARTBEAT = frames.SSE_HEARTBEAT
 FOLLOW_SLACK_SECONDS = 5  # clock skew between instances that a follow watermark allows for
 _SEQ = re.compile(r"[0-9]{1,18}")
 
@@ -80,21 +80,11 @@ _STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-# --- wire bytes (encoded once per change where the bytes are shared) --------------------
+# --- wire bytes: server/frames.py encodes them, once per change where they are shared ------
 
-
-def _state_event(change: Change) -> bytes:
-    """Per-job stream: the complete event, the same for every watcher."""
-    return change.sse_frame().encode()
-
-
-def _state_body(change: Change) -> bytes:
-    """Multiplexed stream: the event without its ``id:`` line (each stream's cursor differs)."""
-    return b"event: state\ndata: " + change.state_json.encode() + b"\n"
-
-
-def _control_event(kind: str, data: dict[str, Any]) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+_state_event = frames.sse_event
+_state_body = frames.sse_state_body
+_control_event = frames.sse_control
 
 
 # --- the stream --------------------------------------------------------------------------
@@ -133,39 +123,26 @@ class EventStream(Response):
         """Watch ``job_id`` from ``mark`` on. Returns False if the client already has the
         job's terminal state (nothing to send). Raises ``PhasecastError`` if the job cannot
         be watched (then nothing of it is left registered)."""
-        hub, tracker, mailbox = self.tracker.hub, self.tracker, self.mailbox
-        # Changes that arrive before the job is authorised are held back (the newest one).
-        mailbox.hold(job_id)
         self.open.add(job_id)
-        floor = 0
         try:
-            await hub.add(job_id, mailbox)
-            state, change = await tracker.watched_state(job_id)
-            self.caller.require_read(state)
-            if mark is not None:
-                if mark.seq > state.seq or (mark.epoch and mark.epoch != state.epoch):
-                    # The hub's newest may lag the store by a message in flight: ask the
-                    # store before deciding that the resume point cannot be honoured.
-                    stored = await tracker.get(job_id)
-                    if stored.seq > state.seq:
-                        state, change = stored, hub.note(stored)
-                if mark.seq <= state.seq and (not mark.epoch or mark.epoch == state.epoch):
-                    floor = mark.seq
-                # Otherwise (a seq beyond the current one, another epoch): the client's view
-                # is from a history this store no longer has; send the full current state.
+            subscribed = await self.tracker.hub.subscribe(
+                job_id,
+                self.mailbox,
+                since=mark.seq if mark is not None else 0,
+                epoch=(mark.epoch or None) if mark is not None else None,
+                authorise=self.caller.require_read,
+            )
         except BaseException:
-            self._release(job_id)
+            self.open.discard(job_id)
             raise
+        state = subscribed.state
         if self.follow:
             self.finished.pop(job_id, None)
             self.created[job_id] = parse_time(state.created_at).timestamp()
-        if state.terminal and state.seq <= floor:
-            self._release(job_id)
-            self._ended(job_id, state, floor)
+        if subscribed.ended:
+            self.open.discard(job_id)
+            self._ended(job_id, state, subscribed.floor)
             return False
-        mailbox.set_floor(job_id, floor)
-        mailbox.release(job_id)
-        mailbox.offer(change)
         return True
 
     async def subscribe_all(self, wanted: dict[str, Mark | None]) -> None:
@@ -191,7 +168,7 @@ class EventStream(Response):
 
     def _release(self, job_id: str) -> None:
         self.open.discard(job_id)
-        self.tracker.hub.remove(job_id, self.mailbox)
+        self.tracker.hub.unsubscribe(job_id, self.mailbox)
 
     def release_all(self) -> None:
         for job_id in list(self.open):

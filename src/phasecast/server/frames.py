@@ -1,0 +1,120 @@
+"""Every byte the streams send is encoded here, and nowhere else.
+
+A change is encoded once per wire form and the result kept on the ``Change`` (its ``wire``
+cache), so ten thousand watchers of one job share one encoding. The WebSocket form is the
+complete server-to-client frame, header included: server frames are never masked
+(RFC 6455 section 5.1), so the same bytes serve every connection and a transport only has to
+write them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from phasecast.engines.base import Change
+
+OP_TEXT = 0x1
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+PING_TEXT = '{"type":"ping"}'
+PONG_TEXT = '{"type":"pong"}'
+
+
+# --- JSON messages of the WebSocket protocol (docs/protocol.md) ----------------------------
+
+def message(kind: str, job_id: str | None, **fields: Any) -> str:
+    """A control message: ``{"type": kind, "job_id": job_id, …fields}``."""
+    return json.dumps({"type": kind, "job_id": job_id, **fields}, separators=(",", ":"))
+
+
+def error(job_id: str | None, code: str, text: str) -> str:
+    return message("error", job_id, code=code, message=text)
+
+
+def ws_state_text(change: Change) -> str:
+    """``{"type":"state","job":<state>}`` for ``change``, encoded once."""
+    wire = _wire(change)
+    text: str | None = wire.get("ws_text")
+    if text is None:
+        text = wire["ws_text"] = '{"type":"state","job":' + change.state_json + "}"
+    return text
+
+
+# --- WebSocket frames (RFC 6455 section 5.2), server to client: unmasked --------------------
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One complete, final, unmasked frame."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x80 | opcode, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, size)
+    return header + payload
+
+
+def ws_text_frame(text: str) -> bytes:
+    return ws_frame(OP_TEXT, text.encode())
+
+
+def ws_state_frame(change: Change) -> bytes:
+    """The complete text frame carrying ``change``'s state message, encoded once."""
+    wire = _wire(change)
+    frame: bytes | None = wire.get("ws_frame")
+    if frame is None:
+        frame = wire["ws_frame"] = ws_text_frame(ws_state_text(change))
+    return frame
+
+
+def ws_close_frame(code: int, reason: str = "") -> bytes:
+    """A Close frame; the reason is cut to fit a control frame's 125-byte payload."""
+    encoded = reason.encode()[:123].decode(errors="ignore").encode()
+    return ws_frame(OP_CLOSE, struct.pack("!H", code) + encoded)
+
+
+PING_FRAME = ws_text_frame(PING_TEXT)
+PONG_FRAME = ws_text_frame(PONG_TEXT)
+
+
+# --- server-sent events ---------------------------------------------------------------------
+
+SSE_HEARTBEAT = b": ping\n\n"
+
+
+def sse_event(change: Change) -> bytes:
+    """``id: <seq>`` / ``event: state`` / ``data: <state>`` for ``change``, encoded once
+    (the per-job stream, whose ``id`` is the seq)."""
+    wire = _wire(change)
+    event: bytes | None = wire.get("sse")
+    if event is None:
+        event = wire["sse"] = (
+            f"id: {change.seq}\nevent: state\ndata: {change.state_json}\n\n".encode()
+        )
+    return event
+
+
+def sse_state_body(change: Change) -> bytes:
+    """``event: state`` / ``data: <state>`` without the ``id:`` line and the blank line that
+    ends the event, encoded once (the multiplexed stream adds each stream's own cursor)."""
+    wire = _wire(change)
+    body: bytes | None = wire.get("sse_body")
+    if body is None:
+        body = wire["sse_body"] = b"event: state\ndata: " + change.state_json.encode() + b"\n"
+    return body
+
+
+def sse_control(kind: str, data: dict[str, Any]) -> bytes:
+    """A complete ``event: <kind>`` / ``data: <JSON>`` event."""
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _wire(change: Change) -> dict[str, Any]:
+    wire = change.wire
+    if wire is None:
+        wire = change.wire = {}
+    return wire
