@@ -1,9 +1,12 @@
 """``ProgressTracker``: the service API, used in-process by generation code and by the server.
 
-Every change is read-compute-write: load the stored state, apply the rules from
-``phasecast.model`` to it, and store the result only if nothing else was stored meanwhile
-(compare-and-set on ``seq``). A lost race is retried against the newer state, so concurrent
-writers, in this process or in others sharing a Redis, never overwrite each other.
+A progress report is one atomic step of the engine (``Engine.apply``): the engine decides it
+with the rules of ``phasecast.model`` against the stored state and stores the result, in one
+round trip with nothing to retry. Endings (complete, fail, cancel) are read-compute-write:
+load the stored state, apply the rules, and store the result only if nothing else was stored
+meanwhile (compare-and-set on ``seq``), retried against the newer state on a lost race. Either
+way, concurrent writers, in this process or in others sharing a Redis, never overwrite each
+other.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from phasecast.engines.base import Engine
-from phasecast.errors import EngineUnavailable, JobExists, JobNotFound
+from phasecast.engines.base import Decided, Engine, OtherJob, RuleInputs
+from phasecast.errors import EngineUnavailable, JobExists, JobNotFound, PhasecastError
 from phasecast.fanout import Hub, Mailbox
 from phasecast.model import (
     JobError,
@@ -28,7 +31,6 @@ from phasecast.model import (
     Phase,
     ProgressUpdate,
     StepStatus,
-    apply_progress,
     apply_terminal,
     format_time,
     new_epoch,
@@ -36,13 +38,14 @@ from phasecast.model import (
     new_job_id,
     phase_durations,
     utc_now,
+    validate_update,
 )
 from phasecast.progress import PhaseStats, WeightTable, estimate_eta
 
 log = logging.getLogger("phasecast.tracker")
 
 MAX_WRITE_ATTEMPTS = 50
-RECENT_STATES = 4096  # states kept to skip the read before a write (about 2 KB each)
+KNOWN_JOBS = 65536  # kind and owner of jobs seen lately: what a report is decided with
 STATS_CACHE_SECONDS = 30.0
 
 
@@ -78,7 +81,8 @@ class ProgressTracker:
         self.hub = Hub(engine, load=self.get)
         self._clock = clock
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-        self._recent: OrderedDict[str, JobState] = OrderedDict()
+        self._known: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._usual_kind = "comic"
         self._stats: dict[str, tuple[float, PhaseStats]] = {}
         self._observers: list[Observer] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -149,6 +153,7 @@ class ProgressTracker:
             return await self.engine.load(job_id)
         log.warning("job restored from the archive with a new epoch",
                     extra={"job_id": job_id, "seq": restored.seq})
+        self._remember(restored)
         self._after_write(restored, learn=False)
         return restored
 
@@ -187,10 +192,60 @@ class ProgressTracker:
         return state
 
     async def update(self, job_id: str, update: ProgressUpdate) -> Outcome:
-        return await self._mutate(
-            job_id,
-            lambda state, now: apply_progress(state, update, now, self.weights.for_kind(state.kind)),
-        )
+        decided, state = await self._decide(job_id, update)
+        if state is None:
+            state = JobState.from_json(decided.state_json)
+        return Outcome(decided.applied, state)
+
+    async def update_json(self, job_id: str, update: ProgressUpdate) -> Decided:
+        """``update``, answered with the stored state as JSON, parsed by nobody: for a
+        transport that only passes the state on."""
+        decided, _ = await self._decide(job_id, update)
+        return decided
+
+    async def _decide(self, job_id: str, update: ProgressUpdate) -> tuple[Decided, JobState | None]:
+        try:
+            validate_update(update)
+        except PhasecastError as exc:
+            self._rejected(job_id, exc)
+            raise
+        async with self._job_lock(job_id):
+            for _ in range(MAX_WRITE_ATTEMPTS):
+                kind, owner = self._known.get(job_id) or (self._usual_kind, "")
+                weights = self.weights.for_kind(kind)
+                inputs = RuleInputs(kind, owner, weights, await self._phase_stats(kind))
+                try:
+                    result = await self.engine.apply(job_id, update, self._clock(), inputs)
+                except JobNotFound:
+                    if self.archive is not None and await self._restore(job_id) is not None:
+                        continue
+                    raise
+                except (EngineUnavailable, JobExists):
+                    raise
+                except PhasecastError as exc:
+                    self._rejected(job_id, exc)
+                    raise
+                if isinstance(result, OtherJob):
+                    # Decided with another kind's weights or owner: nothing happened; again.
+                    self._note(job_id, result.kind, result.owner)
+                    continue
+                if not result.applied:
+                    self.count_update("ignored")
+                    return result, None
+                self.count_update("applied")
+                state = None
+                if self._observers or self.archive is not None:
+                    state = JobState.from_json(result.state_json)
+                    self._after_write(state)
+                return result, state
+            raise EngineUnavailable(
+                f"job {job_id!r} changed its kind or owner {MAX_WRITE_ATTEMPTS} times while "
+                "being updated; gave up"
+            )
+
+    def _rejected(self, job_id: str, exc: PhasecastError) -> None:
+        self.count_update("rejected")
+        log.info("update rejected", extra={"job_id": job_id, "reason": str(exc)})
 
     async def report(
         self,
@@ -250,27 +305,19 @@ class ProgressTracker:
     ) -> Outcome:
         async with self._job_lock(job_id):
             for _ in range(MAX_WRITE_ATTEMPTS):
-                # The state this process stored last is usually still the stored one (one
-                # worker per job): start from it and skip a read. If another writer got in
-                # first, the compare-and-set below fails and the next attempt reads.
-                current = self._recent.pop(job_id, None)
-                cached = current is not None
-                if current is None:
-                    current = await self.engine.load(job_id)
+                current = await self.engine.load(job_id)
                 if current is None and self.archive is not None:
                     current = await self._restore(job_id)
                 if current is None:
                     raise JobNotFound(job_id)
+                self._remember(current)
                 now = self._clock()
                 try:
                     outcome = rule(current, now)
-                except Exception as exc:
-                    self.count_update("rejected")
-                    log.info("update rejected", extra={"job_id": job_id, "reason": str(exc)})
+                except PhasecastError as exc:
+                    self._rejected(job_id, exc)
                     raise
                 if not outcome.applied:
-                    if cached:
-                        continue  # judge "late or duplicate" against the stored state only
                     self.count_update("ignored")
                     return outcome
                 new = outcome.state
@@ -280,7 +327,6 @@ class ProgressTracker:
                     )
                 if await self.engine.replace(new, current.seq):
                     self.count_update("applied")
-                    self._remember(new)
                     self._after_write(new)
                     return outcome
             raise EngineUnavailable(
@@ -289,11 +335,15 @@ class ProgressTracker:
             )
 
     def _remember(self, state: JobState) -> None:
-        if state.terminal:
-            return  # nothing will be written to it again
-        self._recent[state.job_id] = state
-        if len(self._recent) > RECENT_STATES:
-            self._recent.popitem(last=False)
+        self._note(state.job_id, state.kind, state.owner)
+
+    def _note(self, job_id: str, kind: str, owner: str) -> None:
+        """Kind and owner never change: the next report of this job is decided with them."""
+        self._known[job_id] = (kind, owner)
+        self._known.move_to_end(job_id)
+        self._usual_kind = kind
+        if len(self._known) > KNOWN_JOBS:
+            self._known.popitem(last=False)
 
     def _after_write(self, state: JobState, *, learn: bool = True) -> None:
         for observer in self._observers:

@@ -9,9 +9,15 @@ import pytest
 from tests.support.process import PrivateRedis
 
 from phasecast.engines import ChangeFeed, Engine, JobStore, open_engine
-from phasecast.engines.base import Change
+from phasecast.engines.base import Change, Decided, OtherJob, RuleInputs
 from phasecast.engines.redis import RedisEngine
-from phasecast.errors import ConfigurationError, EngineUnavailable, JobExists, JobTerminal
+from phasecast.errors import (
+    ConfigurationError,
+    EngineUnavailable,
+    JobExists,
+    JobNotFound,
+    JobTerminal,
+)
 from phasecast.model import (
     JobState,
     Phase,
@@ -369,5 +375,105 @@ async def test_the_feed_delivers_again_after_unlisten_and_listen(engine_url: str
         assert [c.seq for c in received] == [1, 2]
         assert received[-1].state_json == new.to_json()
         assert JobState.from_json(received[-1].state_json) == await engine.load("job-1")
+    finally:
+        await engine.stop()
+
+
+# --- apply: a report decided and stored in one atomic step --------------------------------
+
+
+def inputs_for(state: JobState) -> RuleInputs:
+    return RuleInputs(state.kind, state.owner, dict(COMIC_WEIGHTS), {})
+
+
+async def test_apply_decides_stores_and_appends_history(engine: Engine) -> None:
+    state = make()
+    await engine.insert(state)
+    update = ProgressUpdate(Phase.ANALYZING, phase_progress=40.0, message="reading")
+    now = utc_now()
+    decided = await engine.apply("job-1", update, now, inputs_for(state))
+    assert isinstance(decided, Decided) and decided.applied
+    expected = apply_progress(state, update, now, COMIC_WEIGHTS).state
+    stored = await engine.load("job-1")
+    assert stored is not None and decided.state_json == stored.to_json()
+    assert (stored.seq, stored.phase, stored.progress, stored.message) == (
+        2, Phase.ANALYZING, expected.progress, "reading"
+    )
+    assert [e["message"] for e in await engine.history("job-1", limit=10)] == ["Queued", "reading"]
+    # The same report again changes nothing and says so.
+    again = await engine.apply("job-1", update, utc_now(), inputs_for(state))
+    assert again == Decided(False, decided.state_json)
+
+
+async def test_apply_asks_again_for_another_kind_or_owner(engine: Engine) -> None:
+    state = make()
+    await engine.insert(state)
+    update = ProgressUpdate(Phase.ANALYZING, phase_progress=40.0)
+    for kind, owner in (("video", "alice"), ("comic", "mallory"), ("comic", "")):
+        wrong = RuleInputs(kind, owner, dict(COMIC_WEIGHTS), {})
+        assert await engine.apply("job-1", update, utc_now(), wrong) == OtherJob("comic", "alice")
+    assert await engine.load("job-1") == state
+
+
+async def test_apply_refuses_what_the_rules_refuse(engine: Engine) -> None:
+    with pytest.raises(JobNotFound):
+        await engine.apply("nope", ProgressUpdate(Phase.ANALYZING), utc_now(), inputs_for(make()))
+    state = make()
+    await engine.insert(state)
+    done = finish(state)
+    assert await engine.replace(done, expected_seq=1)
+    with pytest.raises(JobTerminal):
+        await engine.apply("job-1", ProgressUpdate(Phase.ANALYZING, phase_progress=5.0), utc_now(),
+                           inputs_for(state))
+    assert await engine.load("job-1") == done
+
+
+async def test_concurrent_reports_all_apply_without_retries(engine_url: str) -> None:
+    # Two engines on one store where the engine allows it (Redis); one otherwise.
+    engines = [open_engine(engine_url) for _ in range(2 if engine_url.startswith("redis") else 1)]
+    for each in engines:
+        await each.start()
+    try:
+        state = make()
+        await engines[0].insert(state)
+        reports = [ProgressUpdate(Phase.GENERATING, message=f"m{i}") for i in range(40)]
+        results = await asyncio.gather(*(
+            engines[i % len(engines)].apply("job-1", r, utc_now(), inputs_for(state))
+            for i, r in enumerate(reports)
+        ))
+        assert all(isinstance(r, Decided) and r.applied for r in results)
+        seqs = sorted(JobState.from_json(r.state_json).seq for r in results if isinstance(r, Decided))
+        assert seqs == list(range(2, 42))  # each report got its own seq: none lost, none retried
+        assert len(await engines[0].history("job-1", limit=100)) == 41
+    finally:
+        for each in engines:
+            await each.stop()
+
+
+async def test_an_applied_report_reaches_the_change_feed(engine_url: str) -> None:
+    received: list[Change] = []
+    arrived = asyncio.Event()
+
+    def on_change(change: Change) -> None:
+        if change.job_id == "job-1":
+            received.append(change)
+            if change.seq == 2:
+                arrived.set()
+
+    engine = open_engine(engine_url)
+    await engine.start(on_change)
+    try:
+        await engine.listen("job-1")
+        state = make()
+        await engine.insert(state)
+        now = utc_now()
+        decided = await engine.apply(
+            "job-1", ProgressUpdate(Phase.ANALYZING, phase_progress=5.0), now, inputs_for(state)
+        )
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert isinstance(decided, Decided)
+        change = received[-1]
+        assert (change.seq, change.terminal, change.state_json) == (2, False, decided.state_json)
+        assert change.changed_at == pytest.approx(now.timestamp(), abs=0.001)
     finally:
         await engine.stop()

@@ -12,10 +12,18 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from phasecast.model import JobState, Phase, parse_time
-from phasecast.progress import PhaseStats
+from phasecast.errors import JobNotFound
+from phasecast.model import (
+    JobState,
+    Phase,
+    ProgressUpdate,
+    apply_progress,
+    parse_time,
+)
+from phasecast.progress import PhaseStats, estimate_eta
 
 DEFAULT_HISTORY_LIMIT = 1000
 
@@ -55,6 +63,36 @@ class Change:
 
 
 ChangeHandler = Callable[[Change], None]
+
+
+@dataclass(slots=True, frozen=True)
+class RuleInputs:
+    """What a report is decided with besides the stored state: the caller's idea of the
+    job's kind and owner (neither ever changes) and, for that kind, the phase weights and
+    the learned phase durations (for the ETA)."""
+
+    kind: str
+    owner: str
+    weights: dict[Phase, float]
+    stats: PhaseStats
+
+
+@dataclass(slots=True, frozen=True)
+class Decided:
+    """A report decided and, if ``applied``, stored: ``state_json`` is the stored state
+    after the step (the unchanged one for a late or repeated report)."""
+
+    applied: bool
+    state_json: str
+
+
+@dataclass(slots=True, frozen=True)
+class OtherJob:
+    """The stored job has another kind or owner than the caller expected: nothing was
+    decided; ask again with these."""
+
+    kind: str
+    owner: str
 
 
 def check_successor(state: JobState, expected_seq: int) -> None:
@@ -100,6 +138,38 @@ class JobStore(abc.ABC):
         job is gone. Raise ``JobTerminal`` (storing nothing) if the stored job has ended: a
         finished job never changes, whatever a caller computed. ``state.seq`` must be
         ``expected_seq + 1`` (``ValueError`` otherwise, before anything is stored)."""
+
+    @abc.abstractmethod
+    async def apply(
+        self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
+    ) -> Decided | OtherJob:
+        """Decide a progress report against the stored state and store the result, in one
+        atomic step with no conflict to retry: ``model.apply_progress`` at ``now`` with
+        ``inputs.weights``, then the ETA (``progress.estimate_eta`` with ``inputs.stats``);
+        if it changed anything, store it, append it to the history and publish it. Raise
+        ``JobNotFound``, ``JobTerminal`` or ``InvalidUpdate`` as the rules do. The caller
+        validates ``update`` first (``model.validate_update``)."""
+
+    async def apply_by_compare_and_set(
+        self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
+    ) -> Decided | OtherJob:
+        """``apply`` written with ``load`` and ``replace``: the rules in Python, retried
+        until no other write comes between. The specification the engines' atomic steps
+        are held to, and their fallback for a stored state they cannot handle."""
+        while True:
+            state = await self.load(job_id)
+            if state is None:
+                raise JobNotFound(job_id)
+            if state.kind != inputs.kind or state.owner != inputs.owner:
+                return OtherJob(state.kind, state.owner)
+            outcome = apply_progress(state, update, now, inputs.weights)
+            if not outcome.applied:
+                return Decided(False, state.to_json())
+            new = outcome.state
+            new.eta_seconds = estimate_eta(new, now, inputs.stats, inputs.weights)
+            state_json = new.to_json()
+            if await self.replace(new, state.seq):
+                return Decided(True, state_json)
 
     @abc.abstractmethod
     async def list_jobs(

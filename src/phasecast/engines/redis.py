@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import random
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -26,13 +27,31 @@ from phasecast.engines.base import (
     DEFAULT_HISTORY_LIMIT,
     Change,
     ChangeHandler,
+    Decided,
     Engine,
+    OtherJob,
+    RuleInputs,
     check_successor,
     history_entry,
 )
 from phasecast.engines.redis_keys import RedisKeys
-from phasecast.errors import ConfigurationError, EngineUnavailable, JobExists, JobTerminal
-from phasecast.model import JobState, Phase, parse_time
+from phasecast.errors import (
+    ConfigurationError,
+    EngineUnavailable,
+    InvalidUpdate,
+    JobExists,
+    JobNotFound,
+    JobTerminal,
+)
+from phasecast.model import (
+    MAX_STEPS,
+    WORKING_PHASES,
+    JobState,
+    Phase,
+    ProgressUpdate,
+    format_time,
+    parse_time,
+)
 from phasecast.progress import LEARNING_RATE, PhaseStat, PhaseStats
 
 try:
@@ -51,6 +70,15 @@ RECONNECT_CAP_SECONDS = 5.0
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 POOL_SIZE = 64
 POOL_WAIT_SECONDS = 10.0
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _number(value: float | None) -> str:
+    """A float as the script reads it back exactly (repr round-trips), or '' for none."""
+    return "" if value is None else repr(float(value))
 
 
 def _script(name: str) -> str:
@@ -84,7 +112,7 @@ class RedisEngine(Engine):
         self._pubsub: Any = None
         self._connected = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
-        self._replace_queue: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._replace_queue: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
         self._replace_flusher: asyncio.Task[None] | None = None
         self.subscribe_timeout = SUBSCRIBE_TIMEOUT_SECONDS
 
@@ -110,6 +138,7 @@ class RedisEngine(Engine):
         self._insert = self._client.register_script(_script("insert.lua"))
         self._replace = self._client.register_script(_script("replace.lua"))
         self._learn = self._client.register_script(_script("learn.lua"))
+        self._apply = self._client.register_script(_script("apply.lua"))
         await self.ping()
         if on_change is not None:
             self._listener = asyncio.create_task(self._listen_forever(), name="phasecast-pubsub")
@@ -209,13 +238,13 @@ class RedisEngine(Engine):
         # -1: the job expired between read and write; the caller reloads and reports not found.
         return bool(result == 1)
 
-    async def _batched_replace(self, keys: list[str], args: list[Any]) -> Any:
+    async def _batched_replace(self, keys: list[str], args: list[Any], script: Any = None) -> Any:
         """Run the replace script, sharing one round trip with the other replaces issued
         meanwhile: concurrent writers (a batch of reports, many jobs) would otherwise each
         pay redis-py's per-command cost and a round trip. Each script still runs atomically
         on its own; only the network trip is shared."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replace_queue.append((keys, args, future))
+        self._replace_queue.append((script or self._replace, keys, args, future))
         if self._replace_flusher is None or self._replace_flusher.done():
             self._replace_flusher = asyncio.create_task(self._flush_replaces())
         return await future
@@ -226,18 +255,70 @@ class RedisEngine(Engine):
             batch, self._replace_queue = self._replace_queue, []
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
-                        await self._replace(keys=keys, args=args, client=pipe)
+                    for script, keys, args, _ in batch:
+                        await script(keys=keys, args=args, client=pipe)
                     results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as exc:
                 results = [exc] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
+            for (_, _, _, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, BaseException):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    # --- one report, one round trip (apply.lua) ---------------------------------------
+
+    async def apply(
+        self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
+    ) -> Decided | OtherJob:
+        stamp = format_time(now)
+        args: list[Any] = [
+            (now - _EPOCH) // _MICROSECOND,
+            stamp,
+            f"{parse_time(stamp).timestamp():.3f}",
+            self.ttl_seconds,
+            self.history_limit,
+            self.keys.channel(job_id),
+            inputs.kind,
+            inputs.owner,
+            ",".join(repr(float(inputs.weights.get(p, 0.0))) for p in WORKING_PHASES),
+            ",".join(
+                repr(stat.mean_seconds) if (stat := inputs.stats.get(p)) is not None else ""
+                for p in WORKING_PHASES
+            ),
+            update.phase.value,
+            _number(update.phase_progress),
+            update.step or "",
+            _number(update.step_progress),
+            update.step_status or "",
+            "" if update.steps_total is None else update.steps_total,
+            "" if update.message is None else json.dumps(update.message, ensure_ascii=False),
+        ]
+        keys = [
+            self.keys.job(job_id),
+            self.keys.history(job_id),
+            self.keys.owner_index(inputs.owner),
+        ]
+        try:
+            result = await self._batched_replace(keys, args, self._apply)
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot update job {job_id!r} in Redis: {exc}") from exc
+        code = int(result[0])
+        if code >= 0:
+            return Decided(code == 1, str(result[1]))
+        if code == -1:
+            raise JobNotFound(job_id)
+        if code == -2:
+            raise JobTerminal(job_id, Phase(result[1]))
+        if code == -3:
+            return OtherJob(str(result[1]), str(result[2]))
+        if code == -4:
+            raise InvalidUpdate("step", f"a phase may have at most {MAX_STEPS} steps")
+        # -5: a stored state the script does not reproduce byte for byte (written by an
+        # older version, say): decide it with the Python rules instead.
+        return await self.apply_by_compare_and_set(job_id, update, now, inputs)
 
     # --- reads ---------------------------------------------------------------------------
 

@@ -13,7 +13,9 @@ import json
 import queue
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -22,13 +24,22 @@ from phasecast.engines.base import (
     DEFAULT_HISTORY_LIMIT,
     Change,
     ChangeHandler,
+    Decided,
     Engine,
+    OtherJob,
+    RuleInputs,
     check_successor,
     history_entry,
 )
-from phasecast.errors import ConfigurationError, EngineUnavailable, JobExists, JobTerminal
-from phasecast.model import JobState, Phase
-from phasecast.progress import PhaseStat, PhaseStats, learn
+from phasecast.errors import (
+    ConfigurationError,
+    EngineUnavailable,
+    JobExists,
+    JobNotFound,
+    JobTerminal,
+)
+from phasecast.model import JobState, Phase, ProgressUpdate, apply_progress
+from phasecast.progress import PhaseStat, PhaseStats, estimate_eta, learn
 
 T = TypeVar("T")
 
@@ -62,6 +73,9 @@ CREATE TABLE IF NOT EXISTS phase_stats (
 """
 
 _BATCH_LIMIT = 256
+# Parsed states kept by the writer thread, so a report skips reading and parsing its row.
+# This process is the only writer of the file, so what it wrote last is what is stored.
+_STATE_CACHE = 4096
 _SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
 
 Operation = Callable[[sqlite3.Connection], tuple[Any, Change | None]]
@@ -96,6 +110,7 @@ class SQLiteEngine(Engine):
         )
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._states: OrderedDict[str, tuple[JobState, str]] = OrderedDict()  # writer thread only
 
     async def start(self, on_change: ChangeHandler | None = None) -> None:
         self._on_change = on_change
@@ -175,6 +190,7 @@ class SQLiteEngine(Engine):
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._states.clear()  # it may hold states that were never committed
             failure = EngineUnavailable(f"SQLite transaction failed: {exc}")
             results = [(future, None, failure, None) for _, future in batch]
         for future, value, error, change in results:
@@ -265,6 +281,7 @@ class SQLiteEngine(Engine):
                     expected_seq,
                 ),
             )
+            self._states.pop(state.job_id, None)
             if cursor.rowcount != 1:
                 row = conn.execute(
                     "SELECT seq, terminal, phase FROM jobs WHERE job_id = ?", (state.job_id,)
@@ -277,6 +294,45 @@ class SQLiteEngine(Engine):
 
         applied: bool = await self._submit(op)
         return applied
+
+    async def apply(
+        self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
+    ) -> Decided | OtherJob:
+        def op(conn: sqlite3.Connection) -> tuple[Decided | OtherJob, Change | None]:
+            known = self._states.pop(job_id, None)
+            if known is None:
+                row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                if row is None:
+                    raise JobNotFound(job_id)
+                known = (JobState.from_json(row[0]), row[0])
+            state, state_json = known
+            if state.kind != inputs.kind or state.owner != inputs.owner:
+                return OtherJob(state.kind, state.owner), None
+            # The rules themselves (model.py), run on the writer thread inside this
+            # transaction: nothing can come between the read and the write.
+            outcome = apply_progress(state, update, now, inputs.weights)
+            if not outcome.applied:
+                self._keep(state, state_json)
+                return Decided(False, state_json), None
+            new = outcome.state
+            new.eta_seconds = estimate_eta(new, now, inputs.stats, inputs.weights)
+            new_json = new.to_json()
+            conn.execute(
+                "UPDATE jobs SET phase = ?, terminal = ?, seq = ?, updated_at = ?, state = ? "
+                "WHERE job_id = ?",
+                (new.phase.value, 0, new.seq, new.updated_at, new_json, job_id),
+            )
+            self._append_history(conn, new)
+            self._keep(new, new_json)
+            return Decided(True, new_json), Change.of(new, new_json)
+
+        result: Decided | OtherJob = await self._submit(op)
+        return result
+
+    def _keep(self, state: JobState, state_json: str) -> None:
+        self._states[state.job_id] = (state, state_json)
+        if len(self._states) > _STATE_CACHE:
+            self._states.popitem(last=False)
 
     def _append_history(self, conn: sqlite3.Connection, state: JobState) -> None:
         conn.execute(

@@ -1,0 +1,367 @@
+-- Decide and store one progress report in one atomic step: the rules of
+-- phasecast.model.apply_progress and the ETA of phasecast.progress.estimate_eta, ported
+-- line by line (the Python model is the specification; tests/vectors/rules.json holds
+-- both to the same answers). No clock is read here: the time comes in ARGV.
+--
+-- The stored state JSON must stay byte-for-byte what Python's JobState.to_json writes, so
+-- it is re-encoded here field by field, numbers as Python's repr writes floats. The part
+-- this report never touches ("error" and "metadata") is kept verbatim. A stored state
+-- whose encoding this script would not reproduce exactly is left alone (-5): the caller
+-- then takes the Python path.
+--
+-- KEYS: 1 state hash, 2 history stream, 3 owner index (zset)
+-- ARGV: 1 now (integer microseconds since the epoch), 2 now as RFC 3339 (ms), 3 now as
+--       Unix seconds with 3 decimals (pub/sub header), 4 ttl seconds, 5 history maxlen,
+--       6 channel, 7 kind the caller's weights are for, 8 owner the caller expects,
+--       9 weights of QUEUED,ANALYZING,GENERATING,POST_PROCESSING, 10 learned mean seconds
+--       of the same four ('' where none), 11 phase, 12 phase_progress, 13 step,
+--       14 step_progress, 15 step_status, 16 steps_total, 17 message as a JSON string
+--       (ARGV 12-17: '' for none)
+-- Returns {1, state} applied; {0, state} late or repeated; {-1} no such job;
+--         {-2, phase} ended; {-3, kind, owner} other kind or owner than expected (nothing
+--         decided: ask again with theirs); {-4} too many steps; {-5} not reproducible.
+
+local PHASES = {'QUEUED', 'ANALYZING', 'GENERATING', 'POST_PROCESSING',
+                'COMPLETE', 'FAILED', 'CANCELLED'}
+local RANK = {QUEUED = 0, ANALYZING = 1, GENERATING = 2, POST_PROCESSING = 3,
+              COMPLETE = 4, FAILED = 4, CANCELLED = 4}
+local MAX_STEPS = 1000
+local null = cjson.null
+
+-- --- JSON exactly as Python's json.dumps(separators=(',', ':'), ensure_ascii=False) ------
+
+local ESCAPES = {['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
+                 ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
+local function escape(c)
+  return ESCAPES[c] or string.format('\\u%04x', string.byte(c))
+end
+local function str(s)
+  return '"' .. (string.gsub(s, '[%z\1-\31"\\]', escape)) .. '"'
+end
+
+-- repr(float): the shortest digits that read back as the same double.
+local function float(x)
+  if x ~= x or x == math.huge or x == -math.huge then
+    error('non-finite number')
+  end
+  if x == math.floor(x) and math.abs(x) < 1e16 then
+    return string.format('%d', x) .. '.0'
+  end
+  if math.abs(x) < 1e9 then
+    -- Most values here are rounded to 0.001: three decimals are then the shortest form.
+    local s = string.gsub(string.format('%.3f', x), '0+$', '')
+    if tonumber(s) == x then
+      return s
+    end
+  end
+  for digits = 1, 17 do
+    local s = string.format('%.' .. digits .. 'g', x)
+    if tonumber(s) == x then
+      return s
+    end
+  end
+  return string.format('%.17g', x)
+end
+
+local function int(n)
+  return string.format('%d', n)
+end
+
+local function opt(value, encode)
+  if value == nil or value == null then
+    return 'null'
+  end
+  return encode(value)
+end
+
+-- Python's round(x, n): correctly rounded, ties to even on the exact binary value, which
+-- is what C's printf does too.
+local function round(x, decimals)
+  return tonumber(string.format('%.' .. decimals .. 'f', x))
+end
+
+-- --- the stored state ---------------------------------------------------------------------
+
+local function encode_phases(phases)
+  local parts = {}
+  for _, name in ipairs(PHASES) do
+    local span = phases[name]
+    if span ~= nil then
+      parts[#parts + 1] = str(name) .. ':{"started_at":' .. opt(span.started_at, str)
+        .. ',"finished_at":' .. opt(span.finished_at, str) .. '}'
+    end
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+local function encode_steps(steps, order)
+  local parts = {}
+  for _, id in ipairs(order) do
+    local s = steps[id]
+    parts[#parts + 1] = str(id) .. ':{"progress":' .. float(s.progress)
+      .. ',"status":' .. str(s.status) .. '}'
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+-- Everything before "error", with the closing brace left off.
+local function encode_head(st, order, message_json)
+  return '{"job_id":' .. str(st.job_id) .. ',"owner":' .. str(st.owner)
+    .. ',"kind":' .. str(st.kind) .. ',"phase":' .. str(st.phase)
+    .. ',"phase_progress":' .. float(st.phase_progress)
+    .. ',"progress":' .. float(st.progress)
+    .. ',"message":' .. message_json
+    .. ',"eta_seconds":' .. opt(st.eta_seconds, float)
+    .. ',"seq":' .. int(st.seq) .. ',"epoch":' .. str(st.epoch)
+    .. ',"created_at":' .. str(st.created_at) .. ',"updated_at":' .. str(st.updated_at)
+    .. ',"phases":' .. encode_phases(st.phases)
+    .. ',"steps":' .. encode_steps(st.steps, order)
+    .. ',"steps_total":' .. opt(st.steps_total, int)
+end
+
+-- --- time ---------------------------------------------------------------------------------
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+-- '2026-11-29T04:10:00.123Z' -> integer microseconds since the epoch
+local function micros(stamp)
+  local y, mo, d, h, mi, s, ms = string.match(stamp,
+    '^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.(%d%d%d)Z$')
+  if not y then
+    return nil
+  end
+  local days = days_from_civil(tonumber(y), tonumber(mo), tonumber(d))
+  local seconds = ((days * 24 + tonumber(h)) * 60 + tonumber(mi)) * 60 + tonumber(s)
+  return (seconds * 1000 + tonumber(ms)) * 1000
+end
+
+-- --- the rules (model.py) -----------------------------------------------------------------
+
+local function overall_progress(phase, phase_progress, weights)
+  local total = 0
+  for i = 1, 4 do total = total + weights[i] end
+  if total <= 0 then
+    return 0.0
+  end
+  local done = 0
+  for i = 1, RANK[phase] do done = done + weights[i] end
+  local current = weights[RANK[phase] + 1] * phase_progress / 100.0
+  return round(math.min(100.0, 100.0 * (done + current) / total), 3)
+end
+
+local function steps_mean(steps, order, steps_total)
+  local count = math.max(#order, steps_total or 0)
+  if count == 0 then
+    return 0.0
+  end
+  local sum = 0
+  for _, id in ipairs(order) do sum = sum + steps[id].progress end
+  return sum / count
+end
+
+-- progress.estimate_eta for a working phase
+local function estimate_eta(st, now_us, weights, means)
+  local rank = RANK[st.phase]
+  local span = st.phases[st.phase]
+  local elapsed = 0.0
+  if span ~= nil and span.started_at ~= nil and span.started_at ~= null then
+    elapsed = math.max(0.0, (now_us - micros(span.started_at)) / 1000000)
+  end
+  local pace, rate_remaining = nil, nil
+  local fraction = st.phase_progress / 100.0
+  if fraction > 0 and elapsed > 0 then
+    local phase_total = elapsed / fraction
+    rate_remaining = phase_total - elapsed
+    local weight = weights[rank + 1]
+    if weight > 0 then
+      pace = phase_total / weight
+    end
+  end
+  local typical = means[rank + 1]
+  local typical_remaining = nil
+  if typical ~= nil then
+    typical_remaining = math.max(0.0, typical - elapsed)
+  end
+  local current
+  if rate_remaining ~= nil and typical_remaining ~= nil then
+    current = fraction * rate_remaining + (1 - fraction) * typical_remaining
+  elseif rate_remaining ~= nil then
+    current = rate_remaining
+  elseif typical_remaining ~= nil then
+    current = typical_remaining
+  else
+    return nil
+  end
+  local later = 0.0
+  for i = rank + 2, 4 do
+    if means[i] ~= nil then
+      later = later + means[i]
+    elseif weights[i] == 0 then
+      -- a phase of no weight adds nothing
+    elseif pace ~= nil then
+      later = later + pace * weights[i]
+    else
+      return nil
+    end
+  end
+  return round(current + later, 1)
+end
+
+local function numbers(csv, allow_missing)
+  local out = {}
+  local i = 0
+  for item in string.gmatch(csv .. ',', '([^,]*),') do
+    i = i + 1
+    if item ~= '' then
+      out[i] = tonumber(item)
+    elseif not allow_missing then
+      out[i] = 0.0
+    end
+  end
+  return out
+end
+
+-- --- the step -----------------------------------------------------------------------------
+
+local raw = redis.call('HGET', KEYS[1], 'state')
+if not raw then
+  return {-1}
+end
+
+-- The stored JSON ends with the parts a report never changes: "error" (null while the job
+-- runs) and "metadata". "steps_total" (null or a number) comes right before them; a step
+-- named "steps_total" would be followed by "{", so this finds the top-level field.
+local cut = string.find(raw, ',"steps_total":[%dnul]+,"error":')
+if not cut then
+  return {-5}
+end
+local tail_at = string.find(raw, ',"error":', cut, true)
+local head_raw, tail = string.sub(raw, 1, tail_at - 1), string.sub(raw, tail_at)
+local st = cjson.decode(head_raw .. '}')
+
+if st.kind ~= ARGV[7] or st.owner ~= ARGV[8] then
+  return {-3, st.kind, st.owner}
+end
+if RANK[st.phase] == 4 then
+  return {-2, st.phase}
+end
+if st.steps_total == null then st.steps_total = nil end
+if st.eta_seconds == null then st.eta_seconds = nil end
+
+-- Step ids in stored order (cjson forgets it; the mean adds them up in this order).
+local order = {}
+local steps_raw = string.match(head_raw, ',"steps":(%b{}),"steps_total":')
+if steps_raw == nil then
+  return {-5}
+end
+for id in string.gmatch(steps_raw, '"([^"]*)":{') do
+  order[#order + 1] = id
+end
+local message_json = str(st.message)
+if encode_head(st, order, message_json) ~= head_raw or string.sub(tail, 1, 25) ~= ',"error":null,"metadata":' then
+  return {-5}
+end
+
+local now_us, stamp = tonumber(ARGV[1]), ARGV[2]
+local weights, means = numbers(ARGV[9], false), numbers(ARGV[10], true)
+local phase = ARGV[11]
+local phase_progress = tonumber(ARGV[12])
+local step_id = ARGV[13] ~= '' and ARGV[13] or nil
+local step_progress = tonumber(ARGV[14])
+local step_status = ARGV[15] ~= '' and ARGV[15] or nil
+local steps_total = tonumber(ARGV[16])
+local new_message = ARGV[17] ~= '' and ARGV[17] or nil
+
+if RANK[phase] < RANK[st.phase] then
+  return {0, raw}
+end
+
+local old = {phase = st.phase, phase_progress = st.phase_progress, message = message_json,
+             steps = steps_raw, steps_total = st.steps_total,
+             progress = st.progress}
+
+if RANK[phase] > RANK[st.phase] then
+  local current = st.phases[st.phase]
+  if current ~= nil and (current.finished_at == nil or current.finished_at == null) then
+    current.finished_at = stamp
+  end
+  st.phases[phase] = {started_at = stamp, finished_at = null}
+  st.phase = phase
+  st.phase_progress = 0.0
+  st.steps, order = {}, {}
+  st.steps_total = nil
+end
+if steps_total ~= nil then
+  st.steps_total = math.max(st.steps_total or 0, steps_total)
+end
+if step_id ~= nil then
+  local s = st.steps[step_id]
+  if s == nil then
+    if #order >= MAX_STEPS then
+      return {-4}
+    end
+    s = {progress = 0.0, status = 'pending'}
+    st.steps[step_id] = s
+    order[#order + 1] = step_id
+  end
+  if s.status ~= 'done' then
+    local progress = step_progress
+    if step_status == 'done' then
+      progress = 100.0
+    end
+    if progress ~= nil then
+      s.progress = math.max(s.progress, progress)
+    end
+    if step_status ~= nil then
+      s.status = step_status
+    elseif (s.status == 'pending' or s.status == 'failed') and progress ~= nil then
+      s.status = 'running'
+    end
+    if s.progress >= 100.0 and s.status ~= 'failed' then
+      s.status = 'done'
+    end
+  end
+end
+if #order > 0 then
+  st.phase_progress = math.max(st.phase_progress, round(steps_mean(st.steps, order, st.steps_total), 3))
+elseif phase_progress ~= nil then
+  if phase_progress < st.phase_progress then
+    return {0, raw}
+  end
+  st.phase_progress = phase_progress
+end
+if new_message ~= nil then
+  message_json = new_message
+end
+st.progress = math.max(old.progress, overall_progress(st.phase, st.phase_progress, weights))
+
+local steps_json = encode_steps(st.steps, order)
+if st.phase == old.phase and st.phase_progress == old.phase_progress
+    and message_json == old.message and steps_json == old.steps
+    and st.steps_total == old.steps_total then
+  return {0, raw}
+end
+st.seq = st.seq + 1
+st.updated_at = stamp
+st.eta_seconds = estimate_eta(st, now_us, weights, means)
+local state = encode_head(st, order, message_json) .. tail
+local entry = '{"seq":' .. int(st.seq) .. ',"at":' .. str(stamp) .. ',"phase":' .. str(st.phase)
+  .. ',"phase_progress":' .. float(st.phase_progress) .. ',"progress":' .. float(st.progress)
+  .. ',"message":' .. message_json .. '}'
+
+redis.call('HSET', KEYS[1], 'state', state, 'seq', st.seq, 'terminal', '0')
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', entry)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+-- The pub/sub payload: Change.encode's form (seq|terminal|changed_at|job_id|state).
+redis.call('PUBLISH', ARGV[6], int(st.seq) .. '|0|' .. ARGV[3] .. '|' .. st.job_id .. '|' .. state)
+return {1, state}
