@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -21,19 +19,91 @@ app = typer.Typer(
     help="Live progress of long-running AI generation jobs.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # main() prints one line; --debug shows the traceback
 )
 log = logging.getLogger("phasecast.cli")
 
 DEV_SECRET_FILE = Path(".phasecast") / "dev-secret"
 DEMO_ENGINE = "sqlite:///.phasecast/demo.db"
 
-Host = Annotated[str | None, typer.Option(help="Interface to listen on [env PHASECAST_HOST].")]
-Port = Annotated[int | None, typer.Option(help="Port [env PHASECAST_PORT].")]
+Host = Annotated[str | None, typer.Option(help="Interface to listen on (env PHASECAST_HOST).")]
+Port = Annotated[int | None, typer.Option(help="Port (env PHASECAST_PORT).")]
 EngineOpt = Annotated[
     str | None,
-    typer.Option(help="sqlite:///file.db (default) or redis://host:6379/0 [env PHASECAST_ENGINE]."),
+    typer.Option(help="sqlite:///file.db (default) or redis://host:6379/0 (env PHASECAST_ENGINE)."),
 ]
-LogJson = Annotated[bool, typer.Option("--log-json", help="Write logs as JSON lines.")]
+LogJson = Annotated[
+    bool, typer.Option("--log-json", help="Write logs as JSON lines (env PHASECAST_LOG_JSON).")
+]
+
+
+_debug_flag = False
+
+
+def _debug() -> bool:
+    return _debug_flag or os.environ.get("PHASECAST_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of errors (env PHASECAST_DEBUG=1).")
+    ] = False,
+) -> None:
+    global _debug_flag
+    _debug_flag = debug
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """An expected failure: one line on stderr, a non-zero exit, no traceback."""
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def raise_or_fail(exc: BaseException, code: int = 1) -> NoReturn:
+    if _debug():
+        raise exc
+    fail(str(exc), code)
+
+
+class _OneLineStartupErrors(logging.Filter):
+    """uvicorn logs a failed application startup as a whole traceback; without --debug, keep
+    its last line (the error itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and isinstance(record.msg, str) and record.msg.startswith(
+            "Traceback"
+        ):
+            last = [line for line in record.msg.strip().splitlines() if line.strip()][-1]
+            record.msg = f"{last} (run with --debug for the traceback)"
+            record.args = ()
+        return True
+
+
+def _check_engine(url: str) -> None:
+    """Open and close the engine before serving, so an unreachable or wrong engine is one clear
+    line rather than a failed application startup."""
+    from phasecast.engines import open_engine
+    from phasecast.errors import PhasecastError
+
+    async def check() -> None:
+        engine = open_engine(url)
+        await engine.start()
+        await engine.stop()
+
+    try:
+        asyncio.run(check())
+    except ConfigurationError as exc:
+        if _debug():
+            raise
+        typer.secho(f"configuration error: {exc.message}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except PhasecastError as exc:
+        if _debug():
+            raise
+        fail(f"{exc.message.rstrip('.')}. Start it, or pass another --engine.")
+    if not _debug():
+        logging.getLogger("uvicorn.error").addFilter(_OneLineStartupErrors())
 
 
 def dev_secret(path: Path | None = None) -> str:
@@ -104,9 +174,11 @@ def serve(
     port: Port = None,
     engine: EngineOpt = None,
     log_json: LogJson = False,
-    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning, error (env PHASECAST_LOG_LEVEL).")
+    ] = None,
     archive: Annotated[
-        str | None, typer.Option(help="postgresql://… for durable job records [env PHASECAST_ARCHIVE].")
+        str | None, typer.Option(help="postgresql://… for durable job records (env PHASECAST_ARCHIVE).")
     ] = None,
 ) -> None:
     """Run the Phasecast server."""
@@ -122,6 +194,7 @@ def serve(
             f"Using the development secret in {DEV_SECRET_FILE}; set PHASECAST_JWT_SECRET in "
             "production.", fg="yellow", err=True,
         )
+    _check_engine(settings.engine)
     from phasecast.integrations import startup_hooks
 
     _run_server(settings, startup=startup_hooks(settings))
@@ -137,7 +210,10 @@ def demo(
         bool, typer.Option("--auto-jobs/--no-auto-jobs", help="Start generations by itself.")
     ] = True,
     every: Annotated[float, typer.Option(min=1, help="Seconds between automatic jobs.")] = 12.0,
-    failure_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.0,
+    failure_rate: Annotated[
+        float,
+        typer.Option(min=0, max=1, help="Share of simulated generations that fail, from 0 to 1."),
+    ] = 0.0,
     log_json: LogJson = False,
 ) -> None:
     """Serve on the embedded engine with simulated comic generations; open the printed URL."""
@@ -149,6 +225,7 @@ def demo(
     )
     options = DemoOptions(speed=speed, auto_jobs=auto_jobs, every_seconds=every,
                           failure_rate=failure_rate)
+    _check_engine(settings.engine)
     typer.secho(f"Phasecast demo: open http://{settings.host}:{settings.port}/", fg="green", err=True)
     from phasecast.integrations import startup_hooks
     from phasecast.integrations.demo import demo_runpod_startup
@@ -185,31 +262,68 @@ def token(
         raise typer.Exit(2) from None
 
 
+CLI_TOKEN_TTL = 900  # tokens `watch` mints for itself live 15 min and are refreshed before expiry
+
+
 @app.command()
 def watch(
     job_id: str,
     url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
     access_token: Annotated[
         str | None,
-        typer.Option("--token", help="Token; by default one is made with the local configuration."),
+        typer.Option(
+            "--token",
+            envvar="PHASECAST_TOKEN",
+            help="Token to watch with (env PHASECAST_TOKEN). Used as given, so the watch ends if it "
+            "expires. Without it, tokens are minted with the local configuration (as `phasecast "
+            "token` does) and refreshed before they expire.",
+        ),
     ] = None,
-    transport: Annotated[str, typer.Option(help="sse or ws.")] = "sse",
+    transport: Annotated[
+        str, typer.Option(help="auto (WebSocket, SSE if WebSockets are blocked), ws or sse.")
+    ] = "auto",
+    give_up_after: Annotated[
+        float, typer.Option(min=1, help="Seconds to keep reconnecting after the server went away.")
+    ] = 60.0,
 ) -> None:
-    """Show a job's progress in the terminal until it ends."""
-    if transport not in ("sse", "ws"):
-        typer.secho("--transport must be sse or ws", fg="red", err=True)
-        raise typer.Exit(2)
+    """Show a job's progress in the terminal until it ends (exit 0 if it completed)."""
+    from phasecast.client import RetryPolicy, TokenSpec
+
+    transports = {"auto": ("websocket", "sse"), "ws": ("websocket",), "sse": ("sse",)}.get(transport)
+    if transports is None:
+        fail("--transport must be auto, ws or sse", code=2)
+    if not url.startswith(("http://", "https://")):
+        fail(f"--url must start with http:// or https://, got {url!r}", code=2)
+    token: TokenSpec = access_token
     if access_token is None:
         from phasecast.server.auth import SCOPE_ADMIN, mint_token
 
-        access_token = mint_token(load_settings(allow_dev_secret=True), "cli", [SCOPE_ADMIN], 3600)
-    code = asyncio.run(_watch(job_id, url.rstrip("/"), access_token, transport))
+        settings = load_settings(allow_dev_secret=True)
+
+        def token_function() -> str:
+            return mint_token(settings, "cli", [SCOPE_ADMIN], CLI_TOKEN_TTL)
+
+        token = token_function
+    # fail_fast: a wrong --url or a server that is not running is reported at once; a server
+    # that goes away mid-watch is waited for (a restart), up to --give-up-after seconds.
+    policy = RetryPolicy(fail_fast=True, give_up_after=give_up_after)
+    code = asyncio.run(_watch(job_id, url, token, transports, policy, static_token=access_token is not None))
     raise typer.Exit(code)
 
 
-async def _watch(job_id: str, base_url: str, access_token: str, transport: str) -> int:
+async def _watch(
+    job_id: str,
+    base_url: str,
+    token: Any,
+    transports: Any,
+    policy: Any,
+    *,
+    static_token: bool,
+) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
+
+    from phasecast.client import AuthenticationError, ClientError, JobState, PhasecastClient
 
     console = Console(stderr=True)
     columns = (
@@ -219,69 +333,60 @@ async def _watch(job_id: str, base_url: str, access_token: str, transport: str) 
         TextColumn("{task.fields[eta]}"),
         TextColumn("[dim]{task.fields[message]}"),
     )
-    states = _sse_states if transport == "sse" else _ws_states
-    final: dict[str, Any] | None = None
+    final: JobState | None = None
+    # The bar appears with the first state, so a failure to connect is a single line.
+    bar = Progress(*columns, console=console)
+    task = bar.add_task(job_id, total=100, phase="…", eta="", message="", start=False)
     try:
-        with Progress(*columns, console=console) as bar:
-            task = bar.add_task(job_id, total=100, phase="…", eta="", message="")
-            async for state in states(base_url, job_id, access_token):
-                eta = state.get("eta_seconds")
+        async with PhasecastClient(base_url, token=token, retry=policy, transports=transports) as client:
+            async for state in client.watch(job_id):
+                if final is None:
+                    bar.start()
                 bar.update(
                     task,
-                    completed=state["progress"],
-                    phase=state["phase"],
-                    eta="" if eta is None else f"~{eta:.0f}s left",
-                    message=state.get("message", ""),
+                    completed=state.progress,
+                    phase=state.phase.value,
+                    eta=_eta_text(state),
+                    message=escape(state.message),
                 )
                 final = state
-    except _WatchError as exc:
-        console.print(f"[red]{exc}")
-        return 1
+    except AuthenticationError as exc:
+        if static_token and not _debug():
+            fail(f"{exc}. Mint a new token (phasecast token) or leave out --token.")
+        raise_or_fail(exc)
+    except (ClientError, ValueError) as exc:
+        raise_or_fail(exc)
+    finally:
+        if final is not None:
+            bar.stop()
     if final is None:
         return 1
-    if final["phase"] == "FAILED" and final.get("error"):
-        console.print(f"[red]failed: {final['error']['message']}")
-    return 0 if final["phase"] == "COMPLETE" else 1
+    if final.phase == "FAILED":
+        reason = final.error.message if final.error else final.message
+        console.print(f"[red]failed: {escape(reason)}")
+    elif final.phase == "CANCELLED":
+        console.print(f"[yellow]cancelled: {escape(final.message)}")
+    return 0 if final.phase == "COMPLETE" else 1
 
 
-class _WatchError(Exception):
-    pass
+def _eta_text(state: Any) -> str:
+    """Time left while the job runs; nothing once it has ended (never "~0s left" on COMPLETE)."""
+    if state.terminal or state.eta_seconds is None:
+        return ""
+    return f"~{state.eta_seconds:.0f}s left"
 
 
-async def _sse_states(base_url: str, job_id: str, access_token: str) -> AsyncIterator[dict[str, Any]]:
-    import httpx
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
 
-    headers = {"Authorization": f"Bearer {access_token}", "Accept": "text/event-stream"}
-    events_url = f"{base_url}/v1/jobs/{job_id}/events"
-    async with (
-        httpx.AsyncClient(timeout=httpx.Timeout(10, read=60)) as client,
-        client.stream("GET", events_url, headers=headers) as reply,
-    ):
-        if reply.status_code != 200:
-            body = json.loads(await reply.aread() or b"{}")
-            raise _WatchError(body.get("error", {}).get("message", f"HTTP {reply.status_code}"))
-        async for line in reply.aiter_lines():
-            if line.startswith("data: "):
-                yield json.loads(line[6:])
-
-
-async def _ws_states(base_url: str, job_id: str, access_token: str) -> AsyncIterator[dict[str, Any]]:
-    from urllib.parse import quote
-
-    import websockets
-
-    ws_url = base_url.replace("http", "ws", 1) + f"/v1/ws?access_token={quote(access_token)}"
-    async with websockets.connect(ws_url) as socket:
-        await socket.send(json.dumps({"op": "subscribe", "job_id": job_id}))
-        async for raw in socket:
-            message = json.loads(raw)
-            if message["type"] == "error":
-                raise _WatchError(message["message"])
-            if message["type"] == "state":
-                yield message["job"]
-                if message["job"]["phase"] in ("COMPLETE", "FAILED", "CANCELLED"):
-                    return
+    return rich_escape(text)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # an unexpected failure: still one line unless --debug
+        if _debug():
+            raise
+        typer.secho(f"error: {exc} (run with --debug for the traceback)", fg="red", err=True)
+        raise SystemExit(1) from None

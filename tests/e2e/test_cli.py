@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.support.process import TEST_SECRET, ServerProcess
+from tests.support.process import TEST_SECRET, ServerProcess, free_port
 
 from phasecast.config import Settings
 from phasecast.server.auth import TokenVerifier
@@ -98,3 +98,85 @@ async def test_json_logs_carry_request_and_job_ids_and_never_tokens(
     assert rejected[0]["job_id"] == "logged"
     assert "phase_progress" in rejected[0]["message"]
     assert all(worker_token not in json.dumps(line) for line in lines)
+
+
+# --- the first hour: expected failures, help, the watch display -------------------------------
+
+
+def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_expected_failures_print_one_clear_line_and_exit_non_zero(tmp_path: Path) -> None:
+    env = {"PHASECAST_JWT_SECRET": TEST_SECRET}
+    nothing_there = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (["serve", "--engine", "redis://127.0.0.1:1/0", "--port", str(free_port())], "unreachable", 1),
+        (["watch", "some-job", "--url", nothing_there], "cannot reach", 1),
+        (["watch", "some-job", "--url", "127.0.0.1:8000"], "--url must start with http", 2),
+        (["watch", "some-job", "--transport", "carrier-pigeon"], "--transport must be", 2),
+    ]
+    for args, says, code in cases:
+        result = phasecast(*args, cwd=tmp_path, env=env)
+        assert result.returncode == code, (args, result.stderr)
+        lines = stderr_lines(result)
+        assert len(lines) == 1, (args, result.stderr)
+        assert says in lines[0]
+        assert "Traceback" not in result.stderr
+    debug = phasecast("--debug", "watch", "some-job", "--url", nothing_there, cwd=tmp_path, env=env)
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr
+    assert "ConnectionFailedError" in debug.stderr
+
+
+def test_help_names_the_environment_variables_and_every_option(tmp_path: Path) -> None:
+    wide = {"COLUMNS": "250", "TERM": "dumb"}
+    serve = phasecast("serve", "--help", cwd=tmp_path, env=wide)
+    assert serve.returncode == 0
+    for name in ("PHASECAST_HOST", "PHASECAST_PORT", "PHASECAST_ENGINE", "PHASECAST_ARCHIVE", "PHASECAST_LOG_LEVEL"):
+        assert name in serve.stdout, name
+    demo = phasecast("demo", "--help", cwd=tmp_path, env=wide)
+    failure_rate = next(line for line in demo.stdout.splitlines() if "--failure-rate" in line)
+    assert "Share of simulated generations that fail" in failure_rate
+    watch = phasecast("watch", "--help", cwd=tmp_path, env=wide)
+    assert "PHASECAST_TOKEN" in watch.stdout
+
+
+@pytest.mark.parametrize(("ending", "exit_code", "says"), [
+    ("complete", 0, None),
+    ("fail", 1, "failed: CUDA out of memory"),
+    ("cancel", 1, "cancelled: "),
+])
+async def test_watch_ends_with_the_job_and_shows_no_time_left_once_it_ended(
+    ending: str, exit_code: int, says: str | None, sqlite_engine_url: str, tmp_path: Path, worker_token: str
+) -> None:
+    bodies = {
+        "complete": {},
+        "fail": {"error": {"code": "gpu_oom", "message": "CUDA out of memory"}},
+        "cancel": {"reason": "Cancelled by the user"},
+    }
+    with ServerProcess(sqlite_engine_url, log_path=tmp_path / "server.log") as server:
+        headers = {"Authorization": f"Bearer {worker_token}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers) as api:
+            await api.post("/v1/jobs", json={"job_id": "ending", "owner": "alice"})
+            await api.post("/v1/jobs/ending/progress", json={"phase": "GENERATING", "phase_progress": 50})
+            await api.post(f"/v1/jobs/ending/{ending}", json=bodies[ending])
+        # No --token: the CLI mints its own with the configured secret.
+        result = await asyncio.to_thread(
+            phasecast, "watch", "ending", "--url", server.url, cwd=tmp_path,
+            env={"PHASECAST_JWT_SECRET": TEST_SECRET, "COLUMNS": "160"},
+        )
+    assert result.returncode == exit_code, result.stderr
+    assert "s left" not in result.stderr  # the server's eta is 0 at the end: not shown
+    assert {"complete": "COMPLETE", "fail": "FAILED", "cancel": "CANCELLED"}[ending] in result.stderr
+    if says:
+        assert says in result.stderr
+
+
+def test_watching_a_job_that_does_not_exist_says_so(sqlite_engine_url: str, tmp_path: Path, worker_token: str) -> None:
+    with ServerProcess(sqlite_engine_url, log_path=tmp_path / "server.log") as server:
+        result = phasecast("watch", "no-such-job", "--url", server.url, "--token", worker_token, cwd=tmp_path)
+    assert result.returncode == 1
+    lines = stderr_lines(result)
+    assert len(lines) == 1, result.stderr
+    assert "no-such-job" in lines[0]

@@ -1,0 +1,289 @@
+"""``PhasecastClient``: watch jobs from Python, over WebSocket with SSE as the fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal
+
+import httpx
+
+from phasecast.client.errors import (
+    AuthenticationError,
+    ClientError,
+    ConnectionFailedError,
+    ForbiddenError,
+    JobNotFoundError,
+    ProtocolError,
+)
+from phasecast.client.links import (
+    Authenticated,
+    LinkDown,
+    Opened,
+    Outcome,
+    SSELink,
+    Transport,
+    WebSocketLink,
+    parse_state,
+)
+from phasecast.client.policy import Attempts, RetryPolicy
+from phasecast.client.tokens import Token, TokenSource, TokenSpec
+from phasecast.model import JOB_ID_PATTERN, JobState
+
+log = logging.getLogger("phasecast.client")
+
+# A token function that fails is asked again this often until the token in use expires.
+TOKEN_RETRY_SECONDS = 2.0
+# The least time between two refreshes of one link's token.
+MIN_REFRESH_SECONDS = 1.0
+
+
+@dataclass
+class ClientStats:
+    """Counters for diagnostics (and tests): links opened per transport, token refreshes (sent
+    on the open WebSocket; on SSE a planned reconnect), reconnects, fallbacks to SSE."""
+
+    links: dict[str, int] = field(default_factory=lambda: {"websocket": 0, "sse": 0})
+    token_refreshes: int = 0
+    reconnects: int = 0
+    fallbacks: int = 0
+
+
+class PhasecastClient:
+    """Watch Phasecast jobs.
+
+    ``token`` is a string, or a function (sync or async) returning one; a function is asked
+    again for every new connection and shortly before the token in use expires, so watches
+    outlive short-lived tokens. ``transports`` lists the transports to use, in order of
+    preference: by default the WebSocket, falling back to SSE when the WebSocket cannot be
+    opened (``RetryPolicy.websocket_failures_before_fallback``).
+
+    Use it as an async context manager; each ``watch`` holds one connection while it runs.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: TokenSpec = None,
+        retry: RetryPolicy | None = None,
+        transports: tuple[Literal["websocket", "sse"], ...] = ("websocket", "sse"),
+        open_timeout: float = 10.0,
+        idle_timeout: float = 45.0,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if not transports or any(t not in ("websocket", "sse") for t in transports):
+            raise ValueError("transports must name 'websocket', 'sse' or both")
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self.transports = transports
+        self.open_timeout = open_timeout
+        # The server sends a heartbeat every 15 s (ping_interval); a stream quiet for longer
+        # than this is taken as dead and replaced.
+        self.idle_timeout = idle_timeout
+        self.stats = ClientStats()
+        self._tokens = TokenSource(token)
+        self._sse_until = 0.0  # monotonic time until which new links use SSE
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> PhasecastClient:
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.open_timeout)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("use the client as `async with PhasecastClient(...) as client:`")
+        return self._http
+
+    # --- one-shot reads --------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobState:
+        """The current state of a job (``GET /v1/jobs/{id}``)."""
+        _check_job_id(job_id)
+        token = await self._tokens.get()
+        headers = {} if token is None else {"Authorization": f"Bearer {token.value}"}
+        try:
+            reply = await self.http.get(f"/v1/jobs/{job_id}", headers=headers)
+        except httpx.TransportError as exc:
+            raise ConnectionFailedError(f"cannot reach {self.base_url}: {exc}") from None
+        if reply.status_code == 200:
+            try:
+                return parse_state(reply.json(), "sse")
+            except LinkDown as down:
+                raise ProtocolError(down.message) from None
+            except ValueError:
+                raise ProtocolError(f"GET /v1/jobs/{job_id} did not answer JSON") from None
+        message = _reply_message(reply)
+        error: type[ClientError] = {
+            401: AuthenticationError, 403: ForbiddenError, 404: JobNotFoundError
+        }.get(reply.status_code, ProtocolError)
+        raise error(f"{reply.status_code}: {message}")
+
+    async def wait(self, job_id: str) -> JobState:
+        """Wait for the job to end and return its terminal state (at once if it has ended).
+        Bound the wait with ``asyncio.timeout`` if you need to."""
+        final: JobState | None = None
+        async for state in self.watch(job_id):
+            final = state
+        assert final is not None  # watch only ends after the terminal state
+        return final
+
+    # --- watching ---------------------------------------------------------------------------
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobState]:
+        """Yield each new state of the job, ``seq`` strictly increasing, ending after the
+        terminal state. Reconnects (resuming after the last ``seq``) across dropped links and
+        server restarts; a consumer slower than the job gets the newest state, skipping
+        intermediate ones, never the terminal one. Raises a ``ClientError`` subclass when
+        retrying cannot help (refused token, no such job, server unreachable for too long)."""
+        _check_job_id(job_id)
+        attempts = Attempts(self.retry, refreshable_token=self._tokens.refreshable, url=self.base_url)
+        last_seq = 0
+        first = True
+        while True:
+            transport = self._pick_transport()
+            if not first:
+                self.stats.reconnects += 1
+            first = False
+            token = await self._tokens.get()
+            try:
+                async for state in self._follow(transport, job_id, last_seq, token, attempts):
+                    if state.seq <= last_seq:
+                        continue
+                    last_seq = state.seq
+                    yield state
+                    if state.terminal:
+                        return
+            except LinkDown as down:
+                step = attempts.decide(down)  # raises when the watch cannot go on
+                if down.outcome is Outcome.REFRESH:
+                    self.stats.token_refreshes += 1
+                if step.fall_back_to_sse and "sse" in self.transports:
+                    self._sse_until = time.monotonic() + self.retry.websocket_retry_interval
+                    self.stats.fallbacks += 1
+                    log.warning("WebSocket unavailable at %s (%s); using SSE", self.base_url, down.describe())
+                else:
+                    log.info("link to %s ended (%s); reconnecting in %.2f s", self.base_url,
+                             down.describe(), step.delay)
+                if step.delay:
+                    await asyncio.sleep(step.delay)
+
+    def _pick_transport(self) -> Transport:
+        if "websocket" not in self.transports:
+            return "sse"
+        if "sse" in self.transports and time.monotonic() < self._sse_until:
+            return "sse"
+        return "websocket"
+
+    async def _follow(
+        self, transport: Transport, job_id: str, since: int, token: Token | None, attempts: Attempts
+    ) -> AsyncIterator[JobState]:
+        """One link: its states, until it ends (``LinkDown``) or the job does."""
+        self.stats.links[transport] += 1
+        link: WebSocketLink | SSELink
+        if transport == "websocket":
+            link = WebSocketLink(self.base_url, job_id, since, token, open_timeout=self.open_timeout)
+        else:
+            link = SSELink(self.http, job_id, since, token, open_timeout=self.open_timeout,
+                           idle_timeout=self.idle_timeout)
+        events = link.events()
+        refresher: asyncio.Task[None] | None = None
+        # An SSE stream cannot change its token: when the token is due for refresh the stream
+        # is ended and the watch reconnects at once with a fresh one. Never sooner than
+        # MIN_REFRESH_SECONDS after connecting, so a function handing out tokens that are about
+        # to expire cannot spin the client; the server's refusal then decides.
+        deadline = None
+        if transport == "sse" and self._tokens.refreshable and token is not None:
+            due = token.refresh_at()
+            if due is not None:
+                wait = max(MIN_REFRESH_SECONDS, due - time.time())
+                deadline = asyncio.get_running_loop().time() + wait
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline) as scope:
+                        event = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if scope.expired():
+                        raise LinkDown("sse", Outcome.REFRESH, opened=True) from None
+                    raise
+                if isinstance(event, Opened):
+                    attempts.opened()
+                    if isinstance(link, WebSocketLink) and refresher is None and link.token is not None:
+                        refresher = asyncio.create_task(self._refresh_forever(link, link.token))
+                elif isinstance(event, Authenticated):
+                    if isinstance(link, WebSocketLink) and link.token is not None:
+                        current = link.token.with_expiry(event.expires_at)
+                        link.token = current
+                        if refresher is not None:
+                            refresher.cancel()
+                            refresher = asyncio.create_task(self._refresh_forever(link, current))
+                    elif token is not None:
+                        token = token.with_expiry(event.expires_at)
+                else:
+                    yield event
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+            await events.aclose()
+            await link.close()
+
+    async def _refresh_forever(self, link: WebSocketLink, token: Token) -> None:
+        """Hand the open WebSocket a fresh token before the one in use expires."""
+        if not self._tokens.refreshable:
+            return
+        while True:
+            due = token.refresh_at()
+            if due is None:
+                return
+            await asyncio.sleep(max(MIN_REFRESH_SECONDS, due - time.time()))
+            try:
+                fresh = await self._tokens.get()
+            except Exception as exc:  # the function's own failure: try again until expiry
+                log.warning("the token function failed (%s); asking again in %.0f s", exc,
+                            TOKEN_RETRY_SECONDS)
+                if token.expires_at is not None and time.time() >= token.expires_at:
+                    return  # the server closes with 4401; the reconnect asks again
+                await asyncio.sleep(TOKEN_RETRY_SECONDS)
+                continue
+            assert fresh is not None
+            await link.reauthenticate(fresh)
+            self.stats.token_refreshes += 1
+            log.debug("token refreshed on the open WebSocket")
+            token = fresh
+
+
+def _check_job_id(job_id: str) -> None:
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(
+            f"invalid job id {job_id!r}: 1-128 letters, digits, '.', '_', ':' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _reply_message(reply: httpx.Response) -> str:
+    try:
+        return str(reply.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return reply.text[:200] or reply.reason_phrase
