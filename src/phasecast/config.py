@@ -50,6 +50,13 @@ class Settings:
     runpod_lease_seconds: float = 15.0  # another instance takes a job over this long after its poller died
     runpod_request_timeout: float = 10.0
     runpod_max_retries: int = 2  # default for the "retry" failure policy
+    # Request body caps in bytes, enforced while the body streams in (413 beyond). Reports
+    # are small; a create carries up to 16 KiB of metadata; a batch up to 500 reports.
+    # Routes without a cap of their own (integrations, the webhook) get max_body_bytes.
+    max_report_body_bytes: int = 32 * 1024
+    max_create_body_bytes: int = 32 * 1024
+    max_batch_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = 1024 * 1024
     archive: str | None = None  # postgresql://… for durable job records
     demo: bool = False
 
@@ -93,8 +100,29 @@ class Settings:
                 raise ConfigurationError(
                     f"PHASECAST_{name.upper()} must be a number of seconds above 0 and at most 3600"
                 )
+        for name in ("max_report_body_bytes", "max_create_body_bytes", "max_batch_body_bytes",
+                     "max_body_bytes"):
+            if not 1024 <= getattr(self, name) <= 1024 ** 3:
+                raise ConfigurationError(
+                    f"PHASECAST_{name.upper()} must be a number of bytes from 1024 to 1073741824"
+                )
         if not 0 <= self.runpod_max_retries <= 10:
             raise ConfigurationError("PHASECAST_RUNPOD_MAX_RETRIES must be from 0 to 10")
+
+    def body_limits(self) -> dict[str, int]:
+        """Body caps by REST route name; other routes get ``max_body_bytes``."""
+        report = self.max_report_body_bytes
+        return {
+            "create_job": self.max_create_body_bytes,
+            "report_progress": report,
+            "complete_job": report,
+            "fail_job": report,
+            "cancel_job": report,
+            "report_progress_batch": self.max_batch_body_bytes,
+        }
+
+    def largest_body_limit(self) -> int:
+        return max(self.max_body_bytes, *self.body_limits().values())
 
     def key_material(self, which: str) -> str:
         """The PEM text of ``jwt_public_key`` or ``jwt_private_key``, read from a file if it

@@ -3,11 +3,6 @@ WebSocket error code in ``server/errors.py``; the message tells the caller how t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from phasecast.model import Phase
-
 
 class PhasecastError(Exception):
     """Base class for errors that the service reports to its callers."""
@@ -27,6 +22,7 @@ class InvalidUpdate(PhasecastError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field} {problem}")
         self.field = field
+        self.problem = problem
 
 
 class JobNotFound(PhasecastError):
@@ -48,9 +44,11 @@ class JobExists(PhasecastError):
 class JobTerminal(PhasecastError):
     code = "terminal"
 
-    def __init__(self, job_id: str, phase: Phase) -> None:
+    def __init__(self, job_id: str, phase: str) -> None:
+        # ``phase`` is a ``model.Phase`` (a str enum); typed as str so that this module
+        # depends on nothing else in the package.
         super().__init__(
-            f"job {job_id!r} has already ended ({phase.value}); a finished job cannot change"
+            f"job {job_id!r} has already ended ({phase}); a finished job cannot change"
         )
         self.job_id = job_id
         self.phase = phase
@@ -58,6 +56,18 @@ class JobTerminal(PhasecastError):
 
 class EngineUnavailable(PhasecastError):
     code = "unavailable"
+
+
+class InvalidJSON(PhasecastError):
+    """A request body that is not JSON text (or not UTF-8)."""
+
+    code = "invalid_json"
+
+
+class UnsupportedMediaType(PhasecastError):
+    """A request body in a format the server does not read (it reads JSON only)."""
+
+    code = "unsupported_media_type"
 
 
 class ConfigurationError(PhasecastError):

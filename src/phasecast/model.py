@@ -7,12 +7,13 @@ functions return; the tracker feeds them the current state and the time.
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from phasecast.errors import InvalidUpdate, JobTerminal
 
@@ -48,12 +49,24 @@ _RANK: dict[Phase, int] = {p: i for i, p in enumerate(WORKING_PHASES)} | {
 }
 
 StepStatus = Literal["pending", "running", "done", "failed"]
-STEP_STATUSES: tuple[str, ...] = ("pending", "running", "done", "failed")
+STEP_STATUSES: tuple[str, ...] = get_args(StepStatus)
 
+# Ids are matched with ``fullmatch`` (``match`` would let a trailing newline through ``$``).
+# The text of each pattern is also what the OpenAPI document publishes: in JSON Schema's
+# dialect ``$`` is the end of the text, so there it means the same.
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+JOB_ID_RULE = "1-128 characters of letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
 STEP_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+STEP_ID_RULE = "1-64 characters of letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+KIND_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_METADATA_BYTES = 16 * 1024
+# Nesting levels of metadata, the metadata object itself being level 1. Deeper JSON is
+# refused: every reader (Python, Lua in Redis, browsers) must be able to decode what is stored.
+MAX_JSON_DEPTH = 32
 MAX_MESSAGE_CHARS = 500
+MAX_OWNER_CHARS = 256
+MAX_ERROR_CODE_CHARS = 64
+MAX_ERROR_MESSAGE_CHARS = 2000
 MAX_STEPS = 1000
 
 
@@ -214,17 +227,94 @@ class Outcome:
     state: JobState
 
 
-def validate_job_id(job_id: str) -> str:
-    if not JOB_ID_PATTERN.match(job_id):
-        raise InvalidUpdate(
-            "job_id",
-            "must be 1-128 characters of letters, digits, '.', '_', ':' or '-', "
-            "starting with a letter or digit",
-        )
+# --- Validation: the one authority for what may be stored --------------------------------
+#
+# REST (routes and batch), the WebSocket and SSE (job ids), the in-process tracker and the
+# worker SDK all call these. Each raises ``InvalidUpdate(field, problem)``; the message says
+# how to fix the value.
+
+
+def is_job_id(text: object) -> bool:
+    return isinstance(text, str) and JOB_ID_PATTERN.fullmatch(text) is not None
+
+
+def validate_job_id(job_id: object, field: str = "job_id") -> str:
+    if not isinstance(job_id, str):
+        raise InvalidUpdate(field, f"must be a string of {JOB_ID_RULE}")
+    if JOB_ID_PATTERN.fullmatch(job_id) is None:
+        shown = job_id if len(job_id) <= 40 else job_id[:40] + "…"
+        raise InvalidUpdate(field, f"must be {JOB_ID_RULE}; got {shown!r}")
     return job_id
 
 
-def validate_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+def validate_step_id(step: object, field: str = "step") -> str:
+    if not isinstance(step, str) or STEP_ID_PATTERN.fullmatch(step) is None:
+        raise InvalidUpdate(field, f"must be {STEP_ID_RULE}")
+    return step
+
+
+def validate_text(field: str, value: object, *, max_chars: int, min_chars: int = 0) -> str:
+    """A string that every reader can decode: valid Unicode (no lone surrogates), within
+    its length limits."""
+    if not isinstance(value, str):
+        raise InvalidUpdate(field, f"must be a string, got {type(value).__name__}")
+    if not min_chars <= len(value) <= max_chars:
+        raise InvalidUpdate(field, f"must be {min_chars} to {max_chars} characters, got {len(value)}")
+    _check_unicode(field, value)
+    return value
+
+
+def _check_unicode(field: str, text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidUpdate(
+                field,
+                f"is not valid Unicode: a lone surrogate ({text[exc.start]!r}) at character "
+                f"{exc.start}; encode text as UTF-8, or escape astral characters as surrogate pairs",
+            ) from None
+
+
+def check_json(
+    value: object, field: str, *, max_depth: int = MAX_JSON_DEPTH, level: int = 1
+) -> None:
+    """Raise unless ``value`` is JSON that every reader decodes the same way: objects with
+    string keys, arrays, valid Unicode strings, finite numbers, booleans and null, with no
+    object or array deeper than level ``max_depth`` (``value`` itself is at ``level``).
+    ``field`` names the value in errors, extended with the path (``metadata.a.0``); an empty
+    ``field`` is a whole request body."""
+    stack: list[tuple[object, str, int]] = [(value, field, level)]
+    while stack:
+        item, path, depth = stack.pop()
+        where = path or "body"
+        if isinstance(item, dict | list) and depth > max_depth:
+            raise InvalidUpdate(where, f"nests deeper than {max_depth} levels; flatten it")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise InvalidUpdate(where, f"has a key that is not a string: {key!r}")
+                inner = f"{path}.{key}" if path else key
+                _check_unicode(inner, key)
+                stack.append((child, inner, depth + 1))
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                stack.append((child, f"{path}.{index}" if path else str(index), depth + 1))
+        elif isinstance(item, str):
+            _check_unicode(where, item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidUpdate(
+                    where, f"must be a finite number; {item!r} is not JSON (NaN and Infinity are refused)"
+                )
+        elif item is not None and not isinstance(item, bool | int):
+            raise InvalidUpdate(where, f"is a {type(item).__name__}, which is not a JSON value")
+
+
+def validate_metadata(metadata: object) -> dict[str, Any]:
+    if not isinstance(metadata, dict):
+        raise InvalidUpdate("metadata", "must be a JSON object")
+    check_json(metadata, "metadata")
     size = len(json.dumps(metadata, separators=(",", ":")).encode())
     if size > MAX_METADATA_BYTES:
         raise InvalidUpdate(
@@ -233,13 +323,39 @@ def validate_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-def validate_percent(name: str, value: float) -> float:
-    if value != value or value < 0 or value > 100:  # value != value catches NaN
+def validate_percent(name: str, value: object) -> float:
+    # bool is an int in Python; true/false are not numbers on the wire.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidUpdate(name, f"must be a number from 0 to 100, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or value > 100:
         raise InvalidUpdate(name, f"must be a number from 0 to 100, got {value!r}")
     return float(value)
 
 
+def validate_kind(kind: object) -> str:
+    if not isinstance(kind, str) or KIND_PATTERN.fullmatch(kind) is None:
+        raise InvalidUpdate("kind", "must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    return kind
+
+
+def validate_owner(owner: object) -> str:
+    return validate_text("owner", owner, min_chars=1, max_chars=MAX_OWNER_CHARS)
+
+
+def validate_message(message: str | None, field: str = "message") -> None:
+    if message is not None:
+        validate_text(field, message, max_chars=MAX_MESSAGE_CHARS)
+
+
+def validate_job_error(error: JobError) -> None:
+    validate_text("error.code", error.code, min_chars=1, max_chars=MAX_ERROR_CODE_CHARS)
+    validate_text("error.message", error.message, min_chars=1, max_chars=MAX_ERROR_MESSAGE_CHARS)
+
+
 def validate_update(update: ProgressUpdate) -> None:
+    """Every rule a progress report must meet whatever the job's state."""
+    if not isinstance(update.phase, Phase):
+        raise InvalidUpdate("phase", f"must be one of {', '.join(p.value for p in WORKING_PHASES)}")
     if update.phase.terminal:
         raise InvalidUpdate(
             "phase",
@@ -249,22 +365,27 @@ def validate_update(update: ProgressUpdate) -> None:
         validate_percent("phase_progress", update.phase_progress)
     if update.step_progress is not None:
         validate_percent("step_progress", update.step_progress)
-        if update.step is None:
-            raise InvalidUpdate("step", "is required when step_progress is given")
     if update.step is not None:
-        if not STEP_ID_PATTERN.match(update.step):
-            raise InvalidUpdate("step", "must be 1-64 characters of letters, digits, '.', '_', ':' or '-'")
+        validate_step_id(update.step)
         if update.phase_progress is not None:
             raise InvalidUpdate(
                 "phase_progress",
                 "cannot be sent with a step: a phase with steps takes the mean of its steps",
             )
+    else:
+        if update.step_progress is not None:
+            raise InvalidUpdate("step", "is required when step_progress is given")
+        if update.step_status is not None:
+            raise InvalidUpdate("step", "is required when step_status is given")
     if update.step_status is not None and update.step_status not in STEP_STATUSES:
         raise InvalidUpdate("step_status", f"must be one of {', '.join(STEP_STATUSES)}")
-    if update.steps_total is not None and not 1 <= update.steps_total <= MAX_STEPS:
-        raise InvalidUpdate("steps_total", f"must be from 1 to {MAX_STEPS}")
-    if update.message is not None and len(update.message) > MAX_MESSAGE_CHARS:
-        raise InvalidUpdate("message", f"must be at most {MAX_MESSAGE_CHARS} characters")
+    if update.steps_total is not None and (
+        isinstance(update.steps_total, bool)
+        or not isinstance(update.steps_total, int)
+        or not 1 <= update.steps_total <= MAX_STEPS
+    ):
+        raise InvalidUpdate("steps_total", f"must be an integer from 1 to {MAX_STEPS}")
+    validate_message(update.message)
 
 
 def new_job(
@@ -276,11 +397,12 @@ def new_job(
     now: datetime,
     message: str = "Queued",
 ) -> JobState:
+    validate_message(message)
     stamp = format_time(now)
     return JobState(
         job_id=validate_job_id(job_id),
-        owner=owner,
-        kind=kind,
+        owner=validate_owner(owner),
+        kind=validate_kind(kind),
         phase=Phase.QUEUED,
         phase_progress=0.0,
         progress=0.0,
@@ -394,8 +516,9 @@ def apply_terminal(
     already ended differently raises ``JobTerminal``."""
     if not phase.terminal:
         raise ValueError(f"{phase} is not a terminal phase")
-    if message is not None and len(message) > MAX_MESSAGE_CHARS:
-        raise InvalidUpdate("message", f"must be at most {MAX_MESSAGE_CHARS} characters")
+    validate_message(message)
+    if error is not None:
+        validate_job_error(error)
     if state.terminal:
         if state.phase is phase:
             return Outcome(False, state)

@@ -29,7 +29,16 @@ from typing import Any, Protocol
 import httpx
 
 from phasecast.errors import EngineUnavailable, InvalidUpdate, JobNotFound, JobTerminal, PhasecastError
-from phasecast.model import MAX_MESSAGE_CHARS, JobState, Phase, ProgressUpdate, StepStatus
+from phasecast.model import (
+    MAX_MESSAGE_CHARS,
+    JobState,
+    Phase,
+    ProgressUpdate,
+    StepStatus,
+    validate_job_id,
+    validate_metadata,
+    validate_update,
+)
 from phasecast.tracker import ProgressTracker
 
 log = logging.getLogger("phasecast.worker")
@@ -99,6 +108,11 @@ class RemoteBackend:
 
     async def create(self, kind: str, owner: str | None, job_id: str | None,
                      metadata: dict[str, Any]) -> JobState:
+        # The same rules the server applies, checked here so a mistake raises at once with
+        # the same message instead of after a round trip (and ids never build a wrong URL).
+        if job_id is not None:
+            validate_job_id(job_id)
+        validate_metadata(metadata)
         body: dict[str, Any] = {"kind": kind, "metadata": metadata}
         if owner is not None:
             body["owner"] = owner
@@ -110,6 +124,7 @@ class RemoteBackend:
         return JobState.from_dict(await self._call("GET", f"/v1/jobs/{job_id}", None, job_id))
 
     async def update(self, job_id: str, update: ProgressUpdate) -> JobState:
+        validate_update(update)
         body: dict[str, Any] = {"phase": update.phase.value}
         for name in ("phase_progress", "step", "step_progress", "step_status", "steps_total", "message"):
             value = getattr(update, name)
@@ -179,7 +194,7 @@ class Worker:
         return await self.backend.create(kind, owner, job_id, metadata or {})
 
     def job(self, job_id: str, *, complete_on_exit: bool = True) -> Job:
-        return Job(self.backend, job_id, complete_on_exit=complete_on_exit)
+        return Job(self.backend, validate_job_id(job_id), complete_on_exit=complete_on_exit)
 
     async def aclose(self) -> None:
         await self.backend.aclose()
@@ -277,7 +292,7 @@ class PhaseBlock:
     async def update(self, percent: float, message: str | None = None) -> JobState:
         """Progress within this phase, 0-100 (never lower than reported before)."""
         return await self.job.update(
-            ProgressUpdate(self.phase, phase_progress=float(percent), message=message)
+            ProgressUpdate(self.phase, phase_progress=percent, message=message)
         )
 
     async def step(self, step: str, percent: float | None = None, *, status: StepStatus | None = None,
@@ -285,7 +300,7 @@ class PhaseBlock:
         """Progress of one sub-task (a panel); the phase shows the mean of its steps."""
         self._has_steps = True
         return await self.job.update(ProgressUpdate(
-            self.phase, step=step, step_progress=None if percent is None else float(percent),
+            self.phase, step=step, step_progress=percent,
             step_status=status, steps_total=self.steps_total, message=message,
         ))
 

@@ -11,6 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
 
 from phasecast import __version__
 from phasecast.config import Settings
@@ -19,15 +21,22 @@ from phasecast.errors import EngineUnavailable
 from phasecast.progress import WeightTable
 from phasecast.server import routes, sse
 from phasecast.server.auth import TokenVerifier
-from phasecast.server.deps import Services, install_error_handlers
+from phasecast.server.deps import Services, error_response, install_error_handlers
+from phasecast.server.guard import RequestGuard
 from phasecast.server.logs import RequestContextMiddleware
 from phasecast.server.metrics import Metrics
+from phasecast.server.openapi import install_openapi
 from phasecast.server.websocket import websocket_endpoint
 from phasecast.tracker import ProgressTracker
 
 log = logging.getLogger("phasecast.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
+
+class Readiness(BaseModel):
+    status: str
+    reason: str | None = None
+
 
 # Hooks that other parts of the package (integrations, the demo) attach to an app: each is
 # called with the app and its services once the tracker has started, and may return an
@@ -75,17 +84,24 @@ def create_app(
                     log.exception("shutdown hook failed")
             await tracker.stop()
 
-    app = FastAPI(
+    # /docs and /redoc serve Swagger UI and ReDoc from the fastapi-offline package, not a
+    # CDN: the API docs work on a machine without internet.
+    app = FastAPIOffline(
         title="Phasecast",
         version=__version__,
         summary="Live progress of long-running generation jobs",
         lifespan=lifespan,
+        static_url="/docs-assets",
     )
     app.state.services = found
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(routes.router)
     app.include_router(sse.router)
     app.add_api_websocket_route("/v1/ws", websocket_endpoint)
+    # Every body is capped before routing (the largest cap); each REST route then applies
+    # its own cap after checking the token (server/jsonbody.py).
+    app.add_middleware(RequestGuard, max_body_bytes=settings.largest_body_limit(), refuse=error_response)
     app.add_middleware(RequestContextMiddleware)
     if settings.cors_origins:
         app.add_middleware(
@@ -99,7 +115,9 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/readyz", tags=["service"])
+    @app.get("/readyz", tags=["service"], response_model=None,
+             responses={200: {"model": Readiness, "description": "the engine answers"},
+                        503: {"model": Readiness, "description": "the engine cannot be reached"}})
     async def readyz(request: Request) -> JSONResponse:
         try:
             await tracker.engine.ping()

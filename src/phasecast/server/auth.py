@@ -58,6 +58,14 @@ class Principal:
         if not self.can_read(state):
             raise Forbidden(f"job {state.job_id!r} belongs to another user")
 
+    def require_read_scope(self) -> None:
+        """For reads that are not about one job (listing): the same scope rule as
+        ``can_read``, without an owner to compare."""
+        if not (self.is_worker or SCOPE_READ in self.scopes):
+            raise Forbidden(
+                f"this needs a token with scope {SCOPE_READ!r}, {SCOPE_WRITE!r} or {SCOPE_ADMIN!r}"
+            )
+
     def require_write(self) -> None:
         if not self.is_worker:
             raise Forbidden(f"this needs a token with scope {SCOPE_WRITE!r} or {SCOPE_ADMIN!r}")

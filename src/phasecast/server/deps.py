@@ -5,36 +5,52 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phasecast.config import Settings
 from phasecast.errors import (
     EngineUnavailable,
+    InvalidJSON,
     InvalidUpdate,
     JobExists,
     JobNotFound,
     JobTerminal,
     PhasecastError,
+    UnsupportedMediaType,
 )
 from phasecast.server.auth import Forbidden, Principal, TokenVerifier, Unauthorized
+from phasecast.server.guard import PRINCIPAL_STATE_KEY, TooLarge, body_pending
 from phasecast.server.metrics import Metrics
 from phasecast.tracker import ProgressTracker
 
 log = logging.getLogger("phasecast.server")
 
 STATUS_BY_ERROR: dict[type[PhasecastError], int] = {
+    InvalidJSON: 400,
     InvalidUpdate: 422,
     JobNotFound: 404,
     JobExists: 409,
     JobTerminal: 409,
     Unauthorized: 401,
     Forbidden: 403,
+    TooLarge: 413,
+    UnsupportedMediaType: 415,
     EngineUnavailable: 503,
+}
+
+# The code of an error the framework raises (routing, body framing) by its status.
+CODE_BY_STATUS: dict[int, str] = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
 }
 
 
@@ -71,8 +87,23 @@ def authenticate(request: Request, *, allow_query: bool = False) -> Principal:
     return services(request).verifier.verify(token)
 
 
-async def principal(request: Request) -> Principal:
-    """FastAPI dependency for REST routes (header only: query tokens end up in proxy logs)."""
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    description="A JWT signed with the server's key; scopes jobs:read, jobs:write, admin.",
+)
+
+
+async def principal(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+) -> Principal:
+    """FastAPI dependency for REST routes (header only: query tokens end up in proxy logs).
+    The request guard has usually verified the token already, before reading the body; its
+    principal is reused. (``bearer_scheme`` only publishes the scheme in the OpenAPI
+    document.)"""
+    known = request.scope.get("state", {}).get(PRINCIPAL_STATE_KEY)
+    if isinstance(known, Principal):
+        return known
     return authenticate(request)
 
 
@@ -83,17 +114,39 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
     return {"error": body}
 
 
+def error_response(request: Request, exc: PhasecastError) -> JSONResponse:
+    """The JSON error response for a Phasecast error (routes and the request guard)."""
+    status = STATUS_BY_ERROR.get(type(exc), 400)
+    field = getattr(exc, "field", None)
+    _count_rejection(request, exc.code)
+    level = logging.ERROR if status >= 500 else logging.INFO
+    log.log(level, "request rejected: %s", exc.message,
+            extra={"status": status, "code": exc.code, "path": request.url.path})
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if status in (401, 413) and body_pending(request.scope):
+        # Refused before the body was read: stop reading it, rather than drain it.
+        headers["Connection"] = "close"
+    return JSONResponse(error_body(exc.code, exc.message, field), status, headers=headers)
+
+
+def _field_of(location: tuple[Any, ...] | list[Any]) -> str | None:
+    parts = list(location)
+    if parts and parts[0] in ("body", "path", "query", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(str(part) for part in parts) or None
+
+
+def _problem_of(error: dict[str, Any]) -> str:
+    cause = error.get("ctx", {}).get("error")
+    if error.get("type") == "value_error" and cause is not None:
+        return str(getattr(cause, "problem", cause))
+    return str(error.get("msg", "is invalid"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PhasecastError)
     async def phasecast_error(request: Request, exc: PhasecastError) -> JSONResponse:
-        status = STATUS_BY_ERROR.get(type(exc), 400)
-        field = getattr(exc, "field", None)
-        _count_rejection(request, exc.code)
-        level = logging.ERROR if status >= 500 else logging.INFO
-        log.log(level, "request rejected: %s", exc.message,
-                extra={"status": status, "code": exc.code, "path": request.url.path})
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse(error_body(exc.code, exc.message, field), status, headers=headers)
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -107,23 +160,22 @@ def install_error_handlers(app: FastAPI) -> None:
                            + str(first.get("ctx", {}).get("error", first.get("msg")))),
                 400,
             )
-        location = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-        field = ".".join(location) or None
-        detail = str(first.get("msg", "is invalid"))
+        field = _field_of(first.get("loc", ()))
+        detail = _problem_of(first)
         message = f"{field}: {detail}" if field else detail
         _count_rejection(request, "invalid")
         log.info("request rejected: %s", message, extra={"path": request.url.path})
         body = error_body("invalid", message, field)
         body["error"]["details"] = [
-            {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg")}
-            for e in errors
+            {"field": _field_of(e.get("loc", ())), "message": _problem_of(e)} for e in errors
         ]
         return JSONResponse(body, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+        code = CODE_BY_STATUS.get(exc.status_code, "http_error")
+        _count_rejection(request, code)
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
 
 def _count_rejection(request: Request, code: str) -> None:
