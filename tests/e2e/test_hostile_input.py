@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.support.process import ServerProcess, free_port
 
 from phasecast.integrations.runpod import WEBHOOK_PATH, webhook_token
-from phasecast.testing.process import ServerProcess, free_port
 
 MB = 1024 * 1024
 WEBHOOK_SECRET = "hostile-input-webhook-secret-0123456789abcdef"
