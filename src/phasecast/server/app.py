@@ -23,6 +23,7 @@ from phasecast.server import routes, sse
 from phasecast.server.auth import TokenVerifier
 from phasecast.server.deps import Services, error_response, install_error_handlers
 from phasecast.server.guard import RequestGuard
+from phasecast.server.ingest import ThinReports
 from phasecast.server.logs import RequestContextMiddleware
 from phasecast.server.metrics import Metrics
 from phasecast.server.openapi import install_openapi
@@ -99,6 +100,7 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(sse.router)
     app.add_api_websocket_route("/v1/ws", websocket_endpoint)
+    app.add_middleware(ThinReports, services=found)  # inside the guard and the request context
     # Every body is capped before routing (the largest cap); each REST route then applies
     # its own cap after checking the token (server/jsonbody.py).
     app.add_middleware(RequestGuard, max_body_bytes=settings.largest_body_limit(), refuse=error_response)
