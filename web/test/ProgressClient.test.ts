@@ -185,6 +185,23 @@ describe('ProgressClient over WebSocket', () => {
     client.close();
   });
 
+  it('a job started after an idle gap connects afresh: no "reconnecting" flash', async () => {
+    const client = makeClient();
+    const statuses: string[] = [];
+    client.onConnectionChange(() => statuses.push(client.getConnection().status));
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.state(job({ seq: 2, phase: 'COMPLETE', progress: 100 }));
+    expect(client.getConnection().status).toBe('closed');
+    statuses.length = 0;
+    watch(client, 'comic-2');
+    await settle();
+    FakeWebSocket.last.open();
+    FakeWebSocket.last.receive({ type: 'subscribed', job_id: 'comic-2' });
+    expect(statuses).toEqual(['connecting', 'open']);
+    client.close();
+  });
+
   it('unsubscribing the last job sends unsubscribe and closes the socket', async () => {
     const client = makeClient();
     const a = watch(client, 'comic-1');

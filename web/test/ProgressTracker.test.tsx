@@ -107,10 +107,50 @@ afterEach(() => {
 });
 
 describe('ProgressTracker', () => {
-  it('shows a waiting state before the first update', () => {
-    renderTracker(null);
+  it('shows a connecting state before the first update, without alarming words', async () => {
+    const view = renderTracker(null);
+    await settle();
     expect(overallBar().getAttribute('aria-valuenow')).toBe('0');
-    expect(screen.getByText('Waiting for the first update')).toBeTruthy();
+    expect(screen.getByText('Connecting…')).toBeTruthy();
+    expect(screen.queryByText(/Connection lost/)).toBeNull();
+    view.client.close();
+  });
+
+  it('starts from an initialState the app already has: title and phase at once, no raw id', async () => {
+    const known = job({ ...STATES.QUEUED!, metadata: { title: 'Space cats' } });
+    const view = renderTracker(null, { initialState: known });
+    expect(screen.getByRole('heading').textContent).toBe('Space cats');
+    expect(screen.getByText('Waiting for a GPU')).toBeTruthy();
+    expect(screen.queryByText('comic-1')).toBeNull();
+    // The client's newer state takes over; an older one would not.
+    await view.push(job({ ...STATES.ANALYZING!, metadata: { title: 'Space cats' } }));
+    expect(screen.getByText('Reading the story')).toBeTruthy();
+    view.client.close();
+  });
+
+  it('never shows 100 % before COMPLETE, even when the server reports 99.6 or 100 while post-processing', async () => {
+    const view = renderTracker(null);
+    for (const [seq, progress] of [[30, 99.6], [31, 100]] as const) {
+      await view.push(job({ ...STATES.POST_PROCESSING!, seq, progress, phase_progress: 100, eta_seconds: 0 }));
+      expect(overallBar().getAttribute('aria-valuenow')).toBe('99');
+      expect(screen.getByText('99 %')).toBeTruthy();
+    }
+    await view.push(job({ ...STATES.COMPLETE!, seq: 32 }));
+    expect(overallBar().getAttribute('aria-valuenow')).toBe('100');
+    view.client.close();
+  });
+
+  it("hides a message left over from the previous phase until the new phase says something", async () => {
+    const view = renderTracker(null);
+    await view.push(job({ ...STATES.ANALYZING!, seq: 4, message: 'Story analysed' }));
+    expect(screen.getByText('Story analysed')).toBeTruthy();
+    await view.push(job({ ...STATES.GENERATING!, seq: 5, message: 'Story analysed' }));
+    expect(screen.queryByText('Story analysed')).toBeNull();
+    await view.push(job({ ...STATES.GENERATING!, seq: 6, message: 'Story analysed' }));
+    expect(screen.queryByText('Story analysed')).toBeNull();
+    await view.push(job({ ...STATES.GENERATING!, seq: 7, message: 'Drawing panels: 1 of 6 done' }));
+    expect(screen.getByText('Drawing panels: 1 of 6 done')).toBeTruthy();
+    view.client.close();
   });
 
   it.each([
@@ -172,6 +212,8 @@ describe('ProgressTracker', () => {
     const alert = screen.getByRole('alert');
     expect(alert.textContent).toContain('CUDA out of memory');
     expect(alert.textContent).toContain('gpu_oom');
+    // The failure is said once, in the alert.
+    expect(screen.queryByText('Generation failed', { exact: true })).toBeNull();
     expect(phaseStatuses()).toMatchObject({ ANALYZING: 'done', GENERATING: 'stopped', POST_PROCESSING: 'upcoming' });
     // Steps are kept so the viewer sees which panel broke.
     expect(within(screen.getByRole('list', { name: 'Steps' })).getAllByRole('progressbar')).toHaveLength(6);
@@ -190,7 +232,10 @@ describe('ProgressTracker', () => {
     });
     const view = renderTracker(cancelled);
     await view.start();
-    expect(screen.getByText(/Cancelled: the generation was stopped/)).toBeTruthy();
+    // One cancel line, carrying the reason the server recorded: not the reason and a second notice.
+    expect(view.container.textContent?.match(/Cancel/g)).toHaveLength(2); // the line and the phase label in the header
+    expect(screen.getByRole('status').textContent).toBe('Cancelled by the user');
+    expect(screen.getByText('Cancelled by the user')).toBeTruthy();
     expect(phaseStatuses()).toMatchObject({ QUEUED: 'done', ANALYZING: 'stopped', GENERATING: 'upcoming' });
     expect(screen.queryByText(/left/)).toBeNull();
     view.client.close();

@@ -327,6 +327,9 @@ export class ProgressClient {
         this.failures = 0;
         this.attempt = 0;
         this.modeIndex = 0;
+        // Idle is a fresh start: the next job connects, it does not "reconnect".
+        this.failing = false;
+        this.everHealthy = false;
         this.setConnection({ ...this.connection, status: 'closed', transport: null, error: this.fatal });
       }
       return;
@@ -342,7 +345,7 @@ export class ProgressClient {
     const transport = this.createTransport(kind, jobs, false);
     this.primary = transport;
     if (kind === 'websocket') {
-      this.setConnection({ ...this.connection, status: this.everHealthy || this.failing ? 'reconnecting' : 'connecting', transport: kind });
+      this.setConnection({ ...this.connection, status: this.failing ? 'reconnecting' : 'connecting', transport: kind });
     } else {
       this.setConnection({ ...this.connection, status: 'fallback', transport: kind });
       this.scheduleProbe();

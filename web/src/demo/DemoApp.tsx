@@ -1,10 +1,10 @@
 import { useEffect, useState, type FormEvent } from 'react';
 import { ProgressClient, type ProgressClientOptions } from '../client/ProgressClient';
-import type { TransportKind } from '../client/types';
+import type { JobState, TransportKind } from '../client/types';
 import { ProgressProvider } from '../react/context';
 import { ProgressTracker } from '../react/ProgressTracker';
 import { useGenerationProgress } from '../react/useGenerationProgress';
-import { listActiveJobs, loadDemoConfig, startGeneration, type DemoConfig } from './api';
+import { getJob, listActiveJobs, loadDemoConfig, startGeneration, type DemoConfig } from './api';
 import { installTelemetry, now, type DemoTelemetry } from './telemetry';
 
 const MAX_SHOWN = 12;
@@ -79,14 +79,23 @@ function Demo({ config }: { config: DemoConfig }) {
   const [panels, setPanels] = useState(6);
   const [startProblem, setStartProblem] = useState<string | null>(null);
 
-  const addJobs = (ids: string[]) =>
-    setJobIds((current) => {
-      const fresh = ids.filter((id) => !current.includes(id));
-      if (fresh.length === 0) return current;
-      const next = [...fresh, ...current];
-      for (const id of fresh) if (!telemetry.jobs.includes(id)) telemetry.jobs.push(id);
+  // The newest state the page fetched itself for each job: a tracker starts from it, so a new
+  // job appears with its title and phase at once instead of its raw id and a blank bar.
+  const [known, setKnown] = useState<Record<string, JobState>>({});
+
+  const addJobs = (states: JobState[]) => {
+    setKnown((current) => {
+      const next = { ...current };
+      for (const state of states) if ((next[state.job_id]?.seq ?? 0) < state.seq) next[state.job_id] = state;
       return next;
     });
+    setJobIds((current) => {
+      const fresh = states.map((state) => state.job_id).filter((id) => !current.includes(id));
+      if (fresh.length === 0) return current;
+      for (const id of fresh) if (!telemetry.jobs.includes(id)) telemetry.jobs.push(id);
+      return [...fresh, ...current];
+    });
+  };
 
   // Generations started elsewhere (the demo's own loop, other tabs) show up here too.
   useEffect(() => {
@@ -96,7 +105,7 @@ function Demo({ config }: { config: DemoConfig }) {
       try {
         const jobs = await listActiveJobs(config.token);
         // Oldest first, so that prepending keeps the newest on top.
-        if (live) addJobs(jobs.map((job) => job.job_id).reverse());
+        if (live) addJobs([...jobs].reverse());
       } catch {
         // Discovery is best-effort: the trackers themselves report connection trouble.
       }
@@ -114,7 +123,8 @@ function Demo({ config }: { config: DemoConfig }) {
     event.preventDefault();
     setStartProblem(null);
     try {
-      addJobs([await startGeneration(config.token, panels)]);
+      const jobId = await startGeneration(config.token, panels);
+      addJobs([await getJob(config.token, jobId)]);
     } catch (error) {
       setStartProblem(error instanceof Error ? error.message : String(error));
     }
@@ -136,7 +146,7 @@ function Demo({ config }: { config: DemoConfig }) {
       {jobIds.length === 0 ? <p className="demo__empty">No generation yet: start one above.</p> : null}
       <div className="demo__jobs">
         {jobIds.slice(0, MAX_SHOWN).map((jobId) => (
-          <ProgressTracker key={jobId} jobId={jobId} cancellable />
+          <ProgressTracker key={jobId} jobId={jobId} initialState={known[jobId] ?? null} cancellable />
         ))}
       </div>
     </ProgressProvider>
@@ -164,22 +174,32 @@ function ConnectionPanel({ client, engine }: { client: ProgressClient; engine: s
   return (
     <aside className="demo__connection" aria-label="Connection">
       <dl>
-        <dt>Transport</dt>
-        <dd data-testid="transport">{transport ?? 'none'}</dd>
-        <dt>Status</dt>
-        <dd data-testid="status">{status === 'closed' && !error ? 'idle (nothing running)' : status}</dd>
-        <dt>Last update latency</dt>
-        <dd data-testid="latency">{last ? `${Math.max(0, last.latencyMs).toFixed(1)} ms` : '–'}</dd>
-        <dt>Updates received</dt>
-        <dd data-testid="updates">{count}</dd>
+        <div>
+          <dt>Transport</dt>
+          <dd data-testid="transport">{transport ?? 'none'}</dd>
+        </div>
+        <div>
+          <dt>Status</dt>
+          <dd data-testid="status">{status === 'closed' && !error ? 'idle (nothing running)' : status}</dd>
+        </div>
+        <div>
+          <dt>Last update latency</dt>
+          <dd data-testid="latency">{last ? `${Math.max(0, last.latencyMs).toFixed(1)} ms` : '–'}</dd>
+        </div>
+        <div>
+          <dt>Updates received</dt>
+          <dd data-testid="updates">{count}</dd>
+        </div>
+        <div>
+          <dt>Engine</dt>
+          <dd data-testid="engine">{engine}</dd>
+        </div>
         {error ? (
-          <>
+          <div className="demo__connection-problem">
             <dt>Problem</dt>
             <dd className="demo__problem">{error.message}</dd>
-          </>
+          </div>
         ) : null}
-        <dt>Engine</dt>
-        <dd>{engine}</dd>
       </dl>
     </aside>
   );

@@ -38,6 +38,14 @@ export async function startGeneration(token: string, panels: number): Promise<st
   return body.job_id;
 }
 
+export async function getJob(token: string, jobId: string): Promise<JobState> {
+  const response = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}`, {
+    headers: { Authorization: `Bearer ${token}` },
+    cache: 'no-store',
+  });
+  return expectJson<JobState>(response, `Reading job ${jobId}`);
+}
+
 export async function listActiveJobs(token: string): Promise<JobState[]> {
   const response = await fetch('/v1/jobs?status=active&limit=50', {
     headers: { Authorization: `Bearer ${token}` },

@@ -1,6 +1,7 @@
-import { useId, useState, type ReactNode } from 'react';
+import { useId, useRef, useState, type ReactNode } from 'react';
 import type { ProgressClient } from '../client/ProgressClient';
-import { clamp, formatDuration, formatEta, PHASE_LABELS, phaseRows, stepRows } from '../format';
+import type { JobState } from '../client/types';
+import { displayProgress, formatDuration, formatEta, PHASE_LABELS, phaseRows, stepRows } from '../format';
 import { useProgressClient } from './context';
 import { useGenerationProgress } from './useGenerationProgress';
 
@@ -17,6 +18,11 @@ export interface ProgressTrackerProps {
   className?: string;
   /** Use this client instead of the provider's. */
   client?: ProgressClient;
+  /**
+   * A state the app already has (from the request that created the job, or a job list),
+   * shown until the client's first update so the tracker never starts blank.
+   */
+  initialState?: JobState | null;
 }
 
 const STATUS_TEXT: Record<string, string> = {
@@ -32,14 +38,16 @@ const STATUS_TEXT: Record<string, string> = {
  * message, time left, and the failed/cancelled endings. Class names start with `pc-`; see
  * styles.css for the custom properties an app can override.
  */
-export function ProgressTracker({ jobId, title, cancellable = false, onCancelled, showSteps = true, className, client }: ProgressTrackerProps) {
-  const progress = useGenerationProgress(jobId, client ? { client } : {});
+export function ProgressTracker({ jobId, title, cancellable = false, onCancelled, showSteps = true, className, client, initialState }: ProgressTrackerProps) {
+  const progress = useGenerationProgress(jobId, { ...(client ? { client } : {}), ...(initialState ? { initialState } : {}) });
   const pageClient = useProgressClient(client);
   const headingId = useId();
   const [cancelState, setCancelState] = useState<{ busy: boolean; error: string | null }>({ busy: false, error: null });
   const { state, phase, done } = progress;
-  const percent = Math.round(clamp(progress.progress));
-  const phaseLabel = phase ? PHASE_LABELS[phase] : 'Waiting for the first update';
+  // Only COMPLETE shows 100: a job still post-processing at 99.6 % is not done.
+  const percent = displayProgress(state);
+  const phaseLabel = phase ? PHASE_LABELS[phase] : 'Connecting…';
+  const message = useCurrentMessage(state);
   const heading = title ?? (typeof state?.metadata?.title === 'string' ? state.metadata.title : jobId);
   const phases = phaseRows(state);
   const steps = showSteps ? stepRows(state) : [];
@@ -126,19 +134,20 @@ export function ProgressTracker({ jobId, title, cancellable = false, onCancelled
         </ul>
       ) : null}
 
-      {state?.message ? (
-        <p className="pc-tracker__message" aria-live="polite">{state.message}</p>
+      {message && phase !== 'FAILED' && phase !== 'CANCELLED' ? (
+        <p className="pc-tracker__message" aria-live="polite">{message}</p>
       ) : null}
 
       {phase === 'FAILED' ? (
+        // One line says why: the error's message, else the job's own message.
         <div className="pc-tracker__error" role="alert">
-          <strong>Generation failed.</strong> {state?.error?.message ?? 'The server gave no reason.'}
+          <strong>Generation failed.</strong> {failureReason(state)}
           {state?.error?.code ? <code className="pc-tracker__error-code"> ({state.error.code})</code> : null}
         </div>
       ) : null}
 
       {phase === 'CANCELLED' ? (
-        <p className="pc-tracker__cancelled" role="status">Cancelled: the generation was stopped.</p>
+        <p className="pc-tracker__cancelled" role="status">{cancelText(state)}</p>
       ) : null}
 
       {progress.jobError ? (
@@ -146,7 +155,7 @@ export function ProgressTracker({ jobId, title, cancellable = false, onCancelled
       ) : !done && progress.status === 'closed' && progress.error ? (
         // The client gave up (refused token): retrying will not help, so say why.
         <p className="pc-tracker__problem" role="alert">{progress.error.message}</p>
-      ) : !done && progress.status === 'reconnecting' ? (
+      ) : !done && progress.status === 'reconnecting' && progress.error ? (
         <p className="pc-tracker__problem" role="status">Connection lost, reconnecting…</p>
       ) : null}
 
@@ -160,4 +169,36 @@ export function ProgressTracker({ jobId, title, cancellable = false, onCancelled
       ) : null}
     </section>
   );
+}
+
+/**
+ * The job's message, unless it is left over from an earlier phase: a worker that enters a
+ * phase without a message of its own would otherwise show the previous phase's text (say
+ * "Story analysed" while panels are drawn). Hidden from the phase change until the message
+ * changes. (A page opened mid-phase cannot tell and shows what the server has.)
+ */
+function useCurrentMessage(state: JobState | null): string {
+  const seen = useRef<{ jobId: string; phase: string; message: string; stale: boolean } | null>(null);
+  if (!state) return '';
+  const last = seen.current;
+  let stale = false;
+  if (last && last.jobId === state.job_id) {
+    if (last.phase !== state.phase) stale = state.message === last.message;
+    else if (last.message === state.message) stale = last.stale;
+  }
+  seen.current = { jobId: state.job_id, phase: state.phase, message: state.message, stale };
+  return stale ? '' : state.message;
+}
+
+const DEFAULT_END_MESSAGES = new Set(['Failed', 'Cancelled', '']);
+
+function failureReason(state: JobState | null): string {
+  const reason = state?.error?.message ?? (state && !DEFAULT_END_MESSAGES.has(state.message) ? state.message : '');
+  return reason || 'The server gave no reason.';
+}
+
+function cancelText(state: JobState | null): string {
+  const reason = state && !DEFAULT_END_MESSAGES.has(state.message) ? state.message : '';
+  if (!reason) return 'Cancelled: the generation was stopped.';
+  return /^cancel/i.test(reason) ? reason : `Cancelled: ${reason}`;
 }

@@ -16,6 +16,12 @@ export interface UseGenerationProgressOptions {
   client?: ProgressClient;
   /** Set false to stop watching without unmounting. Default true. */
   enabled?: boolean;
+  /**
+   * A state the app already has for this job (e.g. returned when it created the job), shown
+   * until the client delivers one. Ignored once the client has a state, and when it is for
+   * another job.
+   */
+  initialState?: JobState | null;
 }
 
 export interface GenerationProgress {
@@ -61,8 +67,11 @@ export function useGenerationProgress(
   const getConnection = useCallback(() => client.getConnection(), [client]);
   const connection = useSyncExternalStore(subscribeConnection, getConnection, getConnection);
 
+  const initial = options.initialState && options.initialState.job_id === id ? options.initialState : null;
   return useMemo(() => {
-    const state = snapshot.state;
+    // Whichever is newer: the client's state usually, the app's until the first update.
+    const known = snapshot.state;
+    const state = known && (!initial || known.seq >= initial.seq) ? known : snapshot.error ? known : initial;
     return {
       state,
       phase: state?.phase ?? null,
@@ -76,5 +85,5 @@ export function useGenerationProgress(
       error: snapshot.error ?? connection.error,
       jobError: snapshot.error,
     };
-  }, [snapshot, connection]);
+  }, [snapshot, connection, initial]);
 }
