@@ -40,7 +40,7 @@ async def open_demo(page: Page, server: DemoServer, query: str = FAST_RECOVERY) 
 
 
 async def start_generation(page: Page, panels: int = 6) -> str:
-    await page.get_by_label("Panels").fill(str(panels))
+    await page.get_by_role("spinbutton", name="Panels").fill(str(panels))
     async with page.expect_response(re.compile(r"/v1/demo/generations$")) as created:
         await page.get_by_role("button", name="Start a comic").click()
     response = await created.value
