@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
+from tests.support.clients import WSWatcher
 from tests.support.process import ServerProcess, free_port
 
 from phasecast.integrations.runpod import WEBHOOK_PATH, webhook_token
@@ -239,3 +241,349 @@ async def test_a_token_is_checked_before_the_body_is_parsed(server: ServerProces
             assert reply.status_code == 401, (path, reply.text)
             assert reply.json()["error"]["code"] == "unauthorized"
             assert reply.headers["www-authenticate"] == "Bearer"
+
+
+# --- 2. What is stored can always be read back, by every path --------------------------------
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse as a browser's JSON.parse would: NaN and Infinity are errors."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A metadata object nested ``depth`` levels deep, the object itself being level 1."""
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"n": value}
+    return value
+
+
+# Inputs at the edges of what is accepted: each job must be readable by every path after.
+ACCEPTED_METADATA: dict[str, Any] = {
+    "depth-32": nested(32),
+    "big-numbers": {"big": 2**63, "neg": -(2**70), "tiny": 5e-324, "huge": 1.7976931348623157e308, "negzero": -0.0},
+    "unicode": {"astral": "😀 𝄞", "rtl": "مرحبا", "nul": "a\u0000b", "newline": "line\nbreak", "": "empty key",
+                "quote": "\"'\\</script>"},
+    "near-16k": {"blob": "x" * (16 * 1024 - 20)},
+    "empty-containers": {"o": {}, "a": [], "nested": [[], {}, [[]]]},
+    "arrays": {"mixed": [1, "two", 3.5, None, True, False, {"k": [1]}]},
+}
+ACCEPTED_IDS = ["a", "A" * 128, "job:history", "x.y_z-1", "9:9:9", "job:changes"]
+
+
+async def read_everywhere(server: ServerProcess, token: str, job_id: str, owner: str) -> dict[str, Any]:
+    """Read one job by every read path and check each agrees and is strict JSON; return the
+    state."""
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        single = await client.get(f"/v1/jobs/{job_id}")
+        assert single.status_code == 200, single.text
+        state = strict_json(single.content)
+        for url in (f"/v1/jobs?owner={owner}&limit=1000", "/v1/jobs?limit=1000", f"/v1/jobs?owner={owner}&status=active"):
+            listed = await client.get(url)
+            assert listed.status_code == 200, (url, listed.text)
+            found = [job for job in strict_json(listed.content)["jobs"] if job["job_id"] == job_id]
+            if "active" not in url or state["phase"] not in ("COMPLETE", "FAILED", "CANCELLED"):
+                assert found == [state], url
+        history = await client.get(f"/v1/jobs/{job_id}/history")
+        assert history.status_code == 200, history.text
+        assert strict_json(history.content)["events"]
+        async with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            assert stream.status_code == 200
+            async for line in stream.aiter_lines():
+                if line.startswith("data:"):
+                    assert strict_json(line[5:].strip())["seq"] == state["seq"]
+                    break
+    watcher = await WSWatcher(server.url, token).connect()
+    try:
+        await watcher.subscribe(job_id)
+        received = await watcher.wait_seq(job_id, state["seq"])
+        json.dumps(received.state, allow_nan=False)  # no NaN or Infinity came over the wire
+        assert received.state == state
+    finally:
+        await watcher.close()
+    return state
+
+
+async def test_every_accepted_input_can_be_read_updated_and_streamed_by_every_path(
+    server: ServerProcess, worker_token: str
+) -> None:
+    owner = new_id("owner")
+    auth = {"Authorization": f"Bearer {worker_token}"}
+    jobs: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        for name, metadata in ACCEPTED_METADATA.items():
+            job_id = new_id(name)
+            reply = await client.post("/v1/jobs", json={"job_id": job_id, "owner": owner, "metadata": metadata})
+            assert reply.status_code == 201, (name, reply.text)
+            jobs[job_id] = metadata
+        # Raw UTF-8 and an escaped surrogate pair are the same text.
+        job_id = new_id("escaped")
+        raw = ('{"job_id": "' + job_id + '", "owner": "' + owner
+               + '", "metadata": {"e": "\\ud83d\\ude00", "r": "\U0001f600"}}').encode()
+        reply = await client.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
+        assert reply.status_code == 201, reply.text
+        jobs[job_id] = {"e": "😀", "r": "😀"}
+        prefix = uuid.uuid4().hex[:8]
+        for special in ACCEPTED_IDS:
+            job_id = (prefix + special)[:128] if special != "a" else prefix
+            reply = await client.post("/v1/jobs", json={"job_id": job_id, "owner": owner})
+            assert reply.status_code == 201, (special, reply.text)
+            jobs[job_id] = {}
+        for job_id in jobs:
+            reply = await client.post(f"/v1/jobs/{job_id}/progress",
+                                      json={"phase": "GENERATING", "step": "p-1", "step_progress": 50,
+                                            "steps_total": 2, "message": "Drawing 😀 \u0000"})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["applied"] is True
+    for job_id, metadata in jobs.items():
+        state = await read_everywhere(server, worker_token, job_id, owner)
+        assert state["metadata"] == metadata
+        assert state["message"] == "Drawing 😀 \u0000"
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        for job_id in jobs:
+            reply = await client.post(f"/v1/jobs/{job_id}/complete")
+            assert reply.status_code == 200, reply.text
+    for job_id, metadata in jobs.items():
+        assert (await read_everywhere(server, worker_token, job_id, owner))["metadata"] == metadata
+
+
+def raw_create(job_id: str, metadata_json: str) -> bytes:
+    return f'{{"job_id": "{job_id}", "owner": "alice", "metadata": {metadata_json}}}'.encode()
+
+
+REFUSED_CREATES: dict[str, tuple[str, int, str, str | None]] = {
+    # name: (metadata as raw JSON text, status, code, field)
+    "nan": ('{"a": NaN}', 422, "invalid", "metadata.a"),
+    "infinity": ('{"a": [1, Infinity]}', 422, "invalid", "metadata.a.1"),
+    "minus-infinity": ('{"a": -Infinity}', 422, "invalid", "metadata.a"),
+    "overflow-literal": ('{"a": 1e400}', 422, "invalid", "metadata.a"),
+    "lone-surrogate-value": ('{"a": "\\ud800"}', 422, "invalid", "metadata.a"),
+    "lone-surrogate-key": ('{"\\udfff": 1}', 422, "invalid", "metadata.\\udfff"),
+    "reversed-pair": ('{"a": "\\ude00\\ud83d"}', 422, "invalid", "metadata.a"),
+    "depth-33": (json.dumps(nested(33)), 422, "invalid", "metadata" + ".n" * 31 + ".n"),
+    "depth-5000": ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", 422, "invalid", None),
+    "not-an-object": ("[1, 2]", 422, "invalid", "metadata"),
+    "too-big": (json.dumps({"blob": "x" * (16 * 1024)}), 422, "invalid", "metadata"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_CREATES))
+async def test_a_refused_create_names_the_field_and_stores_nothing(
+    server: ServerProcess, worker_token: str, case: str
+) -> None:
+    metadata, status, code, field = REFUSED_CREATES[case]
+    job_id = new_id(case)
+    auth = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        reply = await client.post("/v1/jobs", content=raw_create(job_id, metadata),
+                                  headers={"Content-Type": "application/json"})
+        assert reply.status_code == status, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == code and error["message"]
+        if field is not None:
+            assert error.get("field") == field, error
+        assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 404
+        listed = (await client.get("/v1/jobs?owner=alice&limit=1000")).json()["jobs"]
+        assert job_id not in {job["job_id"] for job in listed}
+        # The same id is free: a retry with good metadata is created, not a 409.
+        assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+
+
+REFUSED_REPORTS: dict[str, tuple[str, str]] = {
+    # name: (raw JSON body of a progress report, field)
+    "string-number": ('{"phase": "GENERATING", "phase_progress": "50"}', "phase_progress"),
+    "true-number": ('{"phase": "GENERATING", "phase_progress": true}', "phase_progress"),
+    "false-step-progress": ('{"phase": "GENERATING", "step": "p1", "step_progress": false}', "step_progress"),
+    "nan-progress": ('{"phase": "GENERATING", "phase_progress": NaN}', "phase_progress"),
+    "infinite-progress": ('{"phase": "GENERATING", "phase_progress": 1e999}', "phase_progress"),
+    "float-steps-total": ('{"phase": "GENERATING", "step": "p1", "steps_total": 2.0}', "steps_total"),
+    "string-steps-total": ('{"phase": "GENERATING", "step": "p1", "steps_total": "2"}', "steps_total"),
+    "bool-steps-total": ('{"phase": "GENERATING", "step": "p1", "steps_total": true}', "steps_total"),
+    "surrogate-message": ('{"phase": "GENERATING", "message": "\\udc00"}', "message"),
+    "number-message": ('{"phase": "GENERATING", "message": 5}', "message"),
+    "step-newline": ('{"phase": "GENERATING", "step": "p1\\n", "step_progress": 5}', "step"),
+    "step-status-alone": ('{"phase": "GENERATING", "step_status": "done"}', "step"),
+    "step-progress-alone": ('{"phase": "GENERATING", "step_progress": 5}', "step"),
+    "terminal-phase": ('{"phase": "COMPLETE"}', "phase"),
+    "lowercase-phase": ('{"phase": "generating"}', "phase"),
+    "null-phase": ('{"phase": null}', "phase"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_REPORTS))
+async def test_a_refused_report_names_the_field_and_changes_nothing(
+    server: ServerProcess, worker_token: str, case: str
+) -> None:
+    body, field = REFUSED_REPORTS[case]
+    job_id = new_id(case)
+    auth = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+        before = (await client.get(f"/v1/jobs/{job_id}")).json()
+        for path, content in ((f"/v1/jobs/{job_id}/progress", body.encode()),
+                              ("/v1/progress", f'{{"updates": [{{"job_id": "{job_id}", {body[1:]}]}}'.encode())):
+            reply = await client.post(path, content=content, headers={"Content-Type": "application/json"})
+            assert reply.status_code == 422, (path, reply.text)
+            error = reply.json()["error"]
+            assert error["code"] == "invalid"
+            expected = field if path != "/v1/progress" else f"updates.0.{field}"
+            assert error.get("field") == expected, (path, error)
+        assert (await client.get(f"/v1/jobs/{job_id}")).json() == before
+
+
+# --- 3. One job id pattern, everywhere ---------------------------------------------------------
+
+BAD_IDS = ["abc\n", "abc\r\n", " abc", "abc def", "-abc", ".abc", "a" * 129, "a/b", "a{b}", "é", "a\u0000", "a%b"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=[repr(b)[:24] for b in BAD_IDS])
+async def test_a_bad_job_id_is_refused_on_every_path(
+    server: ServerProcess, worker_token: str, make_token: Any, bad: str
+) -> None:
+    auth = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        reply = await client.post("/v1/jobs", json={"job_id": bad, "owner": "alice"})
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["error"]["field"] == "job_id"
+        assert "letters, digits" in reply.json()["error"]["message"]
+        reply = await client.post("/v1/progress", json={"updates": [{"job_id": bad, "phase": "GENERATING"}]})
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["error"]["field"] == "updates.0.job_id"
+        if "/" not in bad:
+            quoted = "/v1/jobs/" + quote(bad, safe="")
+            for method, path in (("GET", ""), ("GET", "/history"), ("POST", "/progress"), ("POST", "/complete"),
+                                 ("POST", "/cancel"), ("GET", "/events")):
+                body = {"phase": "GENERATING"} if path == "/progress" else None
+                reply = await client.request(method, quoted + path, json=body)
+                assert reply.status_code == 422, (method, path, reply.text)
+                assert reply.json()["error"]["field"] == "job_id"
+    watcher = await WSWatcher(server.url, make_token("alice")).connect()
+    try:
+        await watcher.subscribe(bad)
+        error = await watcher.wait_message("error", code="invalid")
+        assert "job_id" in error["message"]
+    finally:
+        await watcher.close()
+
+
+# --- 4. Protocol edges: every malformed request gets its documented 4xx ---------------------
+
+
+MALFORMED: dict[str, tuple[str, str, bytes, dict[str, str], int, str]] = {
+    # name: (method, path ({job} is a job of the test), body, headers, status, code)
+    "not-utf8": ("POST", "/v1/jobs/{job}/progress", b'{"phase": "GENERATING", "message": "\xff\xfe"}',
+                 {"Content-Type": "application/json"}, 400, "invalid_json"),
+    "latin1-body": ("POST", "/v1/jobs", '{"owner": "Zoë"}'.encode("latin-1"),
+                    {"Content-Type": "application/json"}, 400, "invalid_json"),
+    "truncated": ("POST", "/v1/progress", b'{"updates": [', {"Content-Type": "application/json"}, 400, "invalid_json"),
+    "trailing-garbage": ("POST", "/v1/jobs", b'{} {}', {"Content-Type": "application/json"}, 400, "invalid_json"),
+    "array-body": ("POST", "/v1/jobs", b"[]", {"Content-Type": "application/json"}, 422, "invalid"),
+    "string-body": ("POST", "/v1/jobs/{job}/progress", b'"GENERATING"', {"Content-Type": "application/json"}, 422, "invalid"),
+    "null-fail": ("POST", "/v1/jobs/{job}/fail", b"null", {"Content-Type": "application/json"}, 422, "invalid"),
+    "empty-fail": ("POST", "/v1/jobs/{job}/fail", b"", {}, 422, "invalid"),
+    "text-plain": ("POST", "/v1/jobs/{job}/complete", b"{}", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+    "form": ("POST", "/v1/jobs", b"owner=alice", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+             "unsupported_media_type"),
+    "multipart": ("POST", "/v1/progress", b"--x--", {"Content-Type": "multipart/form-data; boundary=x"}, 415,
+                  "unsupported_media_type"),
+    "limit-not-a-number": ("GET", "/v1/jobs?limit=ten", b"", {}, 422, "invalid"),
+    "limit-float": ("GET", "/v1/jobs?limit=1e3", b"", {}, 422, "invalid"),
+    "limit-zero": ("GET", "/v1/jobs/{job}/history?limit=0", b"", {}, 422, "invalid"),
+    "status-unknown": ("GET", "/v1/jobs?status=done", b"", {}, 422, "invalid"),
+    "trace": ("TRACE", "/v1/jobs", b"", {}, 405, "method_not_allowed"),
+    "delete-job": ("DELETE", "/v1/jobs/{job}", b"", {}, 405, "method_not_allowed"),
+    "put-progress": ("PUT", "/v1/jobs/{job}/progress", b"{}", {"Content-Type": "application/json"}, 405,
+                     "method_not_allowed"),
+    "unknown-path": ("GET", "/v1/nothing-here", b"", {}, 404, "not_found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+async def test_a_malformed_request_gets_its_documented_status(
+    server: ServerProcess, worker_token: str, case: str
+) -> None:
+    method, path, body, headers, status, code = MALFORMED[case]
+    job_id = new_id(case)
+    auth = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+        before = (await client.get(f"/v1/jobs/{job_id}")).json()
+        reply = await client.request(method, path.format(job=job_id), content=body, headers=headers)
+        assert reply.status_code == status, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == code and error["message"]
+        if status == 405:
+            allowed = {m.strip() for m in reply.headers["allow"].split(",")}
+            assert allowed and method not in allowed
+        if status == 415:
+            assert headers["Content-Type"].split(";")[0] in error["message"]
+        assert (await client.get(f"/v1/jobs/{job_id}")).json() == before
+
+
+async def test_complete_and_cancel_take_an_empty_body_or_one_without_content_type(
+    server: ServerProcess, worker_token: str
+) -> None:
+    auth = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        for ending, phase in (("complete", "COMPLETE"), ("cancel", "CANCELLED")):
+            for content, headers in ((b"", {}), (b"{}", {}), (b"", {"Content-Type": "application/json"}),
+                                     (b"{}", {"Content-Type": "application/json; charset=utf-8"})):
+                job_id = new_id(ending)
+                assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+                reply = await client.post(f"/v1/jobs/{job_id}/{ending}", content=content, headers=headers)
+                assert reply.status_code == 200, (ending, content, headers, reply.text)
+                assert reply.json()["state"]["phase"] == phase
+        # A message without Content-Type is read as JSON too.
+        job_id = new_id("complete")
+        assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+        reply = await client.post(f"/v1/jobs/{job_id}/complete", content=b'{"message": "Ready"}')
+        assert reply.json()["state"]["message"] == "Ready"
+
+
+# --- 6. Scope on every read path ---------------------------------------------------------------
+
+
+async def test_a_token_without_a_read_scope_reads_nothing(
+    server: ServerProcess, worker_token: str, make_token: Any
+) -> None:
+    job_id = new_id("scope")
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {worker_token}"}) as client:
+        assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+    billing = make_token("alice", ("billing:read",))
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {billing}"}) as client:
+        for method, path in (("GET", "/v1/jobs"), ("GET", "/v1/jobs?owner=alice"), ("GET", "/v1/jobs?status=active"),
+                             ("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/history"),
+                             ("GET", f"/v1/jobs/{job_id}/events"), ("POST", f"/v1/jobs/{job_id}/cancel"),
+                             ("POST", f"/v1/jobs/{job_id}/progress")):
+            body = {"phase": "GENERATING"} if path.endswith("/progress") else None
+            reply = await client.request(method, path, json=body)
+            assert reply.status_code == 403, (method, path, reply.text)
+            assert reply.json()["error"]["code"] == "forbidden"
+            assert job_id not in reply.text or "belongs" in reply.text
+    reader = make_token("alice", ("jobs:read",))
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {reader}"}) as client:
+        listed = (await client.get("/v1/jobs?limit=1000")).json()["jobs"]
+        assert job_id in {job["job_id"] for job in listed}
+
+
+# --- 8. /docs works without internet -----------------------------------------------------------
+
+
+async def test_the_api_docs_use_only_local_assets(server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        for page in ("/docs", "/redoc"):
+            html = (await client.get(page)).text
+            assert "http://" not in html and "https://" not in html.replace("https://fastapi.tiangolo.com", ""), html
+            assets = [part.split("'")[0].split('"')[0] for part in html.replace("'", '"').split('"')
+                      if part.startswith("/") and part.rsplit(".", 1)[-1] in ("js", "css", "png")]
+            assert assets, html
+            for asset in assets:
+                reply = await client.get(asset)
+                assert reply.status_code == 200, asset
+                assert len(reply.content) > 100
+        assert (await client.get("/openapi.json")).json()["info"]["title"] == "Phasecast"

@@ -107,10 +107,16 @@ async def principal(
     return authenticate(request)
 
 
+def _printable(text: str) -> str:
+    """Text that can be sent as UTF-8: a lone surrogate from the caller's input (quoted back
+    in a message or a field path) is shown escaped."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": code, "message": message}
+    body: dict[str, Any] = {"code": code, "message": _printable(message)}
     if field is not None:
-        body["field"] = field
+        body["field"] = _printable(field)
     return {"error": body}
 
 
@@ -167,7 +173,8 @@ def install_error_handlers(app: FastAPI) -> None:
         log.info("request rejected: %s", message, extra={"path": request.url.path})
         body = error_body("invalid", message, field)
         body["error"]["details"] = [
-            {"field": _field_of(e.get("loc", ())), "message": _problem_of(e)} for e in errors
+            {"field": _printable(_field_of(e.get("loc", ())) or ""), "message": _printable(_problem_of(e))}
+            for e in errors
         ]
         return JSONResponse(body, 422)
 
