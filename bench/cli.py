@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / f"{stamp}-{args.scenario}.md").write_text(table)
     print(table)
     _log(f"results: {json_path} ({document['duration_s']} s)")
+    for chart in report.draw_charts(args.out):
+        _log(f"chart: {chart}")
 
 
 def _insert_all(argv: list[str]) -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
 from typing import Any
 
 Result = dict[str, Any]
@@ -237,3 +239,19 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"| {name} | {figure} | {verdict} |" for name, figure, verdict in verdicts]
     parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def draw_charts(folder: Path) -> list[Path]:
+    """Latency and CPU-per-message charts of every fan-out result in ``folder`` (bench/charts.py),
+    written beside them; skipped with a note when matplotlib is not installed."""
+    try:
+        from bench import charts
+    except ImportError as exc:  # matplotlib is imported lazily; this guards the module itself
+        print(f"charts skipped: {exc}", file=sys.stderr)
+        return []
+    try:
+        documents = charts.load(folder)
+        return charts.draw(charts.points(documents), folder, note=charts.describe(documents))
+    except ImportError:
+        print("charts skipped: install matplotlib (pip install -e '.[dev]')", file=sys.stderr)
+        return []
