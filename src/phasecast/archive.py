@@ -2,11 +2,17 @@
 ``job_events`` table (a row for every phase change and every ending: the timeline).
 
 ``record`` never waits for PostgreSQL: it files the state in memory and returns, and one
-writer task moves what is filed into PostgreSQL in batches. If PostgreSQL is down, the writer
-keeps what is filed, retries with capped backoff, and catches up when PostgreSQL is back.
+writer task moves what is filed into the **outbox**, a durable store on the engine
+(``Engine.archive_outbox()``: a table in the SQLite file, hashes in Redis), then from the
+outbox into PostgreSQL in batches, and removes from the outbox exactly what was written. If
+PostgreSQL is down, records wait in the outbox, where a crash of the server does not lose
+them; the writer retries with capped backoff, and replays the outbox when a server starts.
 Per job only the newest state is kept for ``jobs`` (older ones would be overwritten anyway);
-every event is kept. So memory grows with the number of jobs and phase changes during an
-outage, not with the number of progress updates.
+one event per phase entered. So the outbox grows with the number of jobs and phase changes
+during an outage, not with the number of progress updates.
+
+``job_events`` has exactly one row per (job, epoch, phase): the row of the change that entered
+the phase, whichever instance writes it and however often (the earliest seq wins).
 
 The schema is created and upgraded by numbered migrations, applied under an advisory lock so
 that several server instances starting at once do not race.
@@ -18,12 +24,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from phasecast.backoff import backoff_delay
+from phasecast.engines.extensions import ArchiveOutbox
 from phasecast.errors import ConfigurationError, EngineUnavailable
 from phasecast.model import JobState, parse_time
 
@@ -69,6 +75,16 @@ CREATE TABLE job_events (
     PRIMARY KEY (job_id, epoch, seq)
 );
 """),
+    # One row per (job, epoch, phase): duplicates written by alternating instances go, the
+    # earliest row of each phase (the change that entered it) stays.
+    (2, """
+DELETE FROM job_events AS later USING job_events AS earlier
+WHERE later.job_id = earlier.job_id AND later.epoch = earlier.epoch
+  AND later.phase = earlier.phase AND later.seq > earlier.seq;
+ALTER TABLE job_events DROP CONSTRAINT job_events_pkey;
+ALTER TABLE job_events ADD PRIMARY KEY (job_id, epoch, phase);
+CREATE INDEX job_events_by_seq ON job_events (job_id, epoch, seq);
+"""),
 )
 MIGRATION_LOCK = 0x70686173  # "phas": advisory lock id for migrations
 
@@ -77,7 +93,6 @@ RETRY_CAP_SECONDS = 2.0
 BATCH_LIMIT = 500
 CONNECT_TIMEOUT_SECONDS = 3.0
 STOP_FLUSH_SECONDS = 5.0
-MAX_TRACKED_PHASES = 100_000
 
 _UPSERT_JOB = """
 INSERT INTO jobs (job_id, owner, kind, phase, terminal, progress, seq, epoch, created_at,
@@ -94,7 +109,10 @@ WHERE jobs.seq < EXCLUDED.seq
 _INSERT_EVENT = """
 INSERT INTO job_events (job_id, epoch, seq, at, phase, phase_progress, progress, message, error)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
-ON CONFLICT DO NOTHING
+ON CONFLICT (job_id, epoch, phase) DO UPDATE SET
+    seq = EXCLUDED.seq, at = EXCLUDED.at, phase_progress = EXCLUDED.phase_progress,
+    progress = EXCLUDED.progress, message = EXCLUDED.message, error = EXCLUDED.error
+WHERE job_events.seq > EXCLUDED.seq
 """
 
 
@@ -116,29 +134,82 @@ class Event:
                    state.phase_progress, state.progress, state.message,
                    None if state.error is None else json.dumps(state.error.to_dict()))
 
+    @property
+    def key(self) -> str:
+        """One event per job, epoch and phase (ids never contain the separator)."""
+        return f"{self.job_id}\x1f{self.epoch}\x1f{self.phase}"
 
-def is_milestone(state: JobState, last_phase: str | None) -> bool:
-    """Creation, entering a phase, or ending: what the timeline keeps. ``last_phase`` is the
-    phase this process last recorded for the job; when it does not know (another instance
-    wrote the earlier changes) the state itself tells: its phase started with this change."""
+    def to_json(self) -> str:
+        return json.dumps([self.job_id, self.epoch, self.seq, self.at, self.phase, self.phase_progress,
+                           self.progress, self.message, self.error], separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Event:
+        return cls(*json.loads(text))
+
+
+def is_milestone(state: JobState) -> bool:
+    """Creation, entering a phase, or ending: what the timeline keeps. The state itself tells,
+    whichever instance stored it: its phase started with this very change."""
     if state.seq == 1 or state.terminal:
         return True
-    if last_phase is not None:
-        return last_phase != state.phase.value
     span = state.phases.get(state.phase.value) or {}
     return span.get("started_at") == state.updated_at
+
+
+class MemoryOutbox:
+    """The outbox of an archive used without an engine's (an in-process tracker built by
+    hand): the same behaviour, but lost with the process."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, tuple[int, str]] = {}
+        self._events: dict[str, str] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def put(self, states: list[tuple[str, int, str]], events: list[tuple[str, str]]) -> None:
+        for job_id, seq, state_json in states:
+            filed = self._states.get(job_id)
+            if filed is None or filed[0] < seq:
+                self._states[job_id] = (seq, state_json)
+        for key, event_json in events:
+            self._events.setdefault(key, event_json)
+
+    async def states(self, limit: int) -> list[tuple[str, int, str]]:
+        return [(job_id, seq, text) for job_id, (seq, text) in list(self._states.items())[:limit]]
+
+    async def events(self, limit: int) -> list[tuple[str, str]]:
+        return list(self._events.items())[:limit]
+
+    async def state(self, job_id: str) -> str | None:
+        filed = self._states.get(job_id)
+        return None if filed is None else filed[1]
+
+    async def ack(self, states: list[tuple[str, int]], events: list[str]) -> None:
+        for job_id, seq in states:
+            if self._states.get(job_id, (None,))[0] == seq:
+                del self._states[job_id]
+        for key in events:
+            self._events.pop(key, None)
+
+    async def size(self) -> int:
+        return len(self._states) + len(self._events)
 
 
 class PostgresArchive:
     """Implements ``phasecast.tracker.Archive``."""
 
-    def __init__(self, url: str, *, retry_cap: float = RETRY_CAP_SECONDS) -> None:
+    def __init__(
+        self, url: str, *, outbox: ArchiveOutbox | None = None, retry_cap: float = RETRY_CAP_SECONDS
+    ) -> None:
         self.url = url
         self.retry_cap = retry_cap
+        self.outbox: ArchiveOutbox = outbox if outbox is not None else MemoryOutbox()
+        self.durable = outbox is not None
         self._pool: Any = None
-        self._latest: dict[str, JobState] = {}
-        self._phases: dict[str, str] = {}  # job id → phase last recorded by this process
-        self._events: deque[Event] = deque()
+        self._filed: list[tuple[JobState, Event | None]] = []  # not yet in the outbox
+        self._backlog = 0  # outbox entries last seen waiting for PostgreSQL
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._stopping = False
@@ -147,8 +218,8 @@ class PostgresArchive:
 
     @property
     def pending(self) -> int:
-        """Records filed but not yet in PostgreSQL (job rows plus events)."""
-        return len(self._latest) + len(self._events)
+        """Records filed but not yet in PostgreSQL (as of the writer's last look)."""
+        return len(self._filed) + self._backlog
 
     def redacted_url(self) -> str:
         parts = urlsplit(self.url)
@@ -160,6 +231,10 @@ class PostgresArchive:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.outbox.start()
+        self._backlog = await self.outbox.size()  # left by a server that stopped or crashed
+        if self._backlog:
+            log.info("archive outbox holds %d records from before; replaying", self._backlog)
         # PostgreSQL being down at start-up does not stop the server: the writer connects
         # (and migrates) as soon as it can, and catches up.
         with contextlib.suppress(EngineUnavailable):
@@ -173,33 +248,32 @@ class PostgresArchive:
             try:
                 await asyncio.wait_for(asyncio.shield(self._writer), STOP_FLUSH_SECONDS)
             except TimeoutError:
-                log.error("archive stopped with %d records not yet in PostgreSQL", self.pending)
                 self._writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._writer
             self._writer = None
+        if self._filed:
+            log.error("archive stopped with %d records in neither PostgreSQL nor the outbox",
+                      len(self._filed))
+        elif self._backlog:
+            where = "the engine's outbox" if self.durable else "memory (lost now: no engine outbox)"
+            log.warning("archive stopped with %d records waiting in %s for PostgreSQL",
+                        self._backlog, where)
         await self._close_pool()
 
     # --- the Archive protocol ------------------------------------------------------------
 
     def record(self, state: JobState) -> None:
-        filed = self._latest.get(state.job_id)
-        if filed is None or filed.seq < state.seq:
-            self._latest[state.job_id] = state
-        if is_milestone(state, self._phases.get(state.job_id)):
-            self._events.append(Event.of(state))
-        if state.terminal:
-            self._phases.pop(state.job_id, None)
-        else:
-            self._phases[state.job_id] = state.phase.value
-            if len(self._phases) > MAX_TRACKED_PHASES:  # jobs abandoned without an ending
-                del self._phases[next(iter(self._phases))]
+        self._filed.append((state, Event.of(state) if is_milestone(state) else None))
         self._wake.set()
 
     async def load(self, job_id: str) -> JobState | None:
-        filed = self._latest.get(job_id)
-        if filed is not None:
-            return filed.copy()  # newer than what PostgreSQL has
+        for state, _ in reversed(self._filed):
+            if state.job_id == job_id:
+                return state.copy()  # newer than what PostgreSQL has
+        waiting = await self.outbox.state(job_id)
+        if waiting is not None:
+            return JobState.from_json(waiting)
         pool = await self._connect()
         try:
             raw = await pool.fetchval("SELECT state FROM jobs WHERE job_id = $1", job_id)
@@ -245,13 +319,16 @@ class PostgresArchive:
     async def _write_forever(self) -> None:
         failures = 0
         while True:
-            if not self._latest and not self._events:
+            if not self._filed and not self._backlog:
                 if self._stopping:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             try:
+                await self._to_outbox()
+                if self._stopping and failures >= 2:
+                    return  # what is filed is durable; PostgreSQL gets it after the next start
                 await self._write_batch()
                 if failures:
                     log.info("archive caught up with PostgreSQL after %d failed attempts", failures)
@@ -262,37 +339,56 @@ class PostgresArchive:
                 failures += 1
                 self.failures += 1
                 await self._close_pool()
-                delay = min(self.retry_cap, RETRY_BASE_SECONDS * 2 ** min(failures, 10))
                 if failures == 1 or failures % 20 == 0:
                     log.warning("archive cannot write to PostgreSQL (%s); %d records wait, retrying",
                                 exc, self.pending)
-                if self._stopping and failures >= 3:
-                    log.error("archive stopped with %d records not yet in PostgreSQL", self.pending)
+                if self._stopping and (failures >= 3 or not self._filed):
                     return
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+                await asyncio.sleep(backoff_delay(failures, base=RETRY_BASE_SECONDS, cap=self.retry_cap))
+
+    async def _to_outbox(self) -> None:
+        """Move what ``record`` filed into the durable outbox (one write for the lot)."""
+        if not self._filed:
+            return
+        count = len(self._filed)
+        filed = self._filed[:count]
+        states: dict[str, JobState] = {}
+        events: list[tuple[str, str]] = []
+        for state, event in filed:
+            if state.job_id not in states or states[state.job_id].seq < state.seq:
+                states[state.job_id] = state
+            if event is not None:
+                events.append((event.key, event.to_json()))
+        await self.outbox.put([(s.job_id, s.seq, s.to_json()) for s in states.values()], events)
+        del self._filed[:count]  # records filed during the write stay filed
+        self._backlog += len(states) + len(events)
 
     async def _write_batch(self) -> None:
-        jobs = list(self._latest.values())[:BATCH_LIMIT]
-        events = [self._events[i] for i in range(min(BATCH_LIMIT, len(self._events)))]
-        # Events name their job (foreign key): write each event's job row in this batch too.
-        ids = {state.job_id for state in jobs}
-        extra = [self._latest[e.job_id] for e in events if e.job_id not in ids and e.job_id in self._latest]
-        for state in extra:
-            ids.add(state.job_id)
-            jobs.append(state)
+        waiting = await self.outbox.states(BATCH_LIMIT)
+        events = [(key, Event.from_json(text)) for key, text in await self.outbox.events(BATCH_LIMIT)]
+        if not waiting and not events:
+            self._backlog = 0
+            return
+        jobs = {job_id: (seq, JobState.from_json(text)) for job_id, seq, text in waiting}
+        # Events name their job (foreign key): write each event's job row in this batch too,
+        # if it still waits; otherwise it was written before.
+        for _, event in events:
+            if event.job_id not in jobs:
+                text = await self.outbox.state(event.job_id)
+                if text is not None:
+                    state = JobState.from_json(text)
+                    jobs[event.job_id] = (state.seq, state)
         pool = await self._connect()
         async with pool.acquire() as connection, connection.transaction():
             if jobs:
-                await connection.executemany(_UPSERT_JOB, [_job_row(s) for s in jobs])
+                await connection.executemany(_UPSERT_JOB, [_job_row(s) for _, s in jobs.values()])
             if events:
-                await connection.executemany(_INSERT_EVENT, [_event_row(e) for e in events])
-        # Only now, and only what was written: records filed meanwhile stay filed.
-        for state in jobs:
-            if self._latest.get(state.job_id) is state:
-                del self._latest[state.job_id]
-        for _ in events:
-            self._events.popleft()
+                await connection.executemany(_INSERT_EVENT, [_event_row(e) for _, e in events])
+        # Only now, and only what was written: records filed meanwhile stay in the outbox.
+        written = [(job_id, seq) for job_id, (seq, _) in jobs.items()]
+        await self.outbox.ack(written, [key for key, _ in events])
         self.written += len(jobs) + len(events)
+        self._backlog = await self.outbox.size()
 
 
 async def migrate(pool: Any) -> int:
@@ -326,10 +422,12 @@ def _event_row(event: Event) -> tuple[Any, ...]:
             event.phase_progress, event.progress, event.message, event.error)
 
 
-def open_archive(url: str) -> PostgresArchive:
+def open_archive(url: str, outbox: ArchiveOutbox | None = None) -> PostgresArchive:
+    """The archive at ``url``; ``outbox`` (``engine.archive_outbox()``) makes the records
+    waiting for PostgreSQL survive a crash of the server."""
     scheme = urlsplit(url).scheme
     if scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(
             f"archive URL {url!r} is not PostgreSQL; use postgresql://user@host:5432/database"
         )
-    return PostgresArchive(url)
+    return PostgresArchive(url, outbox=outbox)

@@ -135,6 +135,16 @@ def load_settings(*, allow_dev_secret: bool, **overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _integration_hooks(settings: Settings, *, demo_speed: float | None = None) -> list[Any]:
+    from phasecast.integrations import startup_hooks
+
+    try:
+        return startup_hooks(settings, demo_speed=demo_speed)
+    except ConfigurationError as exc:
+        typer.secho(f"configuration error: {exc.message}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
 def _run_server(settings: Settings, startup: list[Any]) -> None:
     import uvicorn
 
@@ -195,9 +205,7 @@ def serve(
             "production.", fg="yellow", err=True,
         )
     _check_engine(settings.engine)
-    from phasecast.integrations import startup_hooks
-
-    _run_server(settings, startup=startup_hooks(settings))
+    _run_server(settings, startup=_integration_hooks(settings))
 
 
 @app.command()
@@ -227,15 +235,9 @@ def demo(
                           failure_rate=failure_rate)
     _check_engine(settings.engine)
     typer.secho(f"Phasecast demo: open http://{settings.host}:{settings.port}/", fg="green", err=True)
-    from phasecast.integrations import startup_hooks
-    from phasecast.integrations.demo import demo_runpod_startup
-
     # Without a real RunPod endpoint the demo draws its panels on a local RunPod simulator
     # that runs at the demo's speed.
-    runpod = startup_hooks(settings) if settings.runpod_endpoint else [
-        demo_runpod_startup(settings, speed=speed)
-    ]
-    _run_server(settings, startup=[*runpod, demo_startup(options)])
+    _run_server(settings, startup=[*_integration_hooks(settings, demo_speed=speed), demo_startup(options)])
 
 
 @app.command()

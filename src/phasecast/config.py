@@ -39,17 +39,6 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)
     # Where RunPod (or anything else) reaches this server from outside; used in webhook URLs.
     public_url: str | None = None
-    webhook_secret: str | None = None
-    runpod_api_key: str | None = None
-    runpod_base_url: str = "https://api.runpod.ai/v2"
-    runpod_endpoint: str | None = None
-    # RunPod tuning (seconds). The defaults suit production; tests make them small.
-    runpod_poll_interval: float = 2.0  # while IN_PROGRESS: progress shows up only in /status
-    runpod_queue_poll_interval: float = 5.0  # while IN_QUEUE: nothing changes quickly
-    runpod_max_poll_interval: float = 30.0  # cap of the backoff after errors and 429s
-    runpod_lease_seconds: float = 15.0  # another instance takes a job over this long after its poller died
-    runpod_request_timeout: float = 10.0
-    runpod_max_retries: int = 2  # default for the "retry" failure policy
     # Request body caps in bytes, enforced while the body streams in (413 beyond). Reports
     # are small; a create carries up to 16 KiB of metadata; a batch up to 500 reports.
     # Routes without a cap of their own (integrations, the webhook) get max_body_bytes.
@@ -94,20 +83,12 @@ class Settings:
             )
         if not 0 < self.ping_interval <= 300:
             raise ConfigurationError("ping_interval must be between 0 and 300 seconds")
-        for name in ("runpod_poll_interval", "runpod_queue_poll_interval",
-                     "runpod_max_poll_interval", "runpod_lease_seconds", "runpod_request_timeout"):
-            if not 0 < getattr(self, name) <= 3600:
-                raise ConfigurationError(
-                    f"PHASECAST_{name.upper()} must be a number of seconds above 0 and at most 3600"
-                )
         for name in ("max_report_body_bytes", "max_create_body_bytes", "max_batch_body_bytes",
                      "max_body_bytes"):
             if not 1024 <= getattr(self, name) <= 1024 ** 3:
                 raise ConfigurationError(
                     f"PHASECAST_{name.upper()} must be a number of bytes from 1024 to 1073741824"
                 )
-        if not 0 <= self.runpod_max_retries <= 10:
-            raise ConfigurationError("PHASECAST_RUNPOD_MAX_RETRIES must be from 0 to 10")
 
     def body_limits(self) -> dict[str, int]:
         """Body caps by REST route name; other routes get ``max_body_bytes``."""

@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from types import TracebackType
 from typing import Any, Protocol
 
 import httpx
 
+from phasecast.backoff import backoff_delay
 from phasecast.errors import EngineUnavailable, InvalidUpdate, JobNotFound, JobTerminal, PhasecastError
 from phasecast.model import (
     MAX_MESSAGE_CHARS,
@@ -45,6 +45,7 @@ log = logging.getLogger("phasecast.worker")
 
 REMOTE_ATTEMPTS = 5
 REMOTE_BACKOFF_SECONDS = 0.2
+REMOTE_BACKOFF_CAP_SECONDS = 5.0
 
 
 class WorkerError(PhasecastError):
@@ -170,8 +171,9 @@ class RemoteBackend:
                 problem = f"{method} {path} answered {reply.status_code}"
             if attempt == REMOTE_ATTEMPTS:
                 raise EngineUnavailable(f"{problem}; gave up after {REMOTE_ATTEMPTS} attempts")
-            delay = REMOTE_BACKOFF_SECONDS * 2 ** (attempt - 1)
-            await asyncio.sleep(random.uniform(delay / 2, delay))
+            await asyncio.sleep(
+                backoff_delay(attempt, base=REMOTE_BACKOFF_SECONDS, cap=REMOTE_BACKOFF_CAP_SECONDS)
+            )
         raise AssertionError("unreachable")
 
 

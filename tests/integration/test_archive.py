@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from tests.support.clients import WSWatcher
 from tests.support.process import PrivateRedis, ServerProcess, free_port
 
-from phasecast.archive import PostgresArchive, migrate, open_archive
+from phasecast.archive import MIGRATIONS, PostgresArchive, migrate, open_archive
 from phasecast.engines import open_engine
 from phasecast.errors import ConfigurationError
 from phasecast.model import Phase
@@ -161,15 +161,58 @@ def test_archive_urls_must_be_postgresql() -> None:
 async def test_migrations_create_the_tables_once(archive_url: str) -> None:
     pool = await asyncpg.create_pool(archive_url, min_size=1, max_size=2)
     try:
-        assert await migrate(pool) == 1
-        assert await migrate(pool) == 1  # a second instance starting changes nothing
+        assert await migrate(pool) == 2
+        assert await migrate(pool) == 2  # a second instance starting changes nothing
         tables = {r["tablename"] for r in await pool.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert {"jobs", "job_events", "phasecast_schema_migrations"} <= tables
         versions = [r["version"] for r in await pool.fetch("SELECT version FROM phasecast_schema_migrations")]
-        assert versions == [1]
+        assert sorted(versions) == [1, 2]
     finally:
         await pool.close()
+
+
+async def test_migration_2_keeps_one_event_per_phase_and_enforces_it() -> None:
+    """A database written by version 1 (with duplicate phase rows from alternating instances)
+    is cleaned up, keeping each phase's earliest row, and the key makes a duplicate impossible."""
+    name = f"pcmig_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(SHARED_PG, timeout=5)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = SHARED_PG.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        connection = await asyncpg.connect(url, timeout=5)
+        try:
+            await connection.execute(MIGRATIONS[0][1])
+            await connection.execute("CREATE TABLE phasecast_schema_migrations (version integer PRIMARY KEY,"
+                                     " applied_at timestamptz NOT NULL DEFAULT now())")
+            await connection.execute("INSERT INTO phasecast_schema_migrations (version) VALUES (1)")
+            await connection.execute(
+                "INSERT INTO jobs VALUES ('j', 'alice', 'default', 'GENERATING', false, 50, 9, 'e1', now(), now(),"
+                " NULL, NULL, '{}'::jsonb)")
+            for seq, phase in ((1, "QUEUED"), (2, "ANALYZING"), (5, "GENERATING"), (7, "GENERATING"),
+                               (9, "GENERATING")):
+                await connection.execute(
+                    "INSERT INTO job_events VALUES ('j', 'e1', $1, now(), $2, 0, 0, '', NULL)", seq, phase)
+        finally:
+            await connection.close()
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+            assert await migrate(pool) == 2
+            rows = await pool.fetch("SELECT phase, seq FROM job_events WHERE job_id = 'j' ORDER BY seq")
+            assert [(r["phase"], r["seq"]) for r in rows] == [("QUEUED", 1), ("ANALYZING", 2), ("GENERATING", 5)]
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await pool.execute("INSERT INTO job_events VALUES ('j', 'e1', 11, now(), 'GENERATING', 0, 0, '', NULL)")
+        finally:
+            await pool.close()
+    finally:
+        admin = await asyncpg.connect(SHARED_PG, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 @pytest.fixture
@@ -343,3 +386,114 @@ async def test_a_running_job_whose_redis_state_was_flushed_carries_on(
             assert after.epoch != before.epoch
             assert after.seq == before.seq + 2  # the restore, then this update
             assert after.phase_progress == 70
+
+
+# --- exactly one row per phase; the outbox across a crash while PostgreSQL is down ---------
+
+PHASES = ["QUEUED", "ANALYZING", "GENERATING", "POST_PROCESSING", "COMPLETE"]
+
+
+@pytest.mark.redis
+async def test_alternating_instances_write_one_event_per_phase(
+    archive_url: str, redis_engine_url: str, tmp_path: Path, worker_token: str
+) -> None:
+    job_id = f"alternating-{uuid.uuid4().hex[:8]}"
+    env = {"PHASECAST_ARCHIVE": archive_url}
+    with (ServerProcess(redis_engine_url, env=env, log_path=tmp_path / "a.log") as a,
+          ServerProcess(redis_engine_url, env=env, log_path=tmp_path / "b.log") as b):
+        headers = {"Authorization": f"Bearer {worker_token}"}
+        async with (httpx.AsyncClient(base_url=a.url, headers=headers) as api_a,
+                    httpx.AsyncClient(base_url=b.url, headers=headers) as api_b):
+            assert (await api_a.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+            reports = [{"phase": "ANALYZING", "phase_progress": p} for p in (10, 40, 70, 100)]
+            reports += [{"phase": "GENERATING", "phase_progress": p} for p in (5, 30, 60, 90)]
+            reports += [{"phase": "POST_PROCESSING", "phase_progress": p} for p in (20, 80)]
+            entered: dict[str, int] = {"QUEUED": 1}
+            for number, body in enumerate(reports):
+                api = (api_a, api_b)[number % 2]  # every change through the other instance
+                reply = await api.post(f"/v1/jobs/{job_id}/progress", json=body)
+                assert reply.status_code == 200, reply.text
+                entered.setdefault(body["phase"], reply.json()["state"]["seq"])
+            final = await api_b.post(f"/v1/jobs/{job_id}/complete", json={})
+            entered["COMPLETE"] = final.json()["state"]["seq"]
+
+            async def written() -> bool:
+                return await archived_phase(archive_url, job_id) == "COMPLETE"
+
+            await until(written, what="the COMPLETE record")
+    # Both servers stopped (each flushes what it filed): every row either could write is in.
+    events = await fetch(archive_url, "SELECT phase, seq FROM job_events WHERE job_id = $1 ORDER BY seq", job_id)
+    assert [(e["phase"], e["seq"]) for e in events] == [(phase, entered[phase]) for phase in PHASES]
+
+
+def _outbox_holds(engine_url: str, job_id: str, seq: int) -> Callable[[], Awaitable[bool]]:
+    """Whether the engine's archive outbox holds ``job_id`` at ``seq`` and its four later
+    phase events (read from the engine's store, as a crash would leave it)."""
+    if engine_url.startswith("sqlite"):
+        import sqlite3
+
+        path = engine_url.removeprefix("sqlite:///")
+
+        async def check_sqlite() -> bool:
+            with sqlite3.connect(path) as db:
+                row = db.execute("SELECT seq FROM archive_outbox_states WHERE job_id = ?", (job_id,)).fetchone()
+                events = db.execute("SELECT count(*) FROM archive_outbox_events WHERE key LIKE ?",
+                                    (f"{job_id}\x1f%",)).fetchone()[0]
+            return row is not None and row[0] == seq and events == 4
+
+        return check_sqlite
+    from urllib.parse import parse_qs, urlsplit
+
+    from phasecast.engines.redis_keys import RedisKeys
+
+    keys = RedisKeys(parse_qs(urlsplit(engine_url).query)["prefix"][0])
+
+    async def check_redis() -> bool:
+        client = aioredis.Redis.from_url(engine_url.split("?")[0], decode_responses=True)
+        try:
+            raw = await client.hget(keys.archive_states(), job_id)
+            events = [k for k in await client.hkeys(keys.archive_events()) if k.startswith(f"{job_id}\x1f")]
+        finally:
+            await client.aclose()
+        return raw is not None and raw.startswith(f"{seq}|") and len(events) == 4
+
+    return check_redis
+
+
+async def test_records_filed_while_postgres_is_down_survive_a_server_crash(
+    private_postgres: PrivatePostgres, engine_url: str, tmp_path: Path, worker_token: str
+) -> None:
+    job_id = f"crash-{uuid.uuid4().hex[:8]}"
+    server = ServerProcess(engine_url, env={"PHASECAST_ARCHIVE": private_postgres.url},
+                           log_path=tmp_path / "server.log")
+    server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url,
+                                     headers={"Authorization": f"Bearer {worker_token}"}) as api:
+            assert (await api.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+
+            async def created() -> bool:
+                return await archived_phase(private_postgres.url, job_id) == "QUEUED"
+
+            await until(created, what="the QUEUED record")
+            private_postgres.stop("immediate")
+            await drive(api, job_id)
+            final = (await api.get(f"/v1/jobs/{job_id}")).json()
+            assert final["phase"] == "COMPLETE"
+        await until(_outbox_holds(engine_url, job_id, final["seq"]), what="the records in the engine's outbox")
+        server.kill()  # SIGKILL while PostgreSQL is down: nothing flushes
+        private_postgres.start()
+        server.start()
+
+        async def caught_up() -> bool:
+            return await archived_phase(private_postgres.url, job_id) == "COMPLETE"
+
+        await until(caught_up, timeout=30, what="the outbox replayed into PostgreSQL")
+        row = (await fetch(private_postgres.url, "SELECT seq FROM jobs WHERE job_id = $1", job_id))[0]
+        assert row["seq"] == final["seq"]
+        events = await fetch(private_postgres.url, "SELECT phase FROM job_events WHERE job_id = $1 ORDER BY seq",
+                             job_id)
+        assert [e["phase"] for e in events] == PHASES
+        assert "replaying" in server.log()
+    finally:
+        server.stop()

@@ -13,9 +13,9 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from phasecast.errors import JobNotFound
+from phasecast.errors import ConfigurationError, JobNotFound
 from phasecast.model import (
     JobState,
     Phase,
@@ -24,6 +24,9 @@ from phasecast.model import (
     parse_time,
 )
 from phasecast.progress import PhaseStats, estimate_eta
+
+if TYPE_CHECKING:
+    from phasecast.engines.extensions import ArchiveOutbox, PanelRecords
 
 DEFAULT_HISTORY_LIMIT = 1000
 
@@ -230,3 +233,13 @@ class Engine(JobStore, ChangeFeed):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise ``EngineUnavailable`` if the store cannot be reached."""
+
+    # --- what plugins keep beside the job states (engines/extensions.py) -----------------
+
+    def panel_records(self) -> PanelRecords:
+        """The RunPod integration's panel records, kept in this engine's store."""
+        raise ConfigurationError(f"the RunPod integration does not support {type(self).__name__}")
+
+    def archive_outbox(self) -> ArchiveOutbox:
+        """Archive records waiting for PostgreSQL, kept durably in this engine's store."""
+        raise ConfigurationError(f"the PostgreSQL archive does not support {type(self).__name__}")

@@ -17,12 +17,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+from phasecast.backoff import backoff_delay
 from phasecast.engines.base import (
     DEFAULT_HISTORY_LIMIT,
     Change,
@@ -61,6 +61,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ConfigurationError(
         "the Redis engine needs redis-py: pip install 'phasecast[redis]'"
     ) from exc
+
+if TYPE_CHECKING:
+    from phasecast.engines.redis_outbox import RedisArchiveOutbox
+    from phasecast.engines.redis_panels import RedisPanelRecords
 
 log = logging.getLogger("phasecast.engines.redis")
 
@@ -391,6 +395,18 @@ class RedisEngine(Engine):
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"cannot record phase durations: {exc}") from exc
 
+    # --- plugins (engines/extensions.py) -------------------------------------------------
+
+    def panel_records(self) -> RedisPanelRecords:
+        from phasecast.engines.redis_panels import RedisPanelRecords
+
+        return RedisPanelRecords(self)
+
+    def archive_outbox(self) -> RedisArchiveOutbox:
+        from phasecast.engines.redis_outbox import RedisArchiveOutbox
+
+        return RedisArchiveOutbox(self)
+
     # --- fan-out -------------------------------------------------------------------------
 
     async def listen(self, job_id: str) -> None:
@@ -485,8 +501,7 @@ class RedisEngine(Engine):
                     if not pending.done():
                         pending.set_exception(ConnectionError(f"pub/sub connection lost: {exc}"))
                 failures += 1
-                delay = min(RECONNECT_CAP_SECONDS, RECONNECT_BASE_SECONDS * 2 ** min(failures, 10))
-                delay = random.uniform(delay / 2, delay)
+                delay = backoff_delay(failures, base=RECONNECT_BASE_SECONDS, cap=RECONNECT_CAP_SECONDS)
                 log.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
             finally:

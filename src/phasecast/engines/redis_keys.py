@@ -37,6 +37,28 @@ class RedisKeys:
         """Hash of learned phase durations for one job kind."""
         return f"{self.prefix}:stats:{kind}"
 
+    # --- plugins: each job's keys carry the job's hash tag; cross-job keys stand alone ---
+
+    def runpod_panels(self, job_id: str) -> str:
+        """Hash: step id → RunPod panel record (JSON), with the job's hash tag."""
+        return f"{self.prefix}:runpod:panels:{{{job_id}}}"
+
+    def runpod_inflight(self) -> str:
+        """Sorted set of ``job_id/step`` of every in-flight panel, scored by next poll time."""
+        return f"{self.prefix}:runpod:inflight"
+
+    def runpod_lease(self, key: str) -> str:
+        """String: the instance id polling one in-flight panel, with a TTL."""
+        return f"{self.prefix}:runpod:lease:{key}"
+
+    def archive_states(self) -> str:
+        """Hash: job id → ``seq|state JSON`` not yet written to the PostgreSQL archive."""
+        return f"{self.prefix}:archive:outbox:states"
+
+    def archive_events(self) -> str:
+        """Hash: event key → event JSON not yet written to the PostgreSQL archive."""
+        return f"{self.prefix}:archive:outbox:events"
+
     def pattern(self) -> str:
         """Matches every key of this prefix (used by tests to clean up after themselves)."""
         return f"{self.prefix}:*"

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from phasecast.engines.base import (
@@ -40,6 +40,10 @@ from phasecast.errors import (
 )
 from phasecast.model import JobState, Phase, ProgressUpdate, apply_progress
 from phasecast.progress import PhaseStat, PhaseStats, estimate_eta, learn
+
+if TYPE_CHECKING:
+    from phasecast.engines.sqlite_outbox import SQLiteArchiveOutbox
+    from phasecast.engines.sqlite_panels import SQLitePanelRecords
 
 T = TypeVar("T")
 
@@ -215,6 +219,22 @@ class SQLiteEngine(Engine):
         future: asyncio.Future[Any] = self._loop.create_future()
         self._queue.put((operation, future))
         return await future
+
+    async def execute(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` on the engine's connection, in the writer thread, inside a transaction
+        of its own (a savepoint): for plugins that keep tables in this file."""
+        result: T = await self._submit(lambda conn: (work(conn), None))
+        return result
+
+    def panel_records(self) -> SQLitePanelRecords:
+        from phasecast.engines.sqlite_panels import SQLitePanelRecords
+
+        return SQLitePanelRecords(self)
+
+    def archive_outbox(self) -> SQLiteArchiveOutbox:
+        from phasecast.engines.sqlite_outbox import SQLiteArchiveOutbox
+
+        return SQLiteArchiveOutbox(self)
 
     # --- operations ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from phasecast.config import Settings
 from phasecast.errors import JobTerminal
 from phasecast.integrations.pipeline import PanelSpec, RunPodPanels
+from phasecast.integrations.settings import RunPodSettings
 from phasecast.integrations.store import FailurePolicy
 from phasecast.model import Phase
 from phasecast.server.deps import Services
@@ -22,7 +23,7 @@ from phasecast.tracker import ProgressTracker
 
 
 def demo_runpod_startup(
-    settings: Settings, *, speed: float = 1.0
+    settings: Settings, runpod: RunPodSettings | None = None, *, speed: float = 1.0
 ) -> Callable[[FastAPI, Services], Awaitable[Callable[[], Awaitable[None]]]]:
     """Start a RunPod simulator in this process and the RunPod integration pointed at it."""
 
@@ -34,13 +35,13 @@ def demo_runpod_startup(
             RunPodSimulator(queue_delay=0.8 / speed, step_delay=0.5 / speed, steps=8).start
         )
         derived = dataclasses.replace(
-            settings, runpod_endpoint=sim.endpoint, runpod_api_key=sim.api_key,
-            runpod_base_url=sim.base_url,
+            runpod or RunPodSettings(), endpoint=sim.endpoint, api_key=sim.api_key,
+            base_url=sim.base_url,
             # Poll in step with the simulation, so every panel shows progress between polls.
-            runpod_poll_interval=max(0.05, 0.3 / speed),
-            runpod_queue_poll_interval=max(0.1, 0.6 / speed),
+            poll_interval=max(0.05, 0.3 / speed),
+            queue_poll_interval=max(0.1, 0.6 / speed),
         )
-        stop_runpod = await runpod_startup(derived)(app, services)
+        stop_runpod = await runpod_startup(settings, derived)(app, services)
         app.state.runpod_simulator = sim
 
         async def stop() -> None:

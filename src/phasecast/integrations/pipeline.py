@@ -9,7 +9,17 @@ time. Two sources tell us how a RunPod job is doing, and both go through ``apply
 
 Whichever sees an ending first records it (compare-and-set on the panel record) and only that
 one acts on it; tracker updates are themselves monotonic and idempotent, so a duplicate or
-late report changes nothing. When every panel is done the job enters POST_PROCESSING.
+late report changes nothing, and a poll that brings nothing new writes nothing (no seq, no
+push, no history entry). The job's message counts panels ("Drawing panels: 3 of 6 done"); it
+does not follow whichever panel was polled last. When every panel is done the job enters
+POST_PROCESSING.
+
+Submitting is crash-safe: the intent (an idempotency key, also sent in the input and in the
+webhook URL) is stored before ``/run``. If the server dies before storing the RunPod id, the
+job RunPod started is adopted when its webhook arrives (or cancelled, if the panel no longer
+wants it); the panel is submitted again only once RunPod has surely dropped the first job
+(the ``ttl`` of the execution policy sent with every ``/run``). A ``/status`` 404 fails a
+panel only once confirmed several times over a grace period.
 """
 
 from __future__ import annotations
@@ -17,13 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from phasecast.backoff import backoff_delay, jittered
 from phasecast.config import Settings
 from phasecast.errors import ConfigurationError, InvalidUpdate, JobNotFound, JobTerminal
 from phasecast.integrations.runpod import (
@@ -41,6 +51,7 @@ from phasecast.integrations.runpod import (
     output_progress,
     webhook_url,
 )
+from phasecast.integrations.settings import RunPodSettings
 from phasecast.integrations.store import FailurePolicy, Panel, PanelStore
 from phasecast.model import STEP_ID_PATTERN, JobState, Phase, ProgressUpdate
 from phasecast.tracker import ProgressTracker
@@ -51,6 +62,8 @@ CAS_ATTEMPTS = 20
 MAX_PANELS = 200
 POLL_BATCH = 64
 POLL_CONCURRENCY = 16
+NOT_FOUND_CONFIRMATIONS = 3  # /status 404s in a row, over ``not_found_grace``, before a panel fails
+IDEMPOTENCY_FIELD = "phasecast_idempotency_key"  # added to every input sent to /run
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,25 +76,28 @@ class RunPodConfig:
     lease_seconds: float = 15.0
     request_timeout: float = 10.0
     max_retries: int = 2
+    not_found_grace: float = 6.0
+    job_ttl: float = 3600.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RunPodConfig:
-        secret = settings.webhook_secret or derive_webhook_secret(settings.jwt_secret)
+    def from_settings(cls, core: Settings, runpod: RunPodSettings) -> RunPodConfig:
+        secret = runpod.webhook_secret or derive_webhook_secret(core.jwt_secret)
         if not secret:
             raise ConfigurationError(
                 "the RunPod integration needs PHASECAST_WEBHOOK_SECRET (or a JWT secret to derive "
                 "it from) to sign webhook URLs"
             )
-        public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
         return cls(
-            public_url=public_url,
+            public_url=runpod.public_url(core),
             webhook_secret=secret,
-            poll_interval=settings.runpod_poll_interval,
-            queue_poll_interval=settings.runpod_queue_poll_interval,
-            max_poll_interval=settings.runpod_max_poll_interval,
-            lease_seconds=settings.runpod_lease_seconds,
-            request_timeout=settings.runpod_request_timeout,
-            max_retries=settings.runpod_max_retries,
+            poll_interval=runpod.poll_interval,
+            queue_poll_interval=runpod.queue_poll_interval,
+            max_poll_interval=runpod.max_poll_interval,
+            lease_seconds=runpod.lease_seconds,
+            request_timeout=runpod.request_timeout,
+            max_retries=runpod.max_retries,
+            not_found_grace=runpod.not_found_grace,
+            job_ttl=runpod.job_ttl,
         )
 
 
@@ -111,6 +127,7 @@ class RunPodPanels:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._polling: set[str] = set()
         self._errors: dict[str, int] = {}  # consecutive poll failures per panel (backoff)
+        self._missing: dict[str, tuple[int, float]] = {}  # panel → (404s in a row, time of the first)
         self._wake = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
         self._gate = asyncio.Semaphore(POLL_CONCURRENCY)
@@ -156,7 +173,7 @@ class RunPodPanels:
         if len(set(steps)) != len(steps):
             raise InvalidUpdate("panels", "step ids must be unique")
         for step in steps:
-            if not STEP_ID_PATTERN.match(step) or "/" in step:
+            if not STEP_ID_PATTERN.fullmatch(step) or "/" in step:
                 raise InvalidUpdate(
                     "panels.step", f"{step!r} must be 1-64 letters, digits, '.', '_', ':' or '-'"
                 )
@@ -193,39 +210,98 @@ class RunPodPanels:
             self._wake.set()
 
     async def _run_on_runpod(self, panel: Panel) -> None:
-        """Start (or, with the ``retry`` policy, re-run) the RunPod job of a submitting panel."""
-        try:
-            if panel.runpod_id is not None and panel.policy.retry_with == "retry":
-                started = await self.client.retry(panel.runpod_id)
-            else:
-                url = None
-                if self.config.public_url:
-                    url = webhook_url(self.config.public_url, self.config.webhook_secret,
-                                      panel.job_id, panel.step)
-                started = await self.client.run(panel.input, url)
-        except RunPodRateLimited as exc:
-            await self.store.schedule(panel, time.time() + self._backoff(panel, exc.retry_after))
+        """Start (or, with the ``retry`` policy, re-run) the RunPod job of a submitting panel.
+        The intent is stored first, so a crash during ``/run`` leaves a trace to adopt from."""
+        if panel.runpod_id is not None and panel.policy.retry_with == "retry":
+            await self._retry_on_runpod(panel)
             return
+        key = uuid.uuid4().hex
+        intent = panel.evolve(submission=key, submitted_at=time.time(), runpod_id=None,
+                              next_poll=time.time() + 3 * self.config.request_timeout)
+        if not await self.store.swap(panel, intent):
+            return  # someone else moved the panel on (cancelled, adopted, submitted)
+        url = None
+        if self.config.public_url:
+            url = webhook_url(self.config.public_url, self.config.webhook_secret,
+                              panel.job_id, panel.step, key)
+        job_input = {**panel.input, IDEMPOTENCY_FIELD: key} if isinstance(panel.input, dict) else panel.input
+        try:
+            started = await self.client.run(job_input, url, ttl_seconds=self.config.job_ttl)
         except RunPodError as exc:
-            log.warning("RunPod submission of %s failed: %s", panel.member, exc.message)
-            await self.store.schedule(panel, time.time() + self._backoff(panel))
+            await self._submission_failed(intent, exc)
             return
         self._errors.pop(panel.member, None)
-        new = panel.evolve(runpod_id=started.id, status=IN_QUEUE,
-                           next_poll=time.time() + self._interval(IN_QUEUE))
-        if not await self.store.swap(panel, new):
-            # The job was cancelled (or the panel otherwise ended) while /run was on its way.
-            current = await self.store.get(panel.job_id, panel.step)
-            if current is None or not current.active:
-                with contextlib.suppress(RunPodError):
-                    await self.client.cancel(started.id)
+        await self._store_started(intent, started)
+
+    async def _retry_on_runpod(self, panel: Panel) -> None:
+        # /retry keeps the RunPod id: a crash in between leaves a panel that polls that id.
+        assert panel.runpod_id is not None
+        try:
+            started = await self.client.retry(panel.runpod_id)
+        except RunPodError as exc:
+            await self._submission_failed(panel, exc)
             return
-        log.info("panel %s runs on RunPod as %s (attempt %d)", panel.member, started.id, panel.attempt)
+        self._errors.pop(panel.member, None)
+        await self._store_started(panel, started)
+
+    async def _submission_failed(self, intent: Panel, exc: RunPodError) -> None:
+        retry_after = exc.retry_after if isinstance(exc, RunPodRateLimited) else None
+        if not isinstance(exc, RunPodRateLimited):
+            log.warning("RunPod submission of %s failed: %s", intent.member, exc.message)
+        at = time.time() + self._backoff(intent, retry_after)
+        if exc.maybe_applied and intent.submitted_at is not None:
+            # RunPod may have started the job without our hearing of it: wait for it to show
+            # up (its webhook names this submission), exactly as after a crash.
+            await self.store.schedule(intent, time.time() + self._adoption_check_interval())
+            return
+        # RunPod answered: it started nothing. Clear the intent; the poller submits again.
+        cleared = intent.evolve(submission=None, submitted_at=None, next_poll=at)
+        if not await self.store.swap(intent, cleared):
+            return
+        await self.store.schedule(cleared, at)
+
+    async def _store_started(self, intent: Panel, started: RunPodStatus) -> None:
+        new = intent.evolve(runpod_id=started.id, status=IN_QUEUE, submitted_at=None,
+                            next_poll=time.time() + self._interval(IN_QUEUE))
+        if await self.store.swap(intent, new):
+            log.info("panel %s runs on RunPod as %s (attempt %d)", intent.member, started.id, intent.attempt)
+            return
+        current = await self.store.get(intent.job_id, intent.step)
+        if current is not None and current.runpod_id == started.id:
+            return  # its webhook came first and adopted it
+        if current is None or not current.active or current.runpod_id is not None:
+            # The panel was cancelled (or otherwise moved on) while /run was on its way.
+            with contextlib.suppress(RunPodError):
+                await self.client.cancel(started.id)
+            log.info("cancelled RunPod job %s: panel %s no longer wants it", started.id, intent.member)
+
+    def _adoption_check_interval(self) -> float:
+        return min(self.config.max_poll_interval, max(self.config.queue_poll_interval, 1.0))
+
+    async def _awaiting_adoption(self, panel: Panel) -> bool:
+        """A submission whose /run answer was lost (a crash, a timeout): RunPod may be running
+        it. Its webhook will name it and adopt it; until RunPod has surely dropped it (the ttl
+        sent with /run) nothing is submitted again. Returns True while still waiting."""
+        assert panel.submitted_at is not None
+        given_up_at = panel.submitted_at + self.config.job_ttl + self.config.request_timeout
+        if time.time() < given_up_at:
+            await self.store.schedule(panel, min(given_up_at, time.time() + self._adoption_check_interval()))
+            return True
+        log.warning("panel %s: submission %s never showed up within RunPod's ttl; submitting again",
+                    panel.member, panel.submission, extra={"job_id": panel.job_id})
+        return False
 
     # --- what RunPod says ----------------------------------------------------------------
 
-    async def apply_webhook(self, job_id: str, step: str, status: RunPodStatus) -> str:
-        """A webhook is a hint, not the truth: RunPod does not sign it and retries it."""
+    async def apply_webhook(
+        self, job_id: str, step: str, status: RunPodStatus, submission: str | None = None
+    ) -> str:
+        """A webhook is a hint, not the truth: RunPod does not sign it and retries it.
+        ``submission`` (from the URL) lets a job whose ``/run`` answer was lost be adopted."""
+        if submission is not None:
+            adopted = await self._adopt(job_id, step, status, submission)
+            if adopted is not None:
+                return adopted
         if status.terminal and status.status != COMPLETED:
             panel = await self.store.get(job_id, step)
             if panel is not None and panel.policy.retry_with == "retry" and panel.attempt > 1:
@@ -238,6 +314,29 @@ class RunPodPanels:
                     return "deferred_to_poller"
         return await self.apply_status(job_id, step, status, "webhook")
 
+    async def _adopt(self, job_id: str, step: str, status: RunPodStatus, submission: str) -> str | None:
+        for _ in range(CAS_ATTEMPTS):
+            panel = await self.store.get(job_id, step)
+            if panel is None or panel.runpod_id == status.id or panel.submission != submission:
+                return None
+            if panel.active and panel.submitted_at is None:
+                return None  # no submission in doubt: the ordinary rules apply
+            if not panel.active:
+                # The panel was cancelled meanwhile: the job it no longer wants is stopped.
+                if not status.terminal:
+                    with contextlib.suppress(RunPodError):
+                        await self.client.cancel(status.id)
+                return "already_finished"
+            if panel.runpod_id is not None:
+                return None
+            adopted = panel.evolve(runpod_id=status.id, status=IN_QUEUE, submitted_at=None,
+                                   next_poll=time.time() + self._interval(IN_QUEUE))
+            if await self.store.swap(panel, adopted):
+                log.info("panel %s adopted RunPod job %s (submission %s, answer lost)", panel.member,
+                         status.id, submission, extra={"job_id": job_id})
+                return None  # now apply what the webhook says
+        return "gave_up"
+
     async def apply_status(self, job_id: str, step: str, status: RunPodStatus, source: str) -> str:
         """Reflect one status of a panel's RunPod job; returns what was done (for logs/tests)."""
         for _ in range(CAS_ATTEMPTS):
@@ -249,6 +348,10 @@ class RunPodPanels:
                 return "stale_runpod_job"
             if not panel.active:
                 return "already_finished"
+            if panel.status == "submitting":
+                # Being (re)submitted: this status is of the run before (a poll answered before
+                # the failure was recorded); the next run's statuses will follow.
+                return "not_started"
             if status.status in (IN_QUEUE, IN_PROGRESS):
                 return await self._apply_running(panel, status)
             if status.status == COMPLETED and status.output is not None:
@@ -262,23 +365,26 @@ class RunPodPanels:
     async def _apply_running(self, panel: Panel, status: RunPodStatus) -> str:
         percent = output_progress(status.output) if status.status == IN_PROGRESS else None
         progress = max(panel.progress, percent or 0.0)
-        if status.status != panel.status or progress != panel.progress:
-            new = panel.evolve(status=status.status, progress=progress)
-            if not await self.store.swap(panel, new):
-                return "lost_race"  # someone recorded something newer; the next poll sees it
+        if status.status == panel.status and progress == panel.progress:
+            return "unchanged"  # nothing new: no write, no seq, no push, no history entry
+        new = panel.evolve(status=status.status, progress=progress)
+        if not await self.store.swap(panel, new):
+            return "lost_race"  # someone recorded something newer; the next poll sees it
         if status.status == IN_PROGRESS:
+            # No message: the job's message counts panels, it does not name the last one polled.
             await self._tracked(self.tracker.step(
                 panel.job_id, Phase.GENERATING, panel.step, progress, status="running",
-                message=f"Drawing {panel.step}",
             ), panel)
         return "progress"
 
     async def _apply_completed(self, panel: Panel, status: RunPodStatus) -> str:
         # Tracker first: marking a step done is idempotent, so if we die before recording the
         # panel, the next poll repeats this harmlessly.
+        others = [p for p in await self.store.panels(panel.job_id) if p.step != panel.step]
+        done = 1 + sum(1 for p in others if p.status == "done")
         outcome = await self._tracked(self.tracker.step(
             panel.job_id, Phase.GENERATING, panel.step, 100.0, status="done",
-            message=f"{panel.step} drawn",
+            message=panels_message(done, len(others) + 1),
         ), panel)
         new = panel.evolve(status="done", progress=100.0, output=status.output, error=None)
         if not await self.store.swap(panel, new):
@@ -296,6 +402,11 @@ class RunPodPanels:
         if done == total:
             await self._tracked(self.tracker.report(
                 state.job_id, Phase.POST_PROCESSING, 0.0, f"All {total} panels drawn"
+            ), None)
+        elif state.message != panels_message(done, total) and state.message.startswith("Drawing panels"):
+            # Two panels finished at once and each counted the other as still drawing.
+            await self._tracked(self.tracker.update(
+                state.job_id, ProgressUpdate(Phase.GENERATING, message=panels_message(done, total))
             ), None)
 
     async def _apply_failure(self, panel: Panel, status: RunPodStatus, source: str) -> str:
@@ -315,7 +426,8 @@ class RunPodPanels:
             # Keep the RunPod id for /retry (same job again); a new /run gets a new one.
             keep_id = panel.runpod_id if policy.retry_with == "retry" else None
             new = panel.evolve(status="submitting", attempt=panel.attempt + 1, runpod_id=keep_id,
-                               error=error, next_poll=time.time() + 3 * self.config.request_timeout)
+                               error=error, submission=None, submitted_at=None,
+                               next_poll=time.time() + 3 * self.config.request_timeout)
             if not await self.store.swap(panel, new):
                 return "lost_race"
             log.warning("panel %s failed on RunPod (%s: %s); retrying, attempt %d of %d",
@@ -387,14 +499,28 @@ class RunPodPanels:
 
     def _interval(self, status: str) -> float:
         base = self.config.poll_interval if status == IN_PROGRESS else self.config.queue_poll_interval
-        return base * random.uniform(0.8, 1.2)  # jitter: instances and panels drift apart
+        return jittered(base)  # instances and panels drift apart
 
     def _backoff(self, panel: Panel, retry_after: float | None = None) -> float:
         errors = self._errors.get(panel.member, 0) + 1
         self._errors[panel.member] = errors
-        delay = min(self.config.max_poll_interval, self.config.poll_interval * 2 ** min(errors, 10))
-        delay = random.uniform(delay / 2, delay)
+        delay = backoff_delay(errors + 1, base=self.config.poll_interval, cap=self.config.max_poll_interval)
         return max(delay, retry_after or 0.0)
+
+    def _not_found_confirmed(self, panel: Panel) -> bool:
+        """A 404 may be a passing fault (a RunPod region catching up): believe it only once it
+        has been seen ``NOT_FOUND_CONFIRMATIONS`` times in a row over ``not_found_grace``."""
+        count, first = self._missing.get(panel.member, (0, time.monotonic()))
+        count += 1
+        self._missing[panel.member] = (count, first)
+        waited = time.monotonic() - first
+        confirmed = count >= NOT_FOUND_CONFIRMATIONS and waited >= self.config.not_found_grace
+        if confirmed:
+            del self._missing[panel.member]
+        else:
+            log.info("RunPod has no job %s (404 %d of %d); asking again", panel.runpod_id, count,
+                     NOT_FOUND_CONFIRMATIONS, extra={"job_id": panel.job_id})
+        return confirmed
 
     async def _poll_forever(self) -> None:
         tick = max(0.02, min(1.0, self.config.poll_interval / 2))
@@ -434,6 +560,7 @@ class RunPodPanels:
     async def _poll_panel(self, job_id: str, step: str) -> None:
         panel = await self.store.get(job_id, step)
         if panel is None or not panel.active:
+            await self.store.unindex(job_id, step)  # left by a crash between record and index
             return
         try:
             state = await self.tracker.get(job_id)
@@ -443,7 +570,9 @@ class RunPodPanels:
             await self.stop_job_panels(job_id)
             return
         if panel.runpod_id is None or panel.status == "submitting":
-            # Its submitter died, or the submission was rate limited: submit it now.
+            if panel.submitted_at is not None and await self._awaiting_adoption(panel):
+                return
+            # Its submitter died before /run, or the submission was refused: submit it now.
             await self._run_on_runpod(panel)
             return
         self.polls += 1
@@ -453,6 +582,10 @@ class RunPodPanels:
             await self.store.schedule(panel, time.time() + self._backoff(panel, exc.retry_after))
             return
         except RunPodNotFound:
+            if not self._not_found_confirmed(panel):
+                again = self.config.not_found_grace / NOT_FOUND_CONFIRMATIONS
+                await self.store.schedule(panel, time.time() + again)
+                return
             status = RunPodStatus(
                 id=panel.runpod_id, status="FAILED",
                 error=f"RunPod no longer knows job {panel.runpod_id} (expired or deleted)",
@@ -462,12 +595,16 @@ class RunPodPanels:
             await self.store.schedule(panel, time.time() + self._backoff(panel))
             return
         self._errors.pop(panel.member, None)
+        self._missing.pop(panel.member, None)
         result = await self.apply_status(job_id, step, status, "poll")
         if not status.terminal:
             await self.store.schedule(panel, time.time() + self._interval(status.status))
         log.debug("polled %s: %s -> %s", panel.member, status.status, result)
 
 
+def panels_message(done: int, total: int) -> str:
+    return f"Drawing panels: {done} of {total} done"
+
+
 def _entering(steps_total: int) -> ProgressUpdate:
-    return ProgressUpdate(Phase.GENERATING, steps_total=steps_total,
-                          message=f"Drawing {steps_total} panels")
+    return ProgressUpdate(Phase.GENERATING, steps_total=steps_total, message=panels_message(0, steps_total))

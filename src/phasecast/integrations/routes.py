@@ -3,11 +3,11 @@ submission a generation service calls."""
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +16,7 @@ from phasecast.integrations.runpod import (
     WEBHOOK_PATH,
     InvalidPayload,
     RunPodStatus,
+    load_json,
     verify_webhook_token,
 )
 from phasecast.integrations.store import FailurePolicy
@@ -36,17 +37,25 @@ def panels_of(request: Request) -> RunPodPanels:
     return found
 
 
+SUBMISSION_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+
 @router.post(WEBHOOK_PATH)
-async def runpod_webhook(
-    request: Request,
-    job: Annotated[str | None, Query(max_length=128)] = None,
-    step: Annotated[str | None, Query(max_length=64)] = None,
-    token: Annotated[str | None, Query(max_length=128)] = None,
-) -> JSONResponse:
+async def runpod_webhook(request: Request) -> JSONResponse:
     """RunPod's completion webhook. Answers at once (RunPod retries slow answers) and applies
-    the status in the background; repeated and late webhooks change nothing."""
+    the status in the background; repeated and late webhooks change nothing.
+
+    Refusals: 403 ``forbidden`` for a URL Phasecast did not issue (missing, malformed or
+    forged ``job``/``step``/``token``), 413 ``too_large`` for a body over 1 MiB, 422
+    ``invalid_json`` for a body that is not UTF-8 JSON, 422 ``invalid`` for JSON that is not a
+    RunPod status (naming the field)."""
     runpod = panels_of(request)
-    if not job or not step or not token or not JOB_ID_PATTERN.match(job) or not STEP_ID_PATTERN.match(step):
+    query = request.query_params
+    job, step, token = query.get("job"), query.get("step"), query.get("token")
+    submission = query.get("submission")
+    if (not job or not step or not token or len(token) > 128
+            or not JOB_ID_PATTERN.fullmatch(job) or not STEP_ID_PATTERN.fullmatch(step)
+            or (submission is not None and not SUBMISSION_PATTERN.fullmatch(submission))):
         log.warning("RunPod webhook refused: the URL is not one Phasecast issued")
         return JSONResponse(error_body("forbidden", "this webhook URL was not issued by Phasecast "
                                        "(job, step and token query parameters are required)"), 403)
@@ -54,18 +63,35 @@ async def runpod_webhook(
         log.warning("RunPod webhook refused: bad token", extra={"job_id": job})
         return JSONResponse(error_body("forbidden", "the webhook token does not match job and step; "
                                        "only URLs issued by Phasecast are accepted"), 403)
-    raw = await request.body()
-    if len(raw) > MAX_WEBHOOK_BYTES:
-        return JSONResponse(error_body("invalid", f"the body exceeds {MAX_WEBHOOK_BYTES} bytes"), 413)
+    raw = await _bounded_body(request, MAX_WEBHOOK_BYTES)
+    if raw is None:
+        return JSONResponse(error_body("too_large", f"the body exceeds {MAX_WEBHOOK_BYTES} bytes"), 413,
+                            headers={"Connection": "close"})
     try:
-        status = RunPodStatus.parse(json.loads(raw))
-    except ValueError as exc:
-        return JSONResponse(error_body("invalid_json", f"the body is not JSON: {exc}"), 422)
+        status = RunPodStatus.parse(load_json(raw))
     except InvalidPayload as exc:
         log.info("RunPod webhook rejected: %s", exc.message, extra={"job_id": job})
         return JSONResponse(error_body("invalid", exc.message, exc.field), 422)
-    runpod.spawn(runpod.apply_webhook(job, step, status))
+    except ValueError as exc:
+        return JSONResponse(error_body("invalid_json", f"the body is not JSON: {exc}"), 422)
+    runpod.spawn(runpod.apply_webhook(job, step, status, submission))
     return JSONResponse({"accepted": True})
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to pass ``limit`` (by its Content-Length, or
+    while it streams in): never more than ``limit`` bytes are held."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class PanelIn(BaseModel):

@@ -43,9 +43,12 @@ class RunPodError(PhasecastError):
 
     code = "runpod_error"
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, maybe_applied: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        # True when the request may have reached RunPod and taken effect although no answer
+        # came back (a read timeout, a dropped connection): a /run may have started a job.
+        self.maybe_applied = maybe_applied
 
 
 class RunPodRateLimited(RunPodError):
@@ -99,7 +102,7 @@ class RunPodStatus:
         if not isinstance(payload, dict):
             raise InvalidPayload("body", f"must be a JSON object, got {type(payload).__name__}")
         job_id = payload.get("id")
-        if not isinstance(job_id, str) or not RUNPOD_ID_PATTERN.match(job_id):
+        if not isinstance(job_id, str) or not RUNPOD_ID_PATTERN.fullmatch(job_id):
             raise InvalidPayload(
                 "id", "must be the RunPod job id (1-128 letters, digits, '.', '_', ':', '-')"
             )
@@ -115,6 +118,61 @@ class RunPodStatus:
             execution_time_ms=_optional_int(payload, "executionTime"),
             retries=_optional_int(payload, "retries"),
         )
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidPayload("body", f"must not contain {name}: JSON numbers are finite")
+
+
+def load_json(raw: bytes) -> Any:
+    """Parse a RunPod body strictly: UTF-8, finite numbers, valid Unicode strings, at most
+    ``MAX_JSON_DEPTH`` levels deep, so whatever is stored from it can be served again.
+    Raises ``ValueError`` when it is not JSON, ``InvalidPayload`` when it is JSON we refuse."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    _check_depth(text)
+    value = json.loads(text, parse_constant=_refuse_constant)
+    _check_strings(value)
+    return value
+
+
+def _check_depth(text: str) -> None:
+    # Counted on the text before parsing, so a hostile nesting never reaches the parser's
+    # recursion (brackets inside strings only make the count err on the safe side).
+    depth = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidPayload("body", f"is nested deeper than {MAX_JSON_DEPTH} levels")
+        elif char in "]}":
+            depth -= 1
+
+
+def _check_strings(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _valid_unicode(item)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                _valid_unicode(key)
+                stack.append(inner)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _valid_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPayload("body", "contains a lone surrogate (invalid Unicode)") from None
 
 
 def _optional_int(payload: dict[str, Any], name: str) -> int | None:
@@ -219,13 +277,20 @@ def webhook_token(secret: str, job_id: str, step: str) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def webhook_url(public_url: str, secret: str, job_id: str, step: str) -> str:
-    query = urlencode({"job": job_id, "step": step, "token": webhook_token(secret, job_id, step)})
-    return f"{public_url.rstrip('/')}{WEBHOOK_PATH}?{query}"
+def webhook_url(public_url: str, secret: str, job_id: str, step: str, submission: str | None = None) -> str:
+    """The URL RunPod calls when a job ends. ``submission`` names the submission (the
+    idempotency key sent in the input), so a job whose ``/run`` answer was lost in a crash
+    is recognised and adopted when its webhook arrives."""
+    params = {"job": job_id, "step": step, "token": webhook_token(secret, job_id, step)}
+    if submission is not None:
+        params["submission"] = submission
+    return f"{public_url.rstrip('/')}{WEBHOOK_PATH}?{urlencode(params)}"
 
 
 def verify_webhook_token(secret: str, job_id: str, step: str, token: str) -> bool:
-    return hmac.compare_digest(webhook_token(secret, job_id, step), token)
+    # Bytes, not str: compare_digest refuses non-ASCII str, and a hostile token may be anything.
+    expected = webhook_token(secret, job_id, step).encode()
+    return hmac.compare_digest(expected, token.encode("utf-8", "surrogateescape"))
 
 
 def derive_webhook_secret(jwt_secret: str | None) -> str | None:
@@ -274,10 +339,15 @@ class RunPodClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def run(self, job_input: Any, webhook: str | None = None) -> RunPodStatus:
+    async def run(
+        self, job_input: Any, webhook: str | None = None, *, ttl_seconds: float | None = None
+    ) -> RunPodStatus:
         body: dict[str, Any] = {"input": job_input}
         if webhook:
             body["webhook"] = webhook
+        if ttl_seconds is not None:
+            # RunPod's execution policy: the job is dropped this long after submission.
+            body["policy"] = {"ttl": int(ttl_seconds * 1000)}
         payload = await self._call("POST", "/run", body)
         if isinstance(payload, dict) and "status" not in payload:
             payload = {**payload, "status": IN_QUEUE}
@@ -308,7 +378,11 @@ class RunPodClient:
         try:
             reply = await self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:
-            raise RunPodError(f"cannot reach RunPod at {self.base_url}: {exc!r}") from exc
+            # Refused or never connected: RunPod saw nothing. Anything else (a timeout while
+            # waiting for the answer, a dropped connection) may have been acted upon.
+            unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+            raise RunPodError(f"cannot reach RunPod at {self.base_url}: {exc!r}",
+                              maybe_applied=not unsent) from exc
         if reply.status_code == 429:
             retry_after = _retry_after(reply.headers.get("retry-after"))
             self.rate_limited += 1
@@ -328,7 +402,9 @@ class RunPodClient:
                 status=reply.status_code,
             )
         try:
-            return reply.json()
+            return load_json(reply.content)
+        except InvalidPayload as exc:
+            raise RunPodError(f"RunPod answered {method} {path} with unusable JSON: {exc.message}") from exc
         except ValueError as exc:
             raise RunPodError(f"RunPod answered {method} {path} with non-JSON: {reply.text[:200]}") from exc
 

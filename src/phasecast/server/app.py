@@ -54,12 +54,14 @@ def create_app(
     verifier = TokenVerifier(settings)
     if tracker is None:
         weights = WeightTable.from_json(settings.weights) if settings.weights else WeightTable()
+        engine = open_engine(settings.engine)
         archive = None
         if settings.archive:
             from phasecast.archive import open_archive
 
-            archive = open_archive(settings.archive)
-        tracker = ProgressTracker(open_engine(settings.engine), weights=weights, archive=archive)
+            # Records waiting for PostgreSQL are kept in the engine: they survive a crash.
+            archive = open_archive(settings.archive, outbox=engine.archive_outbox())
+        tracker = ProgressTracker(engine, weights=weights, archive=archive)
     metrics = Metrics()
     metrics.bind_hub(tracker.hub)
     tracker.count_update = lambda result: metrics.updates.labels(result).inc()

@@ -1,5 +1,7 @@
 """Structured logging with a request id and job id on every record, and an access log that
-never prints query strings (they may carry ``access_token``)."""
+never prints query strings (they may carry ``access_token``). Access lines of successful
+requests are at debug (``--log-level debug`` shows them), refusals at info, failures at
+warning."""
 
 from __future__ import annotations
 
@@ -113,7 +115,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if scope["type"] == "http":
-                access_log.info(
+                access_log.log(
+                    _access_level(status),
                     "%s %s %d",
                     scope["method"],
                     scope["path"],  # never the query string: it may hold access_token
@@ -127,8 +130,19 @@ class RequestContextMiddleware:
 # A random prefix per process and a counter: unique across instances, and far cheaper than
 # a uuid4 per request (which showed up at 9% of server CPU under load).
 _REQUEST_PREFIX = uuid.uuid4().hex[:8]
-_JOB_PATH = re.compile(r"^/v1/(?:integrations/runpod/)?jobs/([A-Za-z0-9._:-]{1,128})(?:/|$)")
+# ``/v1/jobs/<id>…`` and the same under any prefix (``/v1/integrations/<name>/jobs/<id>…``).
+_JOB_PATH = re.compile(r"^/v1/(?:[a-z0-9_-]+/)*?jobs/([A-Za-z0-9._:-]{1,128})(?:/|$)")
 _request_counter = itertools.count(1)
+
+
+def _access_level(status: int) -> int:
+    """Routine traffic (answered 1xx-3xx: polls, reports, webhooks) at debug, so a terminal
+    at the default level shows what needs a look: refusals at info, failures as warnings."""
+    if status >= 500 or status == 0:
+        return logging.WARNING
+    if status >= 400:
+        return logging.INFO
+    return logging.DEBUG
 
 
 def _next_request_id() -> str:

@@ -65,6 +65,8 @@ class Faults:
     rate_limit_until: float = 0.0  # time.monotonic() until which every API request answers 429
     retry_after: float | None = 0.2  # Retry-After header of the 429s (None: no header)
     error_next: int = 0  # the next N API requests answer 500
+    not_found_next: int = 0  # the next N /status requests answer 404 (a passing fault)
+    hold_run_answers: bool = False  # /run starts the job but answers only after release_runs()
     outcome: str = "COMPLETED"  # COMPLETED, FAILED, TIMED_OUT or NO_OUTPUT
     error_message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
@@ -87,6 +89,7 @@ class SimJob:
     finished: float | None = None
     shape: str = "fraction"
     task: asyncio.Task[None] | None = None
+    ttl: float | None = None  # seconds, from the execution policy
 
     def status_json(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -145,6 +148,9 @@ class RunPodSimulator:
         self._thread: threading.Thread | None = None
         self._webhooks: httpx.AsyncClient | None = None
         self._lock = threading.Lock()
+        self._held: asyncio.Event | None = None
+        self._paused: asyncio.Event | None = None
+        self.held_runs = 0  # /run requests started but not yet answered (hold_run_answers)
 
     @property
     def base_url(self) -> str:
@@ -183,6 +189,8 @@ class RunPodSimulator:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self._loop = asyncio.get_running_loop()
+        self._held = asyncio.Event()
+        self._paused = asyncio.Event()
         self._webhooks = httpx.AsyncClient(timeout=5.0)
         try:
             yield
@@ -205,6 +213,23 @@ class RunPodSimulator:
 
     def count(self, status: str) -> int:
         return sum(1 for job in list(self.jobs.values()) if job.status == status)
+
+    def running(self) -> list[str]:
+        """Ids of the jobs RunPod would be billing for now (queued or in progress)."""
+        return [job.id for job in list(self.jobs.values()) if job.status in ("IN_QUEUE", "IN_PROGRESS")]
+
+    def resume(self) -> None:
+        """Let every job held at its ``hold_at`` step go on."""
+        loop, paused = self._loop, self._paused
+        if loop is not None and paused is not None:
+            loop.call_soon_threadsafe(paused.set)
+
+    def release_runs(self) -> None:
+        """Answer the /run requests held by ``faults.hold_run_answers`` (and stop holding)."""
+        self.faults.hold_run_answers = False
+        loop, held = self._loop, self._held
+        if loop is not None and held is not None:
+            loop.call_soon_threadsafe(held.set)
 
     # --- the HTTP API --------------------------------------------------------------------
 
@@ -250,11 +275,18 @@ class RunPodSimulator:
         webhook = body.get("webhook")
         if webhook is not None and not isinstance(webhook, str):
             return None, JSONResponse({"error": "webhook must be a URL"}, 400)
+        policy = body.get("policy")
+        limits = ("ttl", "executionTimeout")
+        if policy is not None and (not isinstance(policy, dict) or not all(
+                isinstance(policy.get(k, 0), int) and policy.get(k, 0) >= 0 for k in limits)):
+            return None, JSONResponse({"error": "policy must be an object of millisecond counts"}, 400)
         return body, None
 
     def _new_job(self, body: dict[str, Any]) -> SimJob:
+        ttl = (body.get("policy") or {}).get("ttl")
         job = SimJob(id=f"{uuid.uuid4()}-u1", input=body["input"], webhook=body.get("webhook"),
-                     shape=PROGRESS_SHAPES[self._shape % len(PROGRESS_SHAPES)])
+                     shape=PROGRESS_SHAPES[self._shape % len(PROGRESS_SHAPES)],
+                     ttl=None if ttl is None else ttl / 1000)
         self._shape += 1
         with self._lock:
             self.jobs[job.id] = job
@@ -268,6 +300,13 @@ class RunPodSimulator:
         if bad is not None or body is None:
             return bad or JSONResponse({}, 400)
         job = self._new_job(body)
+        if self.faults.hold_run_answers and self._held is not None:
+            # The job runs; only the answer waits (a client that dies now never learns its id).
+            self.held_runs += 1
+            try:
+                await self._held.wait()
+            finally:
+                self.held_runs -= 1
         return JSONResponse({"id": job.id, "status": job.status})
 
     async def _runsync(self, request: Request) -> JSONResponse:
@@ -290,7 +329,11 @@ class RunPodSimulator:
         if (refused := self._gate(request, "GET /status")) is not None:
             return refused
         job = self._find(request)
+        if self.faults.not_found_next > 0:
+            self.faults.not_found_next -= 1
+            job = None
         if job is None:
+            self.requests["404"] += 1
             return JSONResponse({"error": "request does not exist"}, 404)
         self.pollers.setdefault(job.id, set()).add(request.headers.get("user-agent", ""))
         return JSONResponse(job.status_json())
@@ -341,18 +384,35 @@ class RunPodSimulator:
         return sim if isinstance(sim, dict) else {}
 
     async def _execute(self, job: SimJob) -> None:
+        if job.ttl is None:
+            await self._work(job)
+            return
+        try:
+            await asyncio.wait_for(self._work(job), job.ttl)
+        except TimeoutError:
+            # The execution policy's ttl: RunPod drops the job.
+            job.output = None
+            self._finish(job, "TIMED_OUT")
+
+    async def _work(self, job: SimJob) -> None:
         options = self._options(job)
-        key = json.dumps(job.input, sort_keys=True)
+        # The same input is the same panel, whatever idempotency key its client added.
+        plain = {k: v for k, v in job.input.items() if "idempotency" not in k} if isinstance(
+            job.input, dict) else job.input
+        key = json.dumps(plain, sort_keys=True)
         self._runs_by_input[key] += 1
         run_number = self._runs_by_input[key]
         steps = int(options.get("steps", self.steps))
         step_delay = float(options.get("step_delay", self.step_delay))
         await asyncio.sleep(float(options.get("queue_delay", self.queue_delay)))
         job.status, job.started = "IN_PROGRESS", time.monotonic()
+        hold_at = options.get("hold_at")
         for done in range(1, steps + 1):
             await asyncio.sleep(step_delay)
             if done < steps:
                 job.output = _progress_output(job.shape, done, steps)
+            if done == hold_at and self._paused is not None:
+                await self._paused.wait()  # stays IN_PROGRESS at this output until resume()
         outcome = str(options.get("outcome", self.faults.outcome))
         fail_runs = int(options.get("fail_runs", 0))  # the first N runs of this input fail
         if fail_runs and run_number > fail_runs:

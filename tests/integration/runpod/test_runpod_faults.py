@@ -204,6 +204,7 @@ async def test_forged_and_malformed_webhooks_are_refused_and_change_nothing(
     try:
         await comic.start(panel_inputs(6, slow_panels(6)))
         await comic.wait_phase(("GENERATING",))
+        await eventually(lambda: len(sim.jobs) == 6, 10, "six panels submitted")
         before = (await comic.api.get("/v1/jobs/comic-forged")).json()
         runpod_id = next(iter(sim.jobs))
         completed = {"id": runpod_id, "status": "COMPLETED", "output": {"image_url": "https://evil/x.png"}}
