@@ -97,7 +97,7 @@ def strictly_increasing(seqs: list[int]) -> bool:
 async def test_watch_yields_every_state_then_ends_after_the_terminal_one(
     module_server: ServerProcess, transport: Any, make_token: Callable[..., str], worker_token: str
 ) -> None:
-    job = new_id()
+    job = f"{new_id()}:comic.v2_x"  # every character class a job id may have
     async with writer(module_server.url, worker_token) as api:
         await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})
         async with PhasecastClient(module_server.url, token=make_token("alice"), transports=(transport,)) as client:
@@ -257,6 +257,25 @@ async def test_short_lived_tokens_are_refreshed_without_interrupting_the_watch(
         # Refreshed on the open socket: one connection from start to end.
         assert client.stats.links["websocket"] == 1
         assert client.stats.reconnects == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_plain_token_that_expires_ends_the_watch_with_an_authentication_error(
+    module_server: ServerProcess, transport: Any, make_token: Callable[..., str], worker_token: str
+) -> None:
+    """A string cannot be refreshed: when the server ends the link at its expiry (close 4401
+    on the WebSocket, ``event: expired`` on SSE) the watch says so instead of retrying."""
+    job = new_id()
+    async with writer(module_server.url, worker_token) as api:
+        await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})
+        async with PhasecastClient(module_server.url, token=make_token("alice", ttl=2), transports=(transport,)) as client:
+            watching = Watching(client, job)
+            await watching.seq(1)
+            with pytest.raises(AuthenticationError, match="pass a function"):
+                await asyncio.wait_for(watching.task, 10)
+    assert watching.seqs() == [1]
+    assert client.stats.links[transport] == 1
 
 
 # --- transports and reachability ----------------------------------------------------------------
