@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -106,6 +107,26 @@ def _check_engine(url: str) -> None:
         logging.getLogger("uvicorn.error").addFilter(_OneLineStartupErrors())
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line when the address is taken (a second `phasecast demo`, say) instead
+    of after the application started."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc}; pass another --host")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            in_use = exc.errno == errno.EADDRINUSE
+            reason = "is in use (another Phasecast running?)" if in_use else f"cannot be used: {exc.strerror}"
+            fail(f"{host}:{port} {reason}; pass another --port or stop what listens there")
+
+
 def dev_secret(path: Path | None = None) -> str:
     """A local development secret, made once and kept so that tokens outlive restarts."""
     path = path or Path(os.environ.get("PHASECAST_DEV_SECRET_FILE", DEV_SECRET_FILE))
@@ -204,6 +225,7 @@ def serve(
             f"Using the development secret in {DEV_SECRET_FILE}; set PHASECAST_JWT_SECRET in "
             "production.", fg="yellow", err=True,
         )
+    _check_port(settings.host, settings.port)
     _check_engine(settings.engine)
     _run_server(settings, startup=_integration_hooks(settings))
 
@@ -233,6 +255,7 @@ def demo(
     )
     options = DemoOptions(speed=speed, auto_jobs=auto_jobs, every_seconds=every,
                           failure_rate=failure_rate)
+    _check_port(settings.host, settings.port)
     _check_engine(settings.engine)
     typer.secho(f"Phasecast demo: open http://{settings.host}:{settings.port}/", fg="green", err=True)
     # Without a real RunPod endpoint the demo draws its panels on a local RunPod simulator

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,14 @@ def test_expected_failures_print_one_clear_line_and_exit_non_zero(tmp_path: Path
         assert len(lines) == 1, (args, result.stderr)
         assert says in lines[0]
         assert "Traceback" not in result.stderr
+    with socket.socket() as taken:  # a second server on a port that is in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for command in ("serve", "demo"):
+            result = phasecast(command, "--port", port, cwd=tmp_path, env=env)
+            assert result.returncode == 1, result.stderr
+            assert stderr_lines(result) == [f"error: 127.0.0.1:{port} is in use (another Phasecast running?); pass another --port or stop what listens there"]
     debug = phasecast("--debug", "watch", "some-job", "--url", nothing_there, cwd=tmp_path, env=env)
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr

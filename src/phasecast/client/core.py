@@ -186,7 +186,7 @@ class PhasecastClient:
                     await asyncio.sleep(step.delay)
 
     def _pick_transport(self) -> Transport:
-        if "websocket" not in self.transports:
+        if self.transports[0] == "sse":
             return "sse"
         if "sse" in self.transports and time.monotonic() < self._sse_until:
             return "sse"
