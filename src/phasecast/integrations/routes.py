@@ -23,12 +23,15 @@ from phasecast.integrations.store import FailurePolicy
 from phasecast.model import JOB_ID_PATTERN, STEP_ID_PATTERN, validate_job_id
 from phasecast.server.auth import Principal
 from phasecast.server.deps import error_body, principal, services
+from phasecast.server.jsonbody import JSONRoute
 
 log = logging.getLogger("phasecast.integrations.runpod")
 
 MAX_WEBHOOK_BYTES = 1024 * 1024
 
-router = APIRouter(tags=["runpod"])
+# JSONRoute: bodies bounded, the token checked before they are read, parsed strictly (the
+# webhook reads its own body, after checking its URL token).
+router = APIRouter(tags=["runpod"], route_class=JSONRoute)
 Caller = Annotated[Principal, Depends(principal)]
 
 
@@ -46,7 +49,7 @@ async def runpod_webhook(request: Request) -> JSONResponse:
     the status in the background; repeated and late webhooks change nothing.
 
     Refusals: 403 ``forbidden`` for a URL Phasecast did not issue (missing, malformed or
-    forged ``job``/``step``/``token``), 413 ``too_large`` for a body over 1 MiB, 422
+    forged ``job``/``step``/``token``), 413 ``too_large`` for a body over 1 MiB, 400
     ``invalid_json`` for a body that is not UTF-8 JSON, 422 ``invalid`` for JSON that is not a
     RunPod status (naming the field)."""
     runpod = panels_of(request)
@@ -73,7 +76,7 @@ async def runpod_webhook(request: Request) -> JSONResponse:
         log.info("RunPod webhook rejected: %s", exc.message, extra={"job_id": job})
         return JSONResponse(error_body("invalid", exc.message, exc.field), 422)
     except ValueError as exc:
-        return JSONResponse(error_body("invalid_json", f"the body is not JSON: {exc}"), 422)
+        return JSONResponse(error_body("invalid_json", f"the body is not JSON: {exc}"), 400)
     runpod.spawn(runpod.apply_webhook(job, step, status, submission))
     return JSONResponse({"accepted": True})
 

@@ -19,7 +19,8 @@ from urllib.parse import urlencode
 
 import httpx
 
-from phasecast.errors import PhasecastError
+from phasecast.errors import InvalidUpdate, PhasecastError
+from phasecast.model import MAX_JSON_DEPTH, check_json
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
@@ -120,24 +121,25 @@ class RunPodStatus:
         )
 
 
-MAX_JSON_DEPTH = 64
-
-
 def _refuse_constant(name: str) -> Any:
     raise InvalidPayload("body", f"must not contain {name}: JSON numbers are finite")
 
 
 def load_json(raw: bytes) -> Any:
-    """Parse a RunPod body strictly: UTF-8, finite numbers, valid Unicode strings, at most
-    ``MAX_JSON_DEPTH`` levels deep, so whatever is stored from it can be served again.
-    Raises ``ValueError`` when it is not JSON, ``InvalidPayload`` when it is JSON we refuse."""
+    """Parse a RunPod body strictly, by the rules every Phasecast body follows
+    (``model.check_json``: finite numbers, valid Unicode, at most ``MAX_JSON_DEPTH`` levels),
+    so whatever is stored from it can be served again. Raises ``ValueError`` when it is not
+    UTF-8 JSON, ``InvalidPayload`` (naming the field) when it is JSON we refuse."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     _check_depth(text)
     value = json.loads(text, parse_constant=_refuse_constant)
-    _check_strings(value)
+    try:
+        check_json(value, "", level=0)
+    except InvalidUpdate as exc:
+        raise InvalidPayload(exc.field, exc.problem) from None
     return value
 
 
@@ -148,31 +150,10 @@ def _check_depth(text: str) -> None:
     for char in text:
         if char in "[{":
             depth += 1
-            if depth > MAX_JSON_DEPTH:
-                raise InvalidPayload("body", f"is nested deeper than {MAX_JSON_DEPTH} levels")
+            if depth > MAX_JSON_DEPTH + 1:
+                raise InvalidPayload("body", f"nests deeper than {MAX_JSON_DEPTH} levels; flatten it")
         elif char in "]}":
             depth -= 1
-
-
-def _check_strings(value: Any) -> None:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            _valid_unicode(item)
-        elif isinstance(item, dict):
-            for key, inner in item.items():
-                _valid_unicode(key)
-                stack.append(inner)
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def _valid_unicode(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidPayload("body", "contains a lone surrogate (invalid Unicode)") from None
 
 
 def _optional_int(payload: dict[str, Any], name: str) -> int | None:

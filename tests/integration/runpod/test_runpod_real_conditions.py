@@ -227,8 +227,8 @@ async def test_every_malformed_webhook_gets_its_documented_4xx(
             assert raw.status_code == 403, raw.text
 
             invalid: list[tuple[str, bytes, int, str]] = [
-                ("not JSON", b"{nope", 422, "invalid_json"),
-                ("not UTF-8", b'{"id": "\xff"}', 422, "invalid_json"),
+                ("not JSON", b"{nope", 400, "invalid_json"),
+                ("not UTF-8", b'{"id": "\xff"}', 400, "invalid_json"),
                 ("NaN", b'{"id": "x", "status": "COMPLETED", "output": NaN}', 422, "invalid"),
                 ("lone surrogate", b'{"id": "x", "status": "COMPLETED", "output": "\\ud800"}', 422, "invalid"),
                 ("deep nesting", b'{"id": "x", "status": "COMPLETED", "output": ' + b"[" * 100_000
@@ -253,5 +253,41 @@ async def test_every_malformed_webhook_gets_its_documented_4xx(
         assert after["seq"] >= before["seq"]
         assert "Traceback" not in runpod_server.log()
         assert (await comic.api.post("/v1/jobs/comic-hostile/cancel", json={})).status_code == 200
+    finally:
+        await comic.close()
+
+
+async def test_every_malformed_panel_submission_gets_its_documented_4xx_and_stores_nothing(
+    runpod_server: ServerProcess, sim: RunPodSimulator, comic_factory: ComicFactory
+) -> None:
+    comic = comic_factory(runpod_server, "comic-bad-panels")
+    path = "/v1/integrations/runpod/jobs/comic-bad-panels/panels"
+    try:
+        await comic.start_watching_only()
+        created = await comic.api.post("/v1/jobs", json={"job_id": "comic-bad-panels", "owner": "alice"})
+        assert created.status_code == 201, created.text
+        json_type = {"Content-Type": "application/json"}
+        cases: list[tuple[str, bytes, dict[str, str], int, str]] = [
+            ("no token", b"{not json", {**json_type, "Authorization": ""}, 401, "unauthorized"),
+            ("not JSON", b"{nope", json_type, 400, "invalid_json"),
+            ("not UTF-8", b'{"panels": [{"input": {"p": "\xff"}}]}', json_type, 400, "invalid_json"),
+            ("a form", b"panels=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+             "unsupported_media_type"),
+            ("NaN", b'{"panels": [{"input": {"seed": NaN}}]}', json_type, 422, "invalid"),
+            ("lone surrogate", b'{"panels": [{"input": {"p": "\\ud800"}}]}', json_type, 422, "invalid"),
+            ("deep nesting", b'{"panels": [{"input": {"p": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}]}",
+             json_type, 422, "invalid"),
+            ("step with a newline", b'{"panels": [{"step": "p\\n", "input": {}}]}', json_type, 422, "invalid"),
+            ("no panels", b'{"panels": []}', json_type, 422, "invalid"),
+        ]
+        for what, body, headers, status, code in cases:
+            reply = await comic.api.post(path, content=body, headers=headers)
+            assert reply.status_code == status, (what, reply.status_code, reply.text)
+            assert reply.json()["error"]["code"] == code, (what, reply.text)
+        listed = await comic.api.get(path)
+        assert listed.status_code == 200 and listed.json()["panels"] == [], listed.text
+        assert sim.jobs == {}
+        assert (await comic.api.get("/v1/jobs/comic-bad-panels")).json()["seq"] == 1
+        assert "Traceback" not in runpod_server.log()
     finally:
         await comic.close()
