@@ -8,10 +8,10 @@ many clients reconnecting after a server restart spread out.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 
+from phasecast.backoff import backoff_delay
 from phasecast.client.errors import (
     AuthenticationError,
     ConnectionFailedError,
@@ -59,7 +59,7 @@ class RetryPolicy:
             raise ValueError("websocket_failures_before_fallback must be at least 1")
 
     def delay(self, failures: int) -> float:
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** min(failures, 30)))
+        return backoff_delay(failures + 1, base=self.base_delay, cap=self.max_delay, jitter="full")
 
 
 @dataclass(frozen=True, slots=True)
