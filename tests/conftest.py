@@ -135,6 +135,36 @@ def module_server(
         yield process
 
 
+# Both ways /v1/ws can be served (PHASECAST_WS_TRANSPORT): our protocol writing pre-encoded
+# frames, and plain ASGI. WebSocket tests run over both.
+WS_TRANSPORTS = ("raw", "asgi")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param((engine, transport), id=f"{engine}-{transport}", marks=marks)
+        for engine, marks in (("sqlite", ()), ("redis", (pytest.mark.redis,)))
+        for transport in WS_TRANSPORTS
+    ],
+)
+def ws_module_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """Like ``module_server``, once per engine and WebSocket transport."""
+    engine, transport = request.param
+    folder = tmp_path_factory.mktemp("server")
+    with contextlib.ExitStack() as stack:
+        if engine == "sqlite":
+            url = f"sqlite:///{folder / 'phasecast.db'}"
+        else:
+            url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
+        env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_WS_TRANSPORT": transport}
+        process = ServerProcess(url, env=env, log_path=folder / "server.log")
+        stack.enter_context(process)
+        yield process
+
+
 # --- delivery latency, reported at the end of the run (measured, never asserted) --------
 
 LATENCIES: dict[str, list[float]] = {}

@@ -171,6 +171,7 @@ def _run_server(settings: Settings, startup: list[Any]) -> None:
 
     from phasecast.server.app import create_app
     from phasecast.server.logs import configure_logging
+    from phasecast.server.rawws import WS_PROTOCOLS
 
     configure_logging(json_output=settings.log_json, level=settings.log_level)
     try:
@@ -189,12 +190,15 @@ def _run_server(settings: Settings, startup: list[Any]) -> None:
         timeout_graceful_shutdown=5,
         ws_max_size=64 * 1024,
         # Chosen explicitly, not "auto", so a uvicorn upgrade cannot silently change them:
-        # uvloop and httptools are the fastest loop and HTTP parser; of the WebSocket
-        # implementations, websockets-sansio and wsproto measured alike in CPU per message and
-        # the legacy "websockets" one used ~20% more memory per connection (docs/benchmarks.md).
+        # uvloop and httptools are the fastest loop and HTTP parser. WebSockets are ours
+        # (server/rawws.py): the handshake and frame parsing by the sans-I/O protocol of
+        # the websockets package, states written as pre-encoded frames; "asgi" serves
+        # /v1/ws through plain ASGI instead (docs/architecture.md).
         loop="uvloop",
         http="httptools",
-        ws="websockets-sansio",
+        ws=WS_PROTOCOLS[settings.ws_transport],
+        # Raw connections ping from their session; plain ASGI ones from the protocol.
+        ws_ping_interval=settings.ping_interval,
     )
     uvicorn.Server(config).run()
 

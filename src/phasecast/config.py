@@ -33,6 +33,9 @@ class Settings:
     ping_interval: float = 15.0
     sse_retry_ms: int = 2000
     ws_auth_timeout: float = 10.0
+    # "raw": /v1/ws writes pre-encoded frames straight to sockets (server/rawws.py);
+    # "asgi": the same server, /v1/ws through plain ASGI as on any other ASGI server.
+    ws_transport: str = "raw"
     max_subscriptions: int = 100
     log_json: bool = False
     log_level: str = "info"
@@ -81,6 +84,8 @@ class Settings:
             raise ConfigurationError(
                 f"{self.jwt_algorithm} needs PHASECAST_JWT_PUBLIC_KEY (PEM text or a file path)"
             )
+        if self.ws_transport not in ("raw", "asgi"):
+            raise ConfigurationError("ws_transport must be 'raw' or 'asgi'")
         if not 0 < self.ping_interval <= 300:
             raise ConfigurationError("ping_interval must be between 0 and 300 seconds")
         for name in ("max_report_body_bytes", "max_create_body_bytes", "max_batch_body_bytes",

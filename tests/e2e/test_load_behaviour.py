@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pytest
 import websockets
+from tests.conftest import WS_TRANSPORTS
 from tests.support.clients import WSWatcher, sse_events
 from tests.support.process import ServerProcess
 
@@ -29,22 +30,41 @@ def rss_kib(pid: int) -> int:
     return int(match.group(1))
 
 
+@pytest.fixture(params=WS_TRANSPORTS)
+def ws_transport(request: pytest.FixtureRequest) -> str:
+    transport: str = request.param
+    return transport
+
+
+@pytest.fixture
+def server(ws_transport: str, engine_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real server on each engine, once per WebSocket transport."""
+    env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_WS_TRANSPORT": ws_transport}
+    with ServerProcess(engine_url, env=env, log_path=tmp_path / "server.log") as process:
+        yield process
+
+
 @pytest.mark.redis
 @pytest.mark.slow
 async def test_a_watcher_that_stops_reading_costs_bounded_memory_and_then_gets_the_latest(
-    redis_engine_url: str, tmp_path: Path, make_token: Callable[..., str]
+    redis_engine_url: str, tmp_path: Path, make_token: Callable[..., str], ws_transport: str
 ) -> None:
     # Large states (about 10 KB each) make an unbounded queue impossible to miss:
     # 10,000 of them would be about 100 MB.
     metadata = {"notes": "x" * 10_000}
-    with ServerProcess(redis_engine_url, log_path=tmp_path / "server.log") as server:
+    env = {"PHASECAST_WS_TRANSPORT": ws_transport}
+    with ServerProcess(redis_engine_url, env=env, log_path=tmp_path / "server.log") as server:
         async with ProgressTracker(open_engine(redis_engine_url)) as writer:
             await writer.create(owner="alice", job_id="big", metadata=metadata)
             url = f"{server.ws_url}/v1/ws?access_token={quote(make_token('alice'))}"
             # max_queue=1: the client library stops reading the socket as soon as one message
             # is waiting, so TCP pushes back on the server just as a stalled browser would.
             # No compression, so the states really are 10 KB on the wire.
-            async with websockets.connect(url, max_queue=1, max_size=2**20, compression=None) as stalled:
+            # No client keepalive either: a client that does not read cannot read the Pong to
+            # its own Ping, and would hang up on itself when the stall lasts long.
+            async with websockets.connect(
+                url, max_queue=1, max_size=2**20, compression=None, ping_interval=None
+            ) as stalled:
                 assert json.loads(await stalled.recv())["type"] == "authenticated"
                 await stalled.send(json.dumps({"op": "subscribe", "job_id": "big"}))
                 assert json.loads(await stalled.recv())["type"] == "subscribed"

@@ -14,8 +14,8 @@ from tests.support.process import ServerProcess
 
 
 @pytest.fixture
-def server(module_server: ServerProcess) -> ServerProcess:
-    return module_server
+def server(ws_module_server: ServerProcess) -> ServerProcess:
+    return ws_module_server
 
 
 @pytest.fixture

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from tests.conftest import WS_TRANSPORTS
 from tests.support.clients import SSEEvent, WSWatcher, sse_events
 from tests.support.process import ServerProcess
 
 from phasecast.model import parse_time
+
+
+@pytest.fixture(params=WS_TRANSPORTS)
+def server(request: pytest.FixtureRequest, engine_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real server on each engine, once per WebSocket transport."""
+    env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_WS_TRANSPORT": request.param}
+    with ServerProcess(engine_url, env=env, log_path=tmp_path / "server.log") as process:
+        yield process
+
 
 # Every report a comic backend makes, in order: each one is a change a viewer must see.
 SCRIPT: list[dict[str, Any]] = [

@@ -1,0 +1,534 @@
+"""Our WebSocket protocol for uvicorn (its ``ws`` setting takes a protocol class).
+
+uvicorn hands an upgrade request over to this class together with the socket. The
+handshake and the parsing of client frames are done by the sans-I/O ``ServerProtocol`` of
+the ``websockets`` package (RFC 6455: masking, RSV bits, opcodes, continuations, control
+frames, close codes, message size checked from the frame header before any payload is
+buffered). The app is then called once, through ASGI, with the extension
+``phasecast.raw_websocket`` in its scope: the ``/v1/ws`` endpoint adopts the connection
+(``adopt``), its ASGI call returns, and from then on the connection is this object, a
+``Session`` and a ``Mailbox``. No task is parked per connection and no middleware frame is
+held. A change reaches the socket as the complete frame bytes that ``server/frames.py``
+encoded once for every watcher, written with ``transport.write`` while the transport
+accepts writes; while it is paused (above its high-water mark) changes wait in the
+mailbox, latest wins, and are written out on ``resume_writing``.
+
+Routes that do not adopt the connection (or every route, with ``offer_raw = False``: the
+"asgi" transport setting) get ordinary ASGI WebSocket semantics from the same class, so
+both paths share one handshake and one frame parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote
+
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+
+from phasecast.server import frames
+from phasecast.server.websocket import (
+    BINARY_REFUSED,
+    CLOSE_INTERNAL,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_UNSUPPORTED_DATA,
+    RAW_EXTENSION,
+    Session,
+)
+
+if TYPE_CHECKING:
+    from phasecast.server.deps import Services
+
+log = logging.getLogger("phasecast.ws")
+
+CLOSE_TIMEOUT = 5.0  # after our Close, how long the client has to answer before we hang up
+MAX_QUEUED_REQUESTS = 32  # client messages waiting for the session before reading pauses
+KEEPALIVE_MISSES = 3  # ping intervals without a byte from the client before it is presumed gone
+CLOSE_FRAME_BYTE = 0x80 | frames.OP_CLOSE
+
+ASGIMessage = dict[str, Any]
+
+
+class ClientGone(OSError):
+    """Raised by the ASGI ``send`` once the connection is closed."""
+
+
+class RawWebSocketProtocol(asyncio.Protocol):
+    """One WebSocket connection. See the module docstring."""
+
+    offer_raw = True
+
+    __slots__ = (
+        "_asgi_queue",
+        "_close_timer",
+        "_closed_frame_sent",
+        "_drained",
+        "_fragment_text",
+        "_fragments",
+        "_heard",
+        "_inbox",
+        "_keepalive",
+        "_misses",
+        "_paused",
+        "_reading_paused",
+        "_request",
+        "_response",
+        "_worker",
+        "app",
+        "app_state",
+        "config",
+        "conn",
+        "open",
+        "server_state",
+        "session",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.server_state = server_state
+        self.app_state = app_state
+        self.conn = ServerProtocol(max_size=config.ws_max_size)
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.open = False  # handshake done, no Close sent or received: frames may be written
+        self._closed_frame_sent = False
+        self._paused = False
+        self._reading_paused = False
+        self._heard = True
+        self._misses = 0
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._inbox: list[str] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._request: Request | None = None
+        self._response: Response | None = None
+        self._asgi_queue: asyncio.Queue[ASGIMessage] | None = None
+        self._fragments: list[bytes] | None = None
+        self._fragment_text = False
+        self._drained: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
+        self.server_state.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        self.server_state.connections.discard(self)
+        for timer in (self._close_timer, self._keepalive):
+            if timer is not None:
+                timer.cancel()
+        self._close_timer = self._keepalive = None
+        if self.session is not None:
+            self.session.end()
+        if self._asgi_queue is not None:
+            self._asgi_queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
+        self._wake_drained()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drained()
+        self._flush()
+
+    def _wake_drained(self) -> None:
+        drained = self._drained
+        if drained is not None:
+            self._drained = None
+            if not drained.done():
+                drained.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._heard = True
+        conn = self.conn
+        conn.receive_data(data)
+        for event in conn.events_received():
+            if isinstance(event, Frame):
+                self._on_frame(event)
+            elif isinstance(event, Request):
+                self._on_request(event)
+        self._send_protocol_output()
+        if conn.parser_exc is not None and conn.close_sent is not None:
+            self.open = False
+            if conn.close_sent.code != 1006:
+                log.info(
+                    "websocket closed %d: %s", conn.close_sent.code, conn.close_sent.reason
+                )
+
+    def eof_received(self) -> bool | None:
+        self.conn.receive_eof()
+        self._send_protocol_output()
+        return None
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping: tell the client to come back later."""
+        if self.open:
+            self.close(CLOSE_SERVICE_RESTART, "server restarting")
+        elif self._response is None and self.transport is not None:
+            self.transport.close()
+
+    # --- writing ------------------------------------------------------------------------
+
+    def _send_protocol_output(self) -> None:
+        """Write what the sans-I/O protocol wants sent (handshake replies, pongs, Close
+        frames); nothing but the end of the stream after our Close frame."""
+        transport = self.transport
+        if transport is None:
+            return
+        for chunk in self.conn.data_to_send():
+            if not chunk:
+                transport.close()  # the protocol is done with the connection
+                return
+            if self._closed_frame_sent:
+                continue
+            transport.write(chunk)
+            if chunk[0] == CLOSE_FRAME_BYTE:
+                self._closed_frame_sent = True
+                self.open = False
+
+    def close(self, code: int, reason: str) -> None:
+        """``Link.close``: a Close frame after what is already written, then nothing more;
+        the connection ends when the client answers, or after ``CLOSE_TIMEOUT``."""
+        if not self.open:
+            return
+        self.conn.send_close(code, reason[:120])
+        self._send_protocol_output()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self._close_timer = asyncio.get_running_loop().call_later(
+                CLOSE_TIMEOUT, transport.close
+            )
+
+    def keepalive(self) -> None:
+        """``Link.keepalive``, once per ping interval: a client that sent nothing, not even
+        the Pong our Ping asks for, for several intervals is gone (a half-open TCP
+        connection); hang up so its subscriptions are released."""
+        if not self.open or self.transport is None:
+            return
+        if self._paused:
+            # It is not reading what we send (a stalled tab, a slow link): that is what the
+            # mailbox is for. A peer that is really gone is found by TCP itself, since the
+            # data we have sent is never acknowledged.
+            return
+        if self._heard:
+            self._heard = False
+            self._misses = 0
+        else:
+            self._misses += 1
+            if self._misses >= KEEPALIVE_MISSES:
+                log.info("websocket closed: no answer to pings")
+                self.open = False
+                self.transport.abort()
+                return
+        self.transport.write(b"\x89\x00")  # Ping, no payload: any Pong proves the client is there
+
+    def _direct(self, change: Any) -> bool:
+        """``Mailbox.direct``: write the change's frame now, unless the socket is backed up
+        (then the mailbox keeps it, latest wins, until ``resume_writing``)."""
+        if self._paused or not self.open:
+            return False
+        session = self.session
+        assert session is not None
+        assert self.transport is not None
+        if change.job_id in session.jobs:
+            self.transport.write(frames.ws_state_frame(change))
+            session.sent(change)
+        return True
+
+    def _flush(self) -> None:
+        """``Mailbox.wakeup`` and ``resume_writing``: write out whatever is queued."""
+        session = self.session
+        if self._paused or not self.open or session is None:
+            return
+        mailbox = session.mailbox
+        transport = self.transport
+        assert transport is not None
+        if mailbox.control:
+            for text in mailbox.take_control():
+                if text is frames.PING_TEXT:
+                    transport.write(frames.PING_FRAME)
+                elif text is frames.PONG_TEXT:
+                    transport.write(frames.PONG_FRAME)
+                else:
+                    transport.write(frames.ws_text_frame(text))
+        if mailbox.has_pending:
+            jobs = session.jobs
+            for change in mailbox.take():
+                if change.job_id in jobs:
+                    transport.write(frames.ws_state_frame(change))
+                    session.sent(change)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self._on_message(bytes(frame.data), opcode is Opcode.TEXT)
+            else:
+                self._fragments = [bytes(frame.data)]
+                self._fragment_text = opcode is Opcode.TEXT
+        elif opcode is Opcode.CONT:
+            # The sans-I/O protocol has checked the order and the total size already.
+            fragments = self._fragments
+            assert fragments is not None
+            fragments.append(bytes(frame.data))
+            if frame.fin:
+                self._fragments = None
+                self._on_message(b"".join(fragments), self._fragment_text)
+        elif opcode is Opcode.CLOSE:
+            self.open = False
+        # Ping and Pong: the sans-I/O protocol answers pings itself.
+
+    def _on_message(self, data: bytes, text: bool) -> None:
+        if not self.open:
+            return
+        if not text:
+            if self.session is not None:
+                log.info("websocket closed: binary frame")
+                self.close(CLOSE_UNSUPPORTED_DATA, BINARY_REFUSED)
+            elif self._asgi_queue is not None:
+                self._asgi_queue.put_nowait({"type": "websocket.receive", "bytes": data})
+            return
+        try:
+            decoded = data.decode()
+        except UnicodeDecodeError as exc:
+            log.info("websocket closed: invalid UTF-8 in a text message")
+            self.conn.fail(1007, f"invalid UTF-8 at position {exc.start}")
+            self._send_protocol_output()
+            return
+        if self.session is not None:
+            inbox = self._inbox
+            if inbox is None:
+                inbox = self._inbox = []
+            inbox.append(decoded)
+            if self._worker is None:
+                self._worker = asyncio.get_running_loop().create_task(self._work())
+            if len(inbox) >= MAX_QUEUED_REQUESTS and not self._reading_paused:
+                self._reading_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+        elif self._asgi_queue is not None:
+            self._asgi_queue.put_nowait({"type": "websocket.receive", "text": decoded})
+
+    async def _work(self) -> None:
+        """Hand client messages to the session in order. Exists only while some wait."""
+        session = self.session
+        assert session is not None
+        inbox = self._inbox
+        try:
+            while inbox:
+                try:
+                    await session.handle(inbox.pop(0))
+                except Exception:
+                    log.exception("websocket request failed")
+                    self.close(CLOSE_INTERNAL, "internal error")
+                    return
+                if self._reading_paused and len(inbox) < MAX_QUEUED_REQUESTS // 2:
+                    self._reading_paused = False
+                    if self.transport is not None and not self.transport.is_closing():
+                        self.transport.resume_reading()
+        finally:
+            self._worker = None
+
+    # --- the handshake, through the ASGI app ---------------------------------------------
+
+    def _on_request(self, request: Request) -> None:
+        conn = self.conn
+        version = request.headers.get_all("Sec-WebSocket-Version")
+        if version != ["13"]:
+            response = conn.reject(HTTPStatus.UPGRADE_REQUIRED, "Only WebSocket version 13 is supported\n")
+            response.headers["Sec-WebSocket-Version"] = "13"
+            self._reply(response)
+            return
+        response = conn.accept(request)
+        if response.status_code != 101:
+            self._reply(response)
+            return
+        self._request = request
+        self._response = response
+        raw_path, _, query = request.path.partition("?")
+        assert self.transport is not None
+        server = self.transport.get_extra_info("sockname")
+        client = self.transport.get_extra_info("peername")
+        extensions: dict[str, Any] = {"websocket.http.response": {}}
+        if self.offer_raw:
+            extensions[RAW_EXTENSION] = self
+        scope: dict[str, Any] = {
+            "type": "websocket",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": "ws",
+            "server": tuple(server[:2]) if server else None,
+            "client": tuple(client[:2]) if client else None,
+            "root_path": self.config.root_path,
+            "path": self.config.root_path + unquote(raw_path),
+            "raw_path": raw_path.encode("ascii"),
+            "query_string": query.encode("ascii"),
+            "headers": [
+                (key.lower().encode("latin-1"), value.encode("latin-1"))
+                for key, value in request.headers.raw_items()
+            ],
+            "subprotocols": [],
+            "state": self.app_state.copy(),
+            "extensions": extensions,
+        }
+        self._asgi_queue = asyncio.Queue()
+        self._asgi_queue.put_nowait({"type": "websocket.connect"})
+        self.transport.pause_reading()  # nothing to read until the app accepted
+        self._reading_paused = True
+        task = asyncio.get_running_loop().create_task(self._run_asgi(scope))
+        self.server_state.tasks.add(task)
+        task.add_done_callback(self.server_state.tasks.discard)
+
+    def _reply(self, response: Response) -> None:
+        """Answer the upgrade request with an HTTP response and hang up."""
+        self.conn.send_response(response)
+        self._send_protocol_output()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _run_asgi(self, scope: dict[str, Any]) -> None:
+        try:
+            await self.app(scope, self._asgi_receive, self._asgi_send)
+        except Exception:
+            log.exception("websocket handshake failed in the application")
+            if self._response is not None and self.transport is not None:
+                self._reply(self.conn.reject(500, "Internal Server Error\n"))
+                return
+        if self.session is not None:
+            return  # adopted: the connection lives on without this task
+        if self._response is not None:
+            log.error("the application returned without accepting the WebSocket")
+            self._reply(self.conn.reject(500, "Internal Server Error\n"))
+        elif self.open:
+            self.close(1000, "")
+
+    def adopt(self, services: Services, query_token: str | None) -> None:
+        """Called by the ``/v1/ws`` endpoint: accept, and serve the connection from here on
+        without ASGI."""
+        self._accept([])
+        self._asgi_queue = None
+        session = self.session = Session(services, self)
+        session.mailbox.direct = self._direct
+        session.mailbox.wakeup = self._flush
+        session.start(query_token)
+
+    def _accept(self, headers: list[tuple[bytes, bytes]]) -> None:
+        response = self._response
+        assert response is not None
+        assert self.transport is not None
+        self._response = self._request = None
+        for name, value in headers:
+            response.headers[name.decode("latin-1")] = value.decode("latin-1")
+        self.conn.send_response(response)
+        self._send_protocol_output()
+        self.open = not self.transport.is_closing()
+        self._reading_paused = False
+        self.transport.resume_reading()
+
+    # --- plain ASGI, for routes that do not adopt the connection -------------------------
+
+    async def _asgi_receive(self) -> ASGIMessage:
+        queue = self._asgi_queue
+        if queue is None:
+            return {"type": "websocket.disconnect", "code": 1006}
+        return await queue.get()
+
+    async def _asgi_send(self, message: ASGIMessage) -> None:
+        kind = message["type"]
+        if self._response is not None:  # handshake not answered yet
+            if kind == "websocket.accept":
+                headers = list(message.get("headers", []))
+                if message.get("subprotocol"):
+                    headers.append((b"sec-websocket-protocol", message["subprotocol"].encode()))
+                self._accept(headers)
+                self._schedule_keepalive()
+            elif kind == "websocket.close":
+                self._response = None
+                self._reply(self.conn.reject(HTTPStatus.FORBIDDEN, ""))
+            elif kind == "websocket.http.response.start":
+                given = Headers(
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])
+                )
+                given.setdefault("Date", email.utils.formatdate(usegmt=True))
+                status = int(message["status"])
+                self._response = Response(status, HTTPStatus(status).phrase, given, b"")
+            elif kind == "websocket.http.response.body" and self._response.status_code != 101:
+                denial = self._response
+                denial.body = bytes(denial.body or b"") + bytes(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self._response = None
+                    denial.headers.setdefault("Content-Length", str(len(denial.body)))
+                    denial.headers.setdefault("Connection", "close")
+                    self._reply(denial)
+            else:
+                raise RuntimeError(f"unexpected ASGI message {kind!r} before the handshake")
+            return
+        if kind == "websocket.http.response.body":
+            raise RuntimeError("the handshake was already answered")
+        if not self.open:
+            raise ClientGone("the WebSocket is closed")
+        await self._writable()
+        if kind == "websocket.send":
+            text = message.get("text")
+            if text is not None:
+                self.conn.send_text(text.encode())
+            else:
+                self.conn.send_binary(message.get("bytes") or b"")
+            self._send_protocol_output()
+        elif kind == "websocket.close":
+            self.close(int(message.get("code", 1000)), message.get("reason") or "")
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    def _schedule_keepalive(self) -> None:
+        """Plain ASGI: no session pings for us, so the protocol checks the peer itself, every
+        ``ws_ping_interval`` seconds."""
+        interval = self.config.ws_ping_interval
+        if interval:
+            self._keepalive = asyncio.get_running_loop().call_later(interval, self._keep_alive)
+
+    def _keep_alive(self) -> None:
+        self.keepalive()
+        if self.open:
+            self._schedule_keepalive()
+
+    async def _writable(self) -> None:
+        """Wait while the transport is paused (plain ASGI sends only)."""
+        while self._paused and self.open:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+
+class AsgiWebSocketProtocol(RawWebSocketProtocol):
+    """The same protocol without the raw extension: ``/v1/ws`` runs through plain ASGI
+    (what it does on any other ASGI server). Chosen by ``PHASECAST_WS_TRANSPORT=asgi``."""
+
+    offer_raw = False
+
+
+WS_PROTOCOLS: dict[str, type[RawWebSocketProtocol]] = {
+    "raw": RawWebSocketProtocol,
+    "asgi": AsgiWebSocketProtocol,
+}
