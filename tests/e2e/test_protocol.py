@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import quote
 
 import httpx
 import pytest
+import websockets
 from tests.support.clients import SSEEvent, WSWatcher, sse_events
 from tests.support.process import ServerProcess
 
@@ -201,4 +205,156 @@ async def test_a_batch_applies_reports_in_order_and_reports_each_result(
     too_many = await api.post("/v1/progress", json={"updates": [updates[0]] * 501})
     assert too_many.status_code == 422
     assert too_many.json()["error"]["field"] == "updates"
+    await watcher.close()
+
+
+# --- credentials on a long-lived connection (docs/protocol.md, WebSocket) -------------------
+
+
+async def test_every_accepted_auth_is_acknowledged_with_its_expiry(
+    server: ServerProcess, make_token: Callable[..., str]
+) -> None:
+    before = time.time()
+    by_url = await WSWatcher(server.url, make_token("alice", ttl=600)).connect()
+    first = await by_url.wait_message("authenticated")
+    assert first["job_id"] is None
+    assert before + 590 <= first["expires_at"] <= time.time() + 610
+    await by_url.send({"op": "auth", "token": make_token("alice", ttl=1200)})
+    await by_url.wait_for(lambda w: len([m for m in w.messages if m["type"] == "authenticated"]) == 2)
+    renewed = [m for m in by_url.messages if m["type"] == "authenticated"][-1]
+    assert renewed["expires_at"] >= first["expires_at"] + 590
+    await by_url.close()
+
+    by_message = await WSWatcher(server.url).connect(token_in_url=False)
+    await by_message.send({"op": "auth", "token": make_token("alice", ttl=300)})
+    assert (await by_message.wait_message("authenticated"))["expires_at"] <= time.time() + 310
+    await by_message.close()
+
+
+async def test_the_connection_closes_4401_when_its_token_expires(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    job_id = await new_job(api)
+    watcher = await WSWatcher(server.url, make_token("alice", ttl=2)).connect()
+    expires_at = (await watcher.wait_message("authenticated"))["expires_at"]
+    await watcher.subscribe(job_id)
+    await watcher.wait_seq(job_id, 1)
+    assert await watcher.wait_closed(timeout=15) == 4401
+    assert time.time() >= expires_at
+    assert watcher.connection is not None
+    assert watcher.connection.close_reason == "token expired"
+
+
+async def test_a_token_refreshed_before_expiry_keeps_the_connection_open(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    job_id = await new_job(api)
+    watcher = await WSWatcher(server.url, make_token("alice", ttl=2)).connect()
+    old_expiry = (await watcher.wait_message("authenticated"))["expires_at"]
+    await watcher.subscribe(job_id)
+    await watcher.wait_seq(job_id, 1)
+    await watcher.send({"op": "auth", "token": make_token("alice", ttl=600)})
+    await watcher.wait_for(lambda w: len([m for m in w.messages if m["type"] == "authenticated"]) == 2)
+    # Wait for server pings (every second) until the old token is well past its expiry.
+    await watcher.wait_for(
+        lambda w: any(m["type"] == "ping" for m in w.messages) and time.time() > old_expiry + 1.5,
+        timeout=15,
+    )
+    seq = await report(api, job_id, 50)
+    await watcher.wait_seq(job_id, seq)
+    assert watcher.close_code is None
+    await watcher.close()
+
+
+async def test_a_narrower_token_drops_the_subscriptions_it_cannot_read(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    mine, theirs = await new_job(api, "alice"), await new_job(api, "bob")
+    watcher = await WSWatcher(server.url, make_token("alice", ("jobs:read", "jobs:write"))).connect()
+    for job_id in (mine, theirs):
+        await watcher.subscribe(job_id)
+        await watcher.wait_seq(job_id, 1)
+    await watcher.send({"op": "auth", "token": make_token("alice", ("jobs:read",))})
+    dropped = await watcher.wait_message("error", job_id=theirs)
+    assert dropped["code"] == "forbidden"
+    assert theirs in dropped["message"]
+    await report(api, theirs, 50)
+    seq = await report(api, mine, 50)  # reported after theirs: if theirs came, it came first
+    await watcher.wait_seq(mine, seq)
+    assert watcher.seqs(theirs) == [1]
+    assert not [m for m in watcher.messages if m["type"] == "error" and m["job_id"] == mine]
+    # Re-subscribing with the narrower token is refused like any other user's job.
+    await watcher.subscribe(theirs)
+    await watcher.wait_for(lambda w: len([m for m in w.messages if m.get("job_id") == theirs and m["type"] == "error"]) == 2)
+    await watcher.close()
+
+
+async def test_another_users_token_or_a_bad_one_closes_the_connection(
+    server: ServerProcess, make_token: Callable[..., str]
+) -> None:
+    switch = await WSWatcher(server.url, make_token("alice")).connect()
+    await switch.send({"op": "auth", "token": make_token("mallory")})
+    assert await switch.wait_closed() == 4403
+    bad = await WSWatcher(server.url, make_token("alice")).connect()
+    await bad.send({"op": "auth", "token": "not-a-jwt"})
+    assert await bad.wait_closed() == 4401
+
+
+# --- acknowledgements under backpressure, resume points ---------------------------------------
+
+
+async def test_acknowledgements_are_never_dropped_while_the_socket_is_backed_up(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    big = f"big-{uuid.uuid4().hex[:8]}"
+    reply = await api.post("/v1/jobs", json={"job_id": big, "owner": "alice", "metadata": {"notes": "x" * 15_000}})
+    assert reply.status_code == 201, reply.text
+    others = [await new_job(api) for _ in range(40)]
+    url = f"{server.ws_url}/v1/ws?access_token={quote(make_token('alice'))}"
+    async with websockets.connect(url, max_queue=1, max_size=2**20, compression=None, ping_interval=None) as stalled:
+        assert json.loads(await stalled.recv())["type"] == "authenticated"
+        await stalled.send(json.dumps({"op": "subscribe", "job_id": big}))
+        # The client reads nothing more now: fill every buffer on the way with big states.
+        for n in range(150):
+            await api.post(f"/v1/jobs/{big}/progress", json={"phase": "ANALYZING", "phase_progress": n / 2, "message": str(n)})
+        for job_id in others:
+            await stalled.send(json.dumps({"op": "subscribe", "job_id": job_id}))
+            await api.post(f"/v1/jobs/{job_id}/progress", json={"phase": "ANALYZING", "phase_progress": 5})
+        seen: dict[str, list[str]] = {}
+        async with asyncio.timeout(30):
+            while any(len(seen.get(j, [])) < 2 or seen[j][-1] != "state:2" for j in others):
+                message = json.loads(await stalled.recv())
+                if message["type"] == "state":
+                    seen.setdefault(message["job"]["job_id"], []).append(f"state:{message['job']['seq']}")
+                elif message["type"] in ("subscribed", "error"):
+                    seen.setdefault(message["job_id"], []).append(message["type"])
+    for job_id in others:
+        # The acknowledgement first, then states in seq order (the newest may skip the first).
+        assert seen[job_id][0] == "subscribed", seen[job_id]
+        assert seen[job_id][-1] == "state:2"
+        assert seen[job_id].count("subscribed") == 1
+
+
+async def test_a_resume_point_the_server_cannot_honour_gets_the_full_state(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    job_id = await new_job(api)
+    await report(api, job_id, 10)
+    state = (await api.get(f"/v1/jobs/{job_id}")).json()
+    watcher = await WSWatcher(server.url, make_token("alice")).connect()
+    await watcher.send({"op": "subscribe", "job_id": job_id, "since": 50})  # beyond seq 2
+    await watcher.wait_seq(job_id, 2)
+    await watcher.send({"op": "unsubscribe", "job_id": job_id})
+    await watcher.wait_message("unsubscribed", job_id=job_id)
+    await watcher.send({"op": "subscribe", "job_id": job_id, "since": 2, "epoch": "not-" + state["epoch"]})
+    await watcher.wait_for(lambda w: len(w.seqs(job_id)) == 2)
+    assert watcher.seqs(job_id) == [2, 2]
+    await watcher.send({"op": "unsubscribe", "job_id": job_id})
+    await watcher.wait_message("unsubscribed", job_id=job_id)
+    # Its own epoch and seq: honoured, nothing is re-sent; the next change arrives.
+    await watcher.send({"op": "subscribe", "job_id": job_id, "since": 2, "epoch": state["epoch"]})
+    await watcher.wait_for(lambda w: len([m for m in w.messages if m["type"] == "subscribed"]) == 3)
+    seq = await report(api, job_id, 20)
+    await watcher.wait_seq(job_id, seq)
+    assert watcher.seqs(job_id) == [2, 2, 3]
     await watcher.close()

@@ -49,7 +49,7 @@ log = logging.getLogger("phasecast.ws")
 
 CLOSE_TIMEOUT = 5.0  # after our Close, how long the client has to answer before we hang up
 MAX_QUEUED_REQUESTS = 32  # client messages waiting for the session before reading pauses
-KEEPALIVE_MISSES = 3  # ping intervals without a byte from the client before it is presumed gone
+KEEPALIVE_TIMEOUT = 60.0  # seconds without a byte from a client before it is presumed gone
 CLOSE_FRAME_BYTE = 0x80 | frames.OP_CLOSE
 
 ASGIMessage = dict[str, Any]
@@ -71,10 +71,9 @@ class RawWebSocketProtocol(asyncio.Protocol):
         "_drained",
         "_fragment_text",
         "_fragments",
-        "_heard",
+        "_heard_at",
         "_inbox",
         "_keepalive",
-        "_misses",
         "_paused",
         "_reading_paused",
         "_request",
@@ -110,8 +109,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self._closed_frame_sent = False
         self._paused = False
         self._reading_paused = False
-        self._heard = True
-        self._misses = 0
+        self._heard_at = 0.0
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._inbox: list[str] | None = None
@@ -144,11 +142,36 @@ class RawWebSocketProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
         self._wake_drained()
         self._flush()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read the client only while we can answer it: not before the app accepted, not
+        while our writes are backed up (a client that does not read its answers gets TCP
+        backpressure on its requests, and loses none of the answers), not while many of
+        its requests wait for the session."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        inbox = self._inbox
+        backlog = len(inbox) if inbox else 0
+        pause = (
+            self._response is not None
+            or (self._paused and self.session is not None)
+            or backlog >= MAX_QUEUED_REQUESTS
+            or (self._reading_paused and backlog >= MAX_QUEUED_REQUESTS // 2)
+        )
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def _wake_drained(self) -> None:
         drained = self._drained
@@ -158,7 +181,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
                 drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self._heard = True
+        self._heard_at = asyncio.get_running_loop().time()
         conn = self.conn
         conn.receive_data(data)
         for event in conn.events_received():
@@ -219,27 +242,21 @@ class RawWebSocketProtocol(asyncio.Protocol):
             )
 
     def keepalive(self) -> None:
-        """``Link.keepalive``, once per ping interval: a client that sent nothing, not even
-        the Pong our Ping asks for, for several intervals is gone (a half-open TCP
-        connection); hang up so its subscriptions are released."""
-        if not self.open or self.transport is None:
+        """``Link.keepalive``, once per ping interval: a Ping, which any live client
+        answers; a client that sent nothing, not even a Pong, for ``KEEPALIVE_TIMEOUT``
+        seconds is gone (a half-open TCP connection), so hang up and release its
+        subscriptions. A client that does not read is not judged: it cannot see our Pings,
+        and that is what the mailbox is for (TCP finds a dead peer with unacknowledged
+        data by itself)."""
+        transport = self.transport
+        if not self.open or transport is None or self._paused:
             return
-        if self._paused:
-            # It is not reading what we send (a stalled tab, a slow link): that is what the
-            # mailbox is for. A peer that is really gone is found by TCP itself, since the
-            # data we have sent is never acknowledged.
+        if asyncio.get_running_loop().time() - self._heard_at > KEEPALIVE_TIMEOUT:
+            log.info("websocket closed: nothing heard for %.0f s", KEEPALIVE_TIMEOUT)
+            self.open = False
+            transport.abort()
             return
-        if self._heard:
-            self._heard = False
-            self._misses = 0
-        else:
-            self._misses += 1
-            if self._misses >= KEEPALIVE_MISSES:
-                log.info("websocket closed: no answer to pings")
-                self.open = False
-                self.transport.abort()
-                return
-        self.transport.write(b"\x89\x00")  # Ping, no payload: any Pong proves the client is there
+        transport.write(b"\x89\x00")  # Ping, no payload: any Pong proves the client is there
 
     def _direct(self, change: Any) -> bool:
         """``Mailbox.direct``: write the change's frame now, unless the socket is backed up
@@ -323,10 +340,8 @@ class RawWebSocketProtocol(asyncio.Protocol):
             inbox.append(decoded)
             if self._worker is None:
                 self._worker = asyncio.get_running_loop().create_task(self._work())
-            if len(inbox) >= MAX_QUEUED_REQUESTS and not self._reading_paused:
-                self._reading_paused = True
-                assert self.transport is not None
-                self.transport.pause_reading()
+            if len(inbox) >= MAX_QUEUED_REQUESTS:
+                self._update_reading()
         elif self._asgi_queue is not None:
             self._asgi_queue.put_nowait({"type": "websocket.receive", "text": decoded})
 
@@ -343,10 +358,8 @@ class RawWebSocketProtocol(asyncio.Protocol):
                     log.exception("websocket request failed")
                     self.close(CLOSE_INTERNAL, "internal error")
                     return
-                if self._reading_paused and len(inbox) < MAX_QUEUED_REQUESTS // 2:
-                    self._reading_paused = False
-                    if self.transport is not None and not self.transport.is_closing():
-                        self.transport.resume_reading()
+                if self._reading_paused:
+                    self._update_reading()
         finally:
             self._worker = None
 
@@ -394,8 +407,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         }
         self._asgi_queue = asyncio.Queue()
         self._asgi_queue.put_nowait({"type": "websocket.connect"})
-        self.transport.pause_reading()  # nothing to read until the app accepted
-        self._reading_paused = True
+        self._update_reading()  # nothing to read until the app accepted
         task = asyncio.get_running_loop().create_task(self._run_asgi(scope))
         self.server_state.tasks.add(task)
         task.add_done_callback(self.server_state.tasks.discard)
@@ -443,8 +455,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self.conn.send_response(response)
         self._send_protocol_output()
         self.open = not self.transport.is_closing()
-        self._reading_paused = False
-        self.transport.resume_reading()
+        self._update_reading()
 
     # --- plain ASGI, for routes that do not adopt the connection -------------------------
 

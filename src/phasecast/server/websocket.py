@@ -45,6 +45,7 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_SERVICE_RESTART = 1012
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024
+MAX_UNANSWERED = 32  # answers waiting to be written before the ASGI reader stops reading
 RAW_EXTENSION = "phasecast.raw_websocket"
 BINARY_REFUSED = "binary frames are not accepted; send JSON text messages"
 OVERLOADED = "too many replies left unread; read the socket before sending more requests"
@@ -250,7 +251,7 @@ class Session:
         else:
             self.say(frames.error(
                 None, "invalid_message",
-                f"unknown op {op!r}; use subscribe, unsubscribe, auth or ping",
+                f"unknown op {repr(op)[:40]}; use subscribe, unsubscribe, auth or ping",
             ))
 
     async def _subscribe(self, message: dict[str, Any]) -> None:
@@ -343,17 +344,19 @@ def _parse(raw: str) -> Any:
 class AsgiConnection:
     """``/v1/ws`` over plain ASGI: one task reads, one writes the mailbox out."""
 
-    __slots__ = ("_closing", "session", "ws")
+    __slots__ = ("_answered", "_closing", "session", "ws")
 
     def __init__(self, websocket: WebSocket, services: Services) -> None:
         self.ws = websocket
         self.session = Session(services, self)
         self._closing: tuple[int, str] | None = None
+        self._answered: asyncio.Future[None] | None = None
 
     def close(self, code: int, reason: str) -> None:
         if self._closing is None:
             self._closing = (code, reason)
             self.session.mailbox.wake()  # the writer sends the Close
+            self._wake_reader()
 
     def keepalive(self) -> None:
         """The ASGI server keeps the connection alive (uvicorn pings on its own)."""
@@ -393,6 +396,12 @@ class AsgiConnection:
                 self.close(CLOSE_UNSUPPORTED_DATA, BINARY_REFUSED)
                 return
             await session.handle(text)
+            control = session.mailbox.control
+            if control is not None and len(control) >= MAX_UNANSWERED and self._closing is None:
+                # Read no more requests until the answers are written: a client that does
+                # not read them gets TCP backpressure, and loses none.
+                self._answered = asyncio.get_running_loop().create_future()
+                await self._answered
         # Closing: wait for the client's Close reply (or the socket's end).
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             while (await self.ws.receive())["type"] != "websocket.disconnect":
@@ -414,6 +423,7 @@ class AsgiConnection:
                     return
                 for frame in mailbox.take_control():
                     await send({"type": "websocket.send", "text": frame})
+                self._wake_reader()
                 for change in mailbox.take():
                     if change.job_id not in jobs:
                         continue  # unsubscribed while this was pending
@@ -421,6 +431,15 @@ class AsgiConnection:
                     session.sent(change)
         except (WebSocketDisconnect, OSError, RuntimeError):
             return  # the socket is gone; the reader hears it too
+        finally:
+            self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        answered = self._answered
+        if answered is not None:
+            self._answered = None
+            if not answered.done():
+                answered.set_result(None)
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
