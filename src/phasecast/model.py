@@ -532,7 +532,7 @@ def apply_terminal(
         new.steps, new.steps_total = steps, steps_total
     new.progress = 100.0 if phase is Phase.COMPLETE else state.progress
     new.phase_progress = 100.0 if phase is Phase.COMPLETE else state.phase_progress
-    new.message = message if message is not None else _DEFAULT_END_MESSAGE[phase]
+    new.message = message if message is not None else DEFAULT_END_MESSAGE[phase]
     new.error = error
     new.eta_seconds = 0.0 if phase is Phase.COMPLETE else None
     new.seq = state.seq + 1
@@ -540,7 +540,7 @@ def apply_terminal(
     return Outcome(True, new)
 
 
-_DEFAULT_END_MESSAGE = {
+DEFAULT_END_MESSAGE = {
     Phase.COMPLETE: "Complete",
     Phase.FAILED: "Failed",
     Phase.CANCELLED: "Cancelled",

@@ -1,12 +1,11 @@
 """``ProgressTracker``: the service API, used in-process by generation code and by the server.
 
-A progress report is one atomic step of the engine (``Engine.apply``): the engine decides it
-with the rules of ``phasecast.model`` against the stored state and stores the result, in one
-round trip with nothing to retry. Endings (complete, fail, cancel) are read-compute-write:
-load the stored state, apply the rules, and store the result only if nothing else was stored
-meanwhile (compare-and-set on ``seq``), retried against the newer state on a lost race. Either
-way, concurrent writers, in this process or in others sharing a Redis, never overwrite each
-other.
+Every report and every ending is one atomic step of the engine (``Engine.apply`` and
+``Engine.end``): the engine decides it with the rules of ``phasecast.model`` against the
+stored state and stores the result, in one round trip with nothing to retry, so concurrent
+writers, in this process or in others sharing a Redis, never overwrite each other. The
+tracker brings what the rules need besides the stored state: the time, and the weights and
+learned phase durations of the job's kind (it remembers each job's kind and owner).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from phasecast.engines.base import Decided, Engine, OtherJob, RuleInputs
+from phasecast.engines.base import Decided, Ending, Engine, OtherJob, RuleInputs
 from phasecast.errors import EngineUnavailable, JobExists, JobNotFound, PhasecastError
 from phasecast.fanout import Hub, Mailbox
 from phasecast.model import (
@@ -31,13 +30,14 @@ from phasecast.model import (
     Phase,
     ProgressUpdate,
     StepStatus,
-    apply_terminal,
     format_time,
     new_epoch,
     new_job,
     new_job_id,
     phase_durations,
     utc_now,
+    validate_job_error,
+    validate_message,
     validate_update,
 )
 from phasecast.progress import PhaseStats, WeightTable, estimate_eta
@@ -203,9 +203,18 @@ class ProgressTracker:
         decided, _ = await self._decide(job_id, update)
         return decided
 
-    async def _decide(self, job_id: str, update: ProgressUpdate) -> tuple[Decided, JobState | None]:
+    async def _decide(
+        self, job_id: str, change: ProgressUpdate | Ending
+    ) -> tuple[Decided, JobState | None]:
+        """One atomic step of the engine (``apply`` or ``end``), asked again only when it
+        was asked with another kind or owner than the job's, or after a restore."""
         try:
-            validate_update(update)
+            if isinstance(change, Ending):
+                validate_message(change.message)
+                if change.error is not None:
+                    validate_job_error(change.error)
+            else:
+                validate_update(change)
         except PhasecastError as exc:
             self._rejected(job_id, exc)
             raise
@@ -215,7 +224,10 @@ class ProgressTracker:
                 weights = self.weights.for_kind(kind)
                 inputs = RuleInputs(kind, owner, weights, await self._phase_stats(kind))
                 try:
-                    result = await self.engine.apply(job_id, update, self._clock(), inputs)
+                    if isinstance(change, Ending):
+                        result = await self.engine.end(job_id, change, self._clock(), inputs)
+                    else:
+                        result = await self.engine.apply(job_id, change, self._clock(), inputs)
                 except JobNotFound:
                     if self.archive is not None and await self._restore(job_id) is not None:
                         continue
@@ -234,7 +246,7 @@ class ProgressTracker:
                     return result, None
                 self.count_update("applied")
                 state = None
-                if self._observers or self.archive is not None:
+                if self._observers or self.archive is not None or isinstance(change, Ending):
                     state = JobState.from_json(result.state_json)
                     self._after_write(state)
                 return result, state
@@ -282,57 +294,23 @@ class ProgressTracker:
         )
 
     async def complete(self, job_id: str, message: str | None = None) -> Outcome:
-        return await self._mutate(
-            job_id, lambda state, now: apply_terminal(state, Phase.COMPLETE, now, message=message)
-        )
+        return await self._end(job_id, Ending(Phase.COMPLETE, message))
 
     async def fail(
         self, job_id: str, code: str, error_message: str, *, message: str | None = None
     ) -> Outcome:
-        error = JobError(code=code, message=error_message)
-        return await self._mutate(
-            job_id,
-            lambda state, now: apply_terminal(state, Phase.FAILED, now, message=message, error=error),
+        return await self._end(
+            job_id, Ending(Phase.FAILED, message, JobError(code=code, message=error_message))
         )
 
     async def cancel(self, job_id: str, reason: str | None = None) -> Outcome:
-        return await self._mutate(
-            job_id, lambda state, now: apply_terminal(state, Phase.CANCELLED, now, message=reason)
-        )
+        return await self._end(job_id, Ending(Phase.CANCELLED, reason))
 
-    async def _mutate(
-        self, job_id: str, rule: Callable[[JobState, datetime], Outcome]
-    ) -> Outcome:
-        async with self._job_lock(job_id):
-            for _ in range(MAX_WRITE_ATTEMPTS):
-                current = await self.engine.load(job_id)
-                if current is None and self.archive is not None:
-                    current = await self._restore(job_id)
-                if current is None:
-                    raise JobNotFound(job_id)
-                self._remember(current)
-                now = self._clock()
-                try:
-                    outcome = rule(current, now)
-                except PhasecastError as exc:
-                    self._rejected(job_id, exc)
-                    raise
-                if not outcome.applied:
-                    self.count_update("ignored")
-                    return outcome
-                new = outcome.state
-                if not new.terminal:
-                    new.eta_seconds = estimate_eta(
-                        new, now, await self._phase_stats(new.kind), self.weights.for_kind(new.kind)
-                    )
-                if await self.engine.replace(new, current.seq):
-                    self.count_update("applied")
-                    self._after_write(new)
-                    return outcome
-            raise EngineUnavailable(
-                f"job {job_id!r} is changing too fast to update; gave up after "
-                f"{MAX_WRITE_ATTEMPTS} attempts"
-            )
+    async def _end(self, job_id: str, ending: Ending) -> Outcome:
+        decided, state = await self._decide(job_id, ending)
+        if state is None:
+            state = JobState.from_json(decided.state_json)
+        return Outcome(decided.applied, state)
 
     def _remember(self, state: JobState) -> None:
         self._note(state.job_id, state.kind, state.owner)

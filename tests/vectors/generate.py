@@ -1,8 +1,8 @@
 """Write ``tests/vectors/rules.json``: the rules' test vectors.
 
-Each vector is a prior state, a progress report, the time, the phase weights and learned
+Each vector is a prior state, a progress report or an ending, the time, the phase weights and learned
 durations, and what the Python model (the specification: ``model.apply_progress`` then
-``progress.estimate_eta``) answers: applied or not and the stored state's exact JSON, or the
+``progress.estimate_eta``, or ``model.apply_terminal``) answers: applied or not and the stored state's exact JSON, or the
 error. ``tests/vectors/test_rule_vectors.py`` holds the model and every engine's atomic step
 (the Lua script on Redis, the transaction on SQLite) to these answers.
 
@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from phasecast.engines.base import Ending
 from phasecast.errors import PhasecastError
 from phasecast.model import (
     MAX_STEPS,
@@ -100,7 +101,20 @@ def _update(rng: random.Random, state: JobState) -> ProgressUpdate:
     return ProgressUpdate(phase, phase_progress=_progress(rng, state.phase_progress), message=message)
 
 
-def _update_dict(update: ProgressUpdate) -> dict[str, Any]:
+def _ending(rng: random.Random) -> Ending:
+    phase = rng.choice([Phase.COMPLETE, Phase.FAILED, Phase.CANCELLED])
+    error = None
+    if phase is Phase.FAILED and rng.random() < 0.8:
+        error = JobError(rng.choice(["oom", "timeout"]), rng.choice(["CUDA out of memory", 'a "b" \\ ü\n']))
+    return Ending(phase, rng.choice([None, None, "Done: 6 panels", "Abgebrochen ✋"]), error)
+
+
+def _update_dict(update: ProgressUpdate | Ending) -> dict[str, Any]:
+    if isinstance(update, Ending):
+        ending: dict[str, Any] = {"end": update.phase.value, "message": update.message}
+        if update.error is not None:
+            ending["error"] = update.error.to_dict()
+        return ending
     out: dict[str, Any] = {"phase": update.phase.value}
     for name in ("phase_progress", "step", "step_progress", "step_status", "steps_total", "message"):
         value = getattr(update, name)
@@ -109,7 +123,11 @@ def _update_dict(update: ProgressUpdate) -> dict[str, Any]:
     return out
 
 
-def update_of(data: dict[str, Any]) -> ProgressUpdate:
+def update_of(data: dict[str, Any]) -> ProgressUpdate | Ending:
+    if "end" in data:
+        error = data.get("error")
+        return Ending(Phase(data["end"]), data.get("message"),
+                      None if error is None else JobError(error["code"], error["message"]))
     return ProgressUpdate(
         Phase(data["phase"]),
         phase_progress=data.get("phase_progress"),
@@ -130,23 +148,28 @@ def stats_of(data: dict[str, float]) -> PhaseStats:
 
 
 def decide(
-    state: JobState, update: ProgressUpdate, now: datetime, weights: dict[Phase, float],
+    state: JobState, update: ProgressUpdate | Ending, now: datetime, weights: dict[Phase, float],
     stats: PhaseStats,
 ) -> dict[str, Any]:
     """The specification: what an engine's atomic step must answer."""
     try:
-        outcome = apply_progress(state, update, now, weights)
+        if isinstance(update, Ending):
+            outcome = apply_terminal(state, update.phase, now, message=update.message,
+                                     error=update.error)
+        else:
+            outcome = apply_progress(state, update, now, weights)
     except PhasecastError as exc:
         return {"error": type(exc).__name__}
     if not outcome.applied:
         return {"applied": False, "state": state.to_json()}
     new = outcome.state
-    new.eta_seconds = estimate_eta(new, now, stats, weights)
+    if not new.terminal:
+        new.eta_seconds = estimate_eta(new, now, stats, weights)
     return {"applied": True, "state": new.to_json()}
 
 
 def _vector(
-    name: str, state: JobState, update: ProgressUpdate, now: datetime, weights: dict[str, float],
+    name: str, state: JobState, update: ProgressUpdate | Ending, now: datetime, weights: dict[str, float],
     stats: dict[str, float],
 ) -> dict[str, Any]:
     expected = decide(state, update, now, weights_of(weights), stats_of(stats))
@@ -169,9 +192,16 @@ def _walks(rng: random.Random, count: int, length: int) -> list[dict[str, Any]]:
                         metadata=rng.choice(METADATA), now=now)
         state.epoch = f"{rng.getrandbits(48):012x}"  # new_job draws one at random
         weights, stats = rng.choice(WEIGHTS), rng.choice(STATS)
+        after_end = 0
         for index in range(length):
+            if state.terminal:
+                after_end += 1
+                if after_end > 2:
+                    break  # a repeat or two of the ending is enough
             now += timedelta(microseconds=rng.choice([1, 999, 1000, 250_000, 3_000_000, 61_234_567]))
-            update = _update(rng, state)
+            update: ProgressUpdate | Ending = _update(rng, state)
+            if rng.random() < (0.5 if state.terminal else 0.05):
+                update = _ending(rng)
             vector = _vector(f"walk {walk} step {index}", state, update, now, weights, stats)
             vectors.append(vector)
             if vector["expected"].get("applied"):
@@ -221,7 +251,7 @@ def _special(rng: random.Random) -> list[dict[str, Any]]:
 
 def generate() -> list[dict[str, Any]]:
     rng = random.Random(20261129)
-    return _special(rng) + _walks(rng, 20, 12)
+    return _special(rng) + _walks(rng, 26, 12)
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ import redis.asyncio as aioredis
 from tests.vectors.generate import VECTORS, decide, generate, stats_of, update_of, weights_of
 
 from phasecast.engines import Engine
-from phasecast.engines.base import Decided, RuleInputs, history_entry
+from phasecast.engines.base import Decided, Ending, OtherJob, RuleInputs, history_entry
 from phasecast.engines.redis import RedisEngine
 from phasecast.errors import InvalidUpdate, JobNotFound, JobTerminal
-from phasecast.model import JobState
+from phasecast.model import JobState, Phase, ProgressUpdate
 
 ERRORS: dict[str, type[Exception]] = {
     "JobTerminal": JobTerminal,
@@ -33,6 +33,10 @@ def load_vectors() -> list[dict[str, Any]]:
 def test_the_vectors_cover_every_kind_of_answer() -> None:
     answers = {v["expected"].get("error") or v["expected"]["applied"] for v in load_vectors()}
     assert answers == {True, False, "JobTerminal", "InvalidUpdate"}
+    endings = [v for v in load_vectors() if "end" in v["update"]]
+    assert {v["expected"].get("error") or v["expected"]["applied"] for v in endings} == {
+        True, False, "JobTerminal"
+    }
 
 
 def test_the_model_gives_every_answer_of_the_vectors() -> None:
@@ -61,9 +65,18 @@ async def _no_fallback(*args: Any) -> Decided:
     raise AssertionError("the atomic step handed a vector to the Python fallback")
 
 
+async def step(
+    engine: Engine, job_id: str, change: ProgressUpdate | Ending, now: datetime, inputs: RuleInputs
+) -> Decided | OtherJob:
+    if isinstance(change, Ending):
+        return await engine.end(job_id, change, now, inputs)
+    return await engine.apply(job_id, change, now, inputs)
+
+
 async def test_every_engine_step_gives_every_answer_of_the_vectors(engine: Engine) -> None:
     # The fallback exists for states the script cannot reproduce; no vector may need it.
     engine.apply_by_compare_and_set = _no_fallback  # type: ignore[method-assign]
+    engine.end_by_compare_and_set = _no_fallback  # type: ignore[method-assign]
     for index, vector in enumerate(load_vectors()):
         prior = JobState.from_json(vector["prior"])
         job_id = f"v{index}-{prior.job_id}"
@@ -76,10 +89,10 @@ async def test_every_engine_step_gives_every_answer_of_the_vectors(engine: Engin
         expected = vector["expected"]
         if "error" in expected:
             with pytest.raises(ERRORS[expected["error"]]):
-                await engine.apply(job_id, update_of(vector["update"]), now, inputs)
+                await step(engine, job_id, update_of(vector["update"]), now, inputs)
             assert await engine.load(job_id) == prior, vector["name"]
             continue
-        decided = await engine.apply(job_id, update_of(vector["update"]), now, inputs)
+        decided = await step(engine, job_id, update_of(vector["update"]), now, inputs)
         want = _renamed(expected["state"], JobState.from_json(vector["prior"]).job_id, job_id)
         assert decided == Decided(expected["applied"], want), vector["name"]
         stored = await engine.load(job_id)
@@ -102,8 +115,9 @@ async def test_redis_stores_the_exact_bytes_python_would(redis_engine_url: str) 
             inputs = RuleInputs(
                 prior.kind, prior.owner, weights_of(vector["weights"]), stats_of(vector["stats"])
             )
-            await engine.apply(
-                prior.job_id, update_of(vector["update"]), datetime.fromisoformat(vector["now"]), inputs
+            await step(
+                engine, prior.job_id, update_of(vector["update"]), datetime.fromisoformat(vector["now"]),
+                inputs,
             )
             raw = await engine.client.hget(engine.keys.job(prior.job_id), "state")
             want = _renamed(vector["expected"]["state"], JobState.from_json(vector["prior"]).job_id,
@@ -118,7 +132,7 @@ async def test_redis_stores_the_exact_bytes_python_would(redis_engine_url: str) 
 async def test_a_state_the_script_cannot_reproduce_is_decided_by_the_python_rules(
     redis_engine_url: str,
 ) -> None:
-    vector = next(v for v in load_vectors() if v["expected"].get("applied"))
+    vector = next(v for v in load_vectors() if v["expected"].get("applied") and "end" not in v["update"])
     prior = JobState.from_json(vector["prior"])
     engine = RedisEngine(redis_engine_url)
     await engine.start()
@@ -131,9 +145,25 @@ async def test_a_state_the_script_cannot_reproduce_is_decided_by_the_python_rule
         inputs = RuleInputs(
             prior.kind, prior.owner, weights_of(vector["weights"]), stats_of(vector["stats"])
         )
-        decided = await engine.apply(
-            prior.job_id, update_of(vector["update"]), datetime.fromisoformat(vector["now"]), inputs
+        decided = await step(
+            engine, prior.job_id, update_of(vector["update"]), datetime.fromisoformat(vector["now"]),
+            inputs,
         )
         assert decided == Decided(True, vector["expected"]["state"])
+        # And an ending of such a state too.
+        await client_hset(redis_engine_url, engine, prior.job_id)
+        ended = await engine.end(prior.job_id, Ending(Phase.CANCELLED, "stop"), datetime.fromisoformat(vector["now"]),
+                                 inputs)
+        assert isinstance(ended, Decided) and ended.applied
+        assert JobState.from_json(ended.state_json).phase is Phase.CANCELLED
     finally:
         await engine.stop()
+
+
+async def client_hset(url: str, engine: RedisEngine, job_id: str) -> None:
+    """Store the job's state again with its keys reversed (a shape the script leaves alone)."""
+    state = await engine.load(job_id)
+    assert state is not None
+    async with aioredis.Redis.from_url(url.split("?")[0]) as client:
+        await client.hset(engine.keys.job(job_id), "state",
+                          json.dumps(dict(reversed(list(state.to_dict().items())))))

@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from phasecast.errors import ConfigurationError, JobNotFound
 from phasecast.model import (
+    DEFAULT_END_MESSAGE,
+    JobError,
     JobState,
     Phase,
     ProgressUpdate,
     apply_progress,
+    apply_terminal,
     parse_time,
 )
 from phasecast.progress import PhaseStats, estimate_eta
@@ -78,6 +81,20 @@ class RuleInputs:
     owner: str
     weights: dict[Phase, float]
     stats: PhaseStats
+
+
+@dataclass(slots=True, frozen=True)
+class Ending:
+    """How a job ends: ``model.apply_terminal``'s arguments."""
+
+    phase: Phase
+    message: str | None = None
+    error: JobError | None = None
+
+    @property
+    def text(self) -> str:
+        """The message the ended job shows."""
+        return self.message if self.message is not None else DEFAULT_END_MESSAGE[self.phase]
 
 
 @dataclass(slots=True, frozen=True)
@@ -172,6 +189,32 @@ class JobStore(abc.ABC):
             new.eta_seconds = estimate_eta(new, now, inputs.stats, inputs.weights)
             state_json = new.to_json()
             if await self.replace(new, state.seq):
+                return Decided(True, state_json)
+
+    @abc.abstractmethod
+    async def end(
+        self, job_id: str, ending: Ending, now: datetime, inputs: RuleInputs
+    ) -> Decided | OtherJob:
+        """End a job in one atomic step: ``model.apply_terminal`` against the stored state,
+        stored, appended and published. The same ending again is not applied; another
+        ending of a finished job raises ``JobTerminal``."""
+
+    async def end_by_compare_and_set(
+        self, job_id: str, ending: Ending, now: datetime, inputs: RuleInputs
+    ) -> Decided | OtherJob:
+        """``end`` written with ``load`` and ``replace`` (see ``apply_by_compare_and_set``)."""
+        while True:
+            state = await self.load(job_id)
+            if state is None:
+                raise JobNotFound(job_id)
+            if state.kind != inputs.kind or state.owner != inputs.owner:
+                return OtherJob(state.kind, state.owner)
+            outcome = apply_terminal(state, ending.phase, now, message=ending.message,
+                                     error=ending.error)
+            if not outcome.applied:
+                return Decided(False, state.to_json())
+            state_json = outcome.state.to_json()
+            if await self.replace(outcome.state, state.seq):
                 return Decided(True, state_json)
 
     @abc.abstractmethod

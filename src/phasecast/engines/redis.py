@@ -28,6 +28,7 @@ from phasecast.engines.base import (
     Change,
     ChangeHandler,
     Decided,
+    Ending,
     Engine,
     OtherJob,
     RuleInputs,
@@ -277,6 +278,38 @@ class RedisEngine(Engine):
     async def apply(
         self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
     ) -> Decided | OtherJob:
+        fields: list[Any] = [
+            update.phase.value,
+            _number(update.phase_progress),
+            update.step or "",
+            _number(update.step_progress),
+            update.step_status or "",
+            "" if update.steps_total is None else update.steps_total,
+            "" if update.message is None else json.dumps(update.message, ensure_ascii=False),
+        ]
+        decided = await self._step(job_id, now, inputs, fields)
+        if decided is None:
+            return await self.apply_by_compare_and_set(job_id, update, now, inputs)
+        return decided
+
+    async def end(
+        self, job_id: str, ending: Ending, now: datetime, inputs: RuleInputs
+    ) -> Decided | OtherJob:
+        error = ending.error
+        fields: list[Any] = [
+            ending.phase.value, "", "", "", "", "",
+            json.dumps(ending.text, ensure_ascii=False),
+            "" if error is None else json.dumps(error.to_dict(), separators=(",", ":"), ensure_ascii=False),
+        ]
+        decided = await self._step(job_id, now, inputs, fields)
+        if decided is None:
+            return await self.end_by_compare_and_set(job_id, ending, now, inputs)
+        return decided
+
+    async def _step(
+        self, job_id: str, now: datetime, inputs: RuleInputs, fields: list[Any]
+    ) -> Decided | OtherJob | None:
+        """Run apply.lua; None when the stored state needs the Python rules instead."""
         stamp = format_time(now)
         args: list[Any] = [
             (now - _EPOCH) // _MICROSECOND,
@@ -292,13 +325,7 @@ class RedisEngine(Engine):
                 repr(stat.mean_seconds) if (stat := inputs.stats.get(p)) is not None else ""
                 for p in WORKING_PHASES
             ),
-            update.phase.value,
-            _number(update.phase_progress),
-            update.step or "",
-            _number(update.step_progress),
-            update.step_status or "",
-            "" if update.steps_total is None else update.steps_total,
-            "" if update.message is None else json.dumps(update.message, ensure_ascii=False),
+            *fields,
         ]
         keys = [
             self.keys.job(job_id),
@@ -322,7 +349,7 @@ class RedisEngine(Engine):
             raise InvalidUpdate("step", f"a phase may have at most {MAX_STEPS} steps")
         # -5: a stored state the script does not reproduce byte for byte (written by an
         # older version, say): decide it with the Python rules instead.
-        return await self.apply_by_compare_and_set(job_id, update, now, inputs)
+        return None
 
     # --- reads ---------------------------------------------------------------------------
 

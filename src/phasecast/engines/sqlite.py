@@ -25,6 +25,7 @@ from phasecast.engines.base import (
     Change,
     ChangeHandler,
     Decided,
+    Ending,
     Engine,
     OtherJob,
     RuleInputs,
@@ -38,7 +39,14 @@ from phasecast.errors import (
     JobNotFound,
     JobTerminal,
 )
-from phasecast.model import JobState, Phase, ProgressUpdate, apply_progress
+from phasecast.model import (
+    JobState,
+    Outcome,
+    Phase,
+    ProgressUpdate,
+    apply_progress,
+    apply_terminal,
+)
 from phasecast.progress import PhaseStat, PhaseStats, estimate_eta, learn
 
 if TYPE_CHECKING:
@@ -318,6 +326,32 @@ class SQLiteEngine(Engine):
     async def apply(
         self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
     ) -> Decided | OtherJob:
+        def rule(state: JobState) -> Outcome:
+            # The rules themselves (model.py), run on the writer thread inside this
+            # transaction: nothing can come between the read and the write.
+            outcome = apply_progress(state, update, now, inputs.weights)
+            if outcome.applied:
+                outcome.state.eta_seconds = estimate_eta(
+                    outcome.state, now, inputs.stats, inputs.weights
+                )
+            return outcome
+
+        return await self._step(job_id, inputs, rule)
+
+    async def end(
+        self, job_id: str, ending: Ending, now: datetime, inputs: RuleInputs
+    ) -> Decided | OtherJob:
+        return await self._step(
+            job_id,
+            inputs,
+            lambda state: apply_terminal(
+                state, ending.phase, now, message=ending.message, error=ending.error
+            ),
+        )
+
+    async def _step(
+        self, job_id: str, inputs: RuleInputs, rule: Callable[[JobState], Outcome]
+    ) -> Decided | OtherJob:
         def op(conn: sqlite3.Connection) -> tuple[Decided | OtherJob, Change | None]:
             known = self._states.pop(job_id, None)
             if known is None:
@@ -327,20 +361,18 @@ class SQLiteEngine(Engine):
                 known = (JobState.from_json(row[0]), row[0])
             state, state_json = known
             if state.kind != inputs.kind or state.owner != inputs.owner:
+                self._keep(state, state_json)
                 return OtherJob(state.kind, state.owner), None
-            # The rules themselves (model.py), run on the writer thread inside this
-            # transaction: nothing can come between the read and the write.
-            outcome = apply_progress(state, update, now, inputs.weights)
+            outcome = rule(state)
             if not outcome.applied:
                 self._keep(state, state_json)
                 return Decided(False, state_json), None
             new = outcome.state
-            new.eta_seconds = estimate_eta(new, now, inputs.stats, inputs.weights)
             new_json = new.to_json()
             conn.execute(
                 "UPDATE jobs SET phase = ?, terminal = ?, seq = ?, updated_at = ?, state = ? "
                 "WHERE job_id = ?",
-                (new.phase.value, 0, new.seq, new.updated_at, new_json, job_id),
+                (new.phase.value, int(new.terminal), new.seq, new.updated_at, new_json, job_id),
             )
             self._append_history(conn, new)
             self._keep(new, new_json)

@@ -1,6 +1,6 @@
--- Decide and store one progress report in one atomic step: the rules of
--- phasecast.model.apply_progress and the ETA of phasecast.progress.estimate_eta, ported
--- line by line (the Python model is the specification; tests/vectors/rules.json holds
+-- Decide and store one report in one atomic step: the rules of
+-- phasecast.model.apply_progress (and, for an ending, apply_terminal) and the ETA of
+-- phasecast.progress.estimate_eta, ported line by line (the Python model is the specification; tests/vectors/rules.json holds
 -- both to the same answers). No clock is read here: the time comes in ARGV.
 --
 -- The stored state JSON must stay byte-for-byte what Python's JobState.to_json writes, so
@@ -16,7 +16,8 @@
 --       9 weights of QUEUED,ANALYZING,GENERATING,POST_PROCESSING, 10 learned mean seconds
 --       of the same four ('' where none), 11 phase, 12 phase_progress, 13 step,
 --       14 step_progress, 15 step_status, 16 steps_total, 17 message as a JSON string
---       (ARGV 12-17: '' for none)
+--       (ARGV 12-17: '' for none); for an ending (ARGV 11 COMPLETE, FAILED or CANCELLED):
+--       17 the message as a JSON string, 18 the error as a JSON object or 
 -- Returns {1, state} applied; {0, state} late or repeated; {-1} no such job;
 --         {-2, phase} ended; {-3, kind, owner} other kind or owner than expected (nothing
 --         decided: ask again with theirs); {-4} too many steps; {-5} not reproducible.
@@ -36,10 +37,15 @@ local function escape(c)
   return ESCAPES[c] or string.format('\\u%04x', string.byte(c))
 end
 local function str(s)
+  if not string.find(s, '[%z\1-\31"\\]') then
+    return '"' .. s .. '"'
+  end
   return '"' .. (string.gsub(s, '[%z\1-\31"\\]', escape)) .. '"'
 end
 
--- repr(float): the shortest digits that read back as the same double.
+-- repr(float): the shortest digits that read back as the same double. Lua's tostring
+-- writes 14 significant digits, which is the shortest form whenever one of at most 14
+-- digits exists (and a float rounded to 0.001 below 10^11 has one); otherwise 15 to 17.
 local function float(x)
   if x ~= x or x == math.huge or x == -math.huge then
     error('non-finite number')
@@ -47,20 +53,17 @@ local function float(x)
   if x == math.floor(x) and math.abs(x) < 1e16 then
     return string.format('%d', x) .. '.0'
   end
-  if math.abs(x) < 1e9 then
-    -- Most values here are rounded to 0.001: three decimals are then the shortest form.
-    local s = string.gsub(string.format('%.3f', x), '0+$', '')
+  local s = tostring(x)
+  if tonumber(s) == x then
+    return s
+  end
+  for digits = 15, 17 do
+    s = string.format('%.' .. digits .. 'g', x)
     if tonumber(s) == x then
       return s
     end
   end
-  for digits = 1, 17 do
-    local s = string.format('%.' .. digits .. 'g', x)
-    if tonumber(s) == x then
-      return s
-    end
-  end
-  return string.format('%.17g', x)
+  return s
 end
 
 local function int(n)
@@ -229,6 +232,12 @@ local function numbers(csv, allow_missing)
   return out
 end
 
+local function count_keys(t)
+  local n = 0
+  for _ in pairs(t) do n = n + 1 end
+  return n
+end
+
 -- --- the step -----------------------------------------------------------------------------
 
 local raw = redis.call('HGET', KEYS[1], 'state')
@@ -250,7 +259,11 @@ local st = cjson.decode(head_raw .. '}')
 if st.kind ~= ARGV[7] or st.owner ~= ARGV[8] then
   return {-3, st.kind, st.owner}
 end
+local phase = ARGV[11]
 if RANK[st.phase] == 4 then
+  if phase == st.phase then
+    return {0, raw}  -- the same ending again
+  end
   return {-2, st.phase}
 end
 if st.steps_total == null then st.steps_total = nil end
@@ -266,13 +279,58 @@ for id in string.gmatch(steps_raw, '"([^"]*)":{') do
   order[#order + 1] = id
 end
 local message_json = str(st.message)
-if encode_head(st, order, message_json) ~= head_raw or string.sub(tail, 1, 25) ~= ',"error":null,"metadata":' then
+-- Anything but the shape JobState.to_json writes goes to the Python rules.
+if type(st.job_id) ~= 'string' or type(st.owner) ~= 'string' or type(st.epoch) ~= 'string'
+    or type(st.created_at) ~= 'string' or type(st.updated_at) ~= 'string'
+    or type(st.seq) ~= 'number' or type(st.progress) ~= 'number'
+    or type(st.phase_progress) ~= 'number' or type(st.phases) ~= 'table'
+    or type(st.steps) ~= 'table' or #order ~= count_keys(st.steps)
+    or string.sub(tail, 1, 25) ~= ',"error":null,"metadata":' then
   return {-5}
 end
 
 local now_us, stamp = tonumber(ARGV[1]), ARGV[2]
+
+local function store(state, entry, terminal)
+  redis.call('HSET', KEYS[1], 'state', state, 'seq', st.seq, 'terminal', terminal)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', entry)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  -- The pub/sub payload: Change.encode's form (seq|terminal|changed_at|job_id|state).
+  redis.call('PUBLISH', ARGV[6], int(st.seq) .. '|' .. terminal .. '|' .. ARGV[3] .. '|' .. st.job_id .. '|' .. state)
+end
+
+local function history_entry(message)
+  return '{"seq":' .. int(st.seq) .. ',"at":' .. str(stamp) .. ',"phase":' .. str(st.phase)
+    .. ',"phase_progress":' .. float(st.phase_progress) .. ',"progress":' .. float(st.progress)
+    .. ',"message":' .. message .. '}'
+end
+
+if RANK[phase] == 4 then
+  -- apply_terminal: the ending closes the phase it interrupts and opens-and-closes its own.
+  local current = st.phases[st.phase]
+  if current ~= nil and (current.finished_at == nil or current.finished_at == null) then
+    current.finished_at = stamp
+  end
+  st.phases[phase] = {started_at = stamp, finished_at = stamp}
+  if phase == 'COMPLETE' then
+    st.steps, order, st.steps_total = {}, {}, nil
+    st.progress, st.phase_progress, st.eta_seconds = 100.0, 100.0, 0.0
+  else
+    st.eta_seconds = nil  -- steps, progress and phase progress stay where the job stopped
+  end
+  st.phase = phase
+  st.seq = st.seq + 1
+  st.updated_at = stamp
+  local error_json = ARGV[18] ~= '' and ARGV[18] or 'null'
+  local state = encode_head(st, order, ARGV[17]) .. ',"error":' .. error_json
+    .. string.sub(tail, 14)  -- ,"metadata":… after ',"error":null'
+  store(state, history_entry(ARGV[17]), '1')
+  return {1, state}
+end
+
 local weights, means = numbers(ARGV[9], false), numbers(ARGV[10], true)
-local phase = ARGV[11]
 local phase_progress = tonumber(ARGV[12])
 local step_id = ARGV[13] ~= '' and ARGV[13] or nil
 local step_progress = tonumber(ARGV[14])
@@ -353,15 +411,5 @@ st.seq = st.seq + 1
 st.updated_at = stamp
 st.eta_seconds = estimate_eta(st, now_us, weights, means)
 local state = encode_head(st, order, message_json) .. tail
-local entry = '{"seq":' .. int(st.seq) .. ',"at":' .. str(stamp) .. ',"phase":' .. str(st.phase)
-  .. ',"phase_progress":' .. float(st.phase_progress) .. ',"progress":' .. float(st.progress)
-  .. ',"message":' .. message_json .. '}'
-
-redis.call('HSET', KEYS[1], 'state', state, 'seq', st.seq, 'terminal', '0')
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', entry)
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
--- The pub/sub payload: Change.encode's form (seq|terminal|changed_at|job_id|state).
-redis.call('PUBLISH', ARGV[6], int(st.seq) .. '|0|' .. ARGV[3] .. '|' .. st.job_id .. '|' .. state)
+store(state, history_entry(message_json), '0')
 return {1, state}
