@@ -5,6 +5,7 @@ export { ProgressClient } from './client/ProgressClient';
 export type { ProgressClientOptions, TokenSource, JobListener } from './client/ProgressClient';
 export { backoffDelay, backoffCeiling, DEFAULT_BACKOFF } from './client/backoff';
 export type { BackoffOptions } from './client/backoff';
+export type { LinkState } from './client/link';
 export type { WebSocketFactory, WebSocketLike, EventSourceFactory, EventSourceLike, FetchLike } from './client/transport';
 export {
   PIPELINE_PHASES,

@@ -307,7 +307,7 @@ describe('fallback to SSE and polling', () => {
     expect(FakeWebSocket.instances).toHaveLength(4);
     expect(client.getConnection()).toMatchObject({ status: 'fallback', transport: 'sse' });
     const [source] = FakeEventSource.live();
-    expect(source?.url).toBe('http://phasecast.test/v1/jobs/comic-1/events?since=5&access_token=tok');
+    expect(source?.url).toBe('http://phasecast.test/v1/events?job=comic-1&access_token=tok');
     source!.open();
     source!.state(job({ seq: 5 }));
     source!.state(job({ seq: 6, phase: 'POST_PROCESSING' }));
@@ -463,6 +463,234 @@ describe('coming back online', () => {
     await vi.advanceTimersByTimeAsync(30_000);
     expect(socket.closedByClient).toBeNull();
     expect(FakeWebSocket.instances).toHaveLength(1);
+    client.close();
+  });
+});
+
+describe('multiplexed SSE on fallback', () => {
+  async function onSse(client: ProgressClient): Promise<void> {
+    for (let n = 0; n < 3; n += 1) {
+      await settle();
+      FakeWebSocket.last.serverClose(1006);
+      await vi.advanceTimersByTimeAsync(2_000);
+    }
+    await settle();
+    expect(client.getConnection().transport).toBe('sse');
+  }
+
+  it('watches every job on ONE EventSource and reopens it once, with the cursor, when jobs are added', async () => {
+    const client = makeClient({ wsProbeIntervalMs: 600_000 });
+    const seen = [watch(client, 'comic-1').seen, watch(client, 'comic-2').seen];
+    await onSse(client);
+    expect(FakeEventSource.instances).toHaveLength(1);
+    const first = FakeEventSource.last;
+    expect(first.jobs()).toEqual(['comic-1', 'comic-2']);
+    expect(first.params.get('last_event_id')).toBeNull();
+    first.open();
+    first.state(job({ seq: 4 }, 'comic-1'), 'C1');
+    first.state(job({ seq: 2 }, 'comic-2'), 'C2');
+
+    // Eight more trackers mount in one go: one new stream for all ten, resuming from C2.
+    const more = Array.from({ length: 8 }, (_, n) => `comic-${n + 3}`);
+    for (const id of more) watch(client, id);
+    await settle();
+    expect(FakeEventSource.instances).toHaveLength(2);
+    expect(FakeEventSource.live()).toEqual([FakeEventSource.last]);
+    const second = FakeEventSource.last;
+    expect(second.jobs()).toHaveLength(10);
+    expect(second.params.get('last_event_id')).toBe('C2');
+    expect(second.params.get('access_token')).toBe('tok');
+    expect(client.getConnection()).toMatchObject({ status: 'fallback', transport: 'sse' });
+
+    // Nothing repeated even if the server resent: seq decides.
+    second.open();
+    second.state(job({ seq: 4 }, 'comic-1'), 'C3');
+    second.state(job({ seq: 5, phase: 'COMPLETE', progress: 100 }, 'comic-1'), 'C4');
+    expect(seen[0]).toEqual([4, 5]);
+    // A job that ended leaves the stream by itself: no reopen.
+    await settle();
+    expect(FakeEventSource.instances).toHaveLength(2);
+    client.close();
+    expect(FakeEventSource.live()).toHaveLength(0);
+  });
+
+  it('reopens without the job when a running job is unsubscribed; a refused job just stops', async () => {
+    const client = makeClient({ wsProbeIntervalMs: 600_000 });
+    const a = watch(client, 'comic-1');
+    watch(client, 'comic-2');
+    watch(client, 'comic-3');
+    await onSse(client);
+    const source = FakeEventSource.last;
+    source.open();
+    source.jobError('comic-3', 'forbidden', 'job comic-3 belongs to another user');
+    expect(client.getJob('comic-3').error).toMatchObject({ code: 'forbidden' });
+    await settle();
+    expect(FakeEventSource.instances).toHaveLength(1);
+    expect(source.closed).toBe(false);
+    a.stop();
+    await settle();
+    expect(FakeEventSource.instances).toHaveLength(2);
+    expect(FakeEventSource.last.jobs()).toEqual(['comic-2']);
+    client.close();
+  });
+
+  it('on `expired`, reopens at once with a fresh token from the function and the cursor', async () => {
+    let issued = 0;
+    const client = makeClient({ token: () => `tok-${++issued}`, wsProbeIntervalMs: 600_000 });
+    const { seen } = watch(client, 'comic-1');
+    await onSse(client);
+    const source = FakeEventSource.last;
+    source.open();
+    source.state(job({ seq: 7 }), 'C7');
+    const before = issued;
+    source.expired();
+    await settle();
+    expect(source.closed).toBe(true);
+    expect(FakeEventSource.instances).toHaveLength(2);
+    expect(FakeEventSource.last.params.get('access_token')).toBe(`tok-${before + 1}`);
+    expect(FakeEventSource.last.params.get('last_event_id')).toBe('C7');
+    FakeEventSource.last.open();
+    FakeEventSource.last.state(job({ seq: 8 }), 'C8');
+    expect(seen).toEqual([7, 8]);
+    client.close();
+  });
+
+  it('closes the stream on `end` instead of letting the EventSource reconnect', async () => {
+    const client = makeClient({ wsProbeIntervalMs: 600_000 });
+    watch(client, 'comic-1');
+    await onSse(client);
+    const source = FakeEventSource.last;
+    source.open();
+    source.state(job({ seq: 9, phase: 'FAILED' }));
+    source.end();
+    expect(source.closed).toBe(true);
+    expect(client.getConnection().status).toBe('closed');
+    expect(client.pendingTimers).toBe(0);
+    client.close();
+  });
+});
+
+describe('tokens', () => {
+  /** Let time pass while the server pings every 10 s, as a live server does. */
+  async function alive(socket: FakeWebSocket, ms: number): Promise<void> {
+    for (let left = ms; left > 0; left -= 10_000) {
+      await vi.advanceTimersByTimeAsync(Math.min(10_000, left));
+      socket.receive({ type: 'ping' });
+    }
+  }
+
+  it('refreshes before expiry on the open socket, using the authenticated frame', async () => {
+    let issued = 0;
+    const client = makeClient({ token: () => `tok-${++issued}` });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    expect(socket.params.get('access_token')).toBe('tok-1');
+    // A 100 s token: refreshed 20 s before expiry (80 % of its lifetime).
+    socket.receive({ type: 'authenticated', job_id: null, expires_at: Date.now() / 1000 + 100 });
+    await alive(socket, 79_000);
+    expect(socket.sent.filter((m) => m.op === 'auth')).toEqual([]);
+    await alive(socket, 1_000);
+    expect(socket.sent.filter((m) => m.op === 'auth')).toEqual([{ op: 'auth', token: 'tok-2' }]);
+    // The server confirms with a new expiry (1 h): next refresh 30 s before it.
+    socket.receive({ type: 'authenticated', job_id: null, expires_at: Date.now() / 1000 + 3_600 });
+    await alive(socket, 3_569_000);
+    expect(socket.sent.filter((m) => m.op === 'auth')).toHaveLength(1);
+    await alive(socket, 1_000);
+    expect(socket.sent.filter((m) => m.op === 'auth')).toEqual([{ op: 'auth', token: 'tok-2' }, { op: 'auth', token: 'tok-3' }]);
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    expect(client.getConnection().status).toBe('open');
+    client.close();
+  });
+
+  it('works with a server that sends no authenticated frame (no refresh timer, nothing breaks)', async () => {
+    const token = vi.fn(() => 'tok');
+    const client = makeClient({ token });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.state(job({ seq: 1 }));
+    await alive(socket, 600_000);
+    expect(token).toHaveBeenCalledTimes(1);
+    expect(client.pendingTimers).toBe(1); // the liveness check only
+    expect(socket.sent.filter((m) => m.op === 'auth')).toEqual([]);
+    client.close();
+  });
+
+  it('asks the token function once more before a 4401 is fatal', async () => {
+    let issued = 0;
+    const client = makeClient({ token: () => `tok-${++issued}` });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.serverClose(4401, 'token expired');
+    await settle();
+    // At once, with a fresh token: no backoff, not "closed".
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    expect(FakeWebSocket.last.params.get('access_token')).toBe('tok-2');
+    expect(client.getConnection().status).toBe('reconnecting');
+    // Refused again before anything worked: now it is fatal.
+    FakeWebSocket.last.serverClose(4401, 'invalid token');
+    await vi.advanceTimersByTimeAsync(60_000);
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    expect(client.getConnection()).toMatchObject({ status: 'closed', error: { code: 'unauthorized' } });
+    expect(client.getLinkState().name).toBe('refused');
+    client.close();
+  });
+
+  it('a refresh that works resets the allowance: each expiry gets its own fresh token', async () => {
+    let issued = 0;
+    const client = makeClient({ token: () => `tok-${++issued}` });
+    watch(client, 'comic-1');
+    for (let round = 0; round < 3; round += 1) {
+      const socket = await connectedSocket();
+      socket.serverClose(4401, 'token expired');
+      await settle();
+    }
+    expect(FakeWebSocket.instances).toHaveLength(4);
+    expect(client.getConnection().status).not.toBe('closed');
+    client.close();
+  });
+
+  it('polling: a 401 asks the token function again, and stops on the second', async () => {
+    let issued = 0;
+    const fetch = fakeFetch(() => jsonResponse({ error: { code: 'unauthorized', message: 'token expired' } }, 401));
+    const client = makeClient({ transports: ['polling'], token: () => `tok-${++issued}`, fetch: fetch as unknown as FetchLike });
+    watch(client, 'comic-1');
+    await vi.advanceTimersByTimeAsync(10);
+    const auth = fetch.mock.calls.map(([, init]) => new Headers(init?.headers).get('Authorization'));
+    expect(auth).toEqual(['Bearer tok-1', 'Bearer tok-2']);
+    expect(client.getConnection()).toMatchObject({ status: 'closed', error: { code: 'unauthorized', status: 401 } });
+    client.close();
+  });
+});
+
+describe('retry policy lives in the client', () => {
+  it('re-asks for a job the store could not read, with backoff, on the same socket', async () => {
+    const client = makeClient({ backoff: { baseMs: 1_000, capMs: 8_000 } });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.receive({ type: 'error', job_id: 'comic-1', code: 'unavailable', message: 'store unreachable' });
+    expect(client.getJob('comic-1').error).toBeNull();
+    const subscribes = () => socket.subscriptions().length;
+    expect(subscribes()).toBe(1);
+    await vi.advanceTimersByTimeAsync(499);
+    expect(subscribes()).toBe(1);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(subscribes()).toBe(2);
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    client.close();
+  });
+
+  it('every connect attempt is a new transport: a closed socket is never reused', async () => {
+    const client = makeClient({ wsFailuresBeforeFallback: 10 });
+    watch(client, 'comic-1');
+    await settle();
+    const sockets = new Set<FakeWebSocket>();
+    for (let n = 0; n < 4; n += 1) {
+      sockets.add(FakeWebSocket.last);
+      FakeWebSocket.last.serverClose(1006);
+      await vi.advanceTimersByTimeAsync(5_000);
+    }
+    expect(sockets.size).toBe(4);
+    expect(FakeWebSocket.instances.filter((s) => s.readyState !== 3)).toHaveLength(1);
     client.close();
   });
 });

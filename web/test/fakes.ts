@@ -75,6 +75,11 @@ export class FakeEventSource extends FakeEmitter {
   static reset(): void {
     FakeEventSource.instances = [];
   }
+  static get last(): FakeEventSource {
+    const source = FakeEventSource.instances.at(-1);
+    if (!source) throw new Error('no EventSource was created');
+    return source;
+  }
   static live(): FakeEventSource[] {
     return FakeEventSource.instances.filter((source) => !source.closed);
   }
@@ -90,11 +95,26 @@ export class FakeEventSource extends FakeEmitter {
   open(): void {
     this.emit('open', {});
   }
-  state(job: JobState): void {
-    this.emit('state', { data: JSON.stringify(job), lastEventId: String(job.seq) });
+  /** `cursor`: the multiplexed stream's opaque event id. */
+  state(job: JobState, cursor = `cursor-${job.job_id}-${job.seq}`): void {
+    this.emit('state', { data: JSON.stringify(job), lastEventId: cursor });
   }
+  /** The EventSource's own network error (no data). */
   fail(): void {
     this.emit('error', {});
+  }
+  /** The server's `event: error` about one job (a MessageEvent with data). */
+  jobError(jobId: string, code: string, message = `${code}: ${jobId}`): void {
+    this.emit('error', { data: JSON.stringify({ job_id: jobId, code, message }) });
+  }
+  expired(): void {
+    this.emit('expired', { data: JSON.stringify({ code: 'token_expired', message: 'the token has expired' }) });
+  }
+  end(): void {
+    this.emit('end', { data: JSON.stringify({ message: 'every job has ended' }) });
+  }
+  jobs(): string[] {
+    return new URL(this.url).searchParams.getAll('job');
   }
   get params(): URLSearchParams {
     return new URL(this.url).searchParams;

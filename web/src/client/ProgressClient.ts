@@ -1,16 +1,11 @@
 import { backoffDelay, DEFAULT_BACKOFF, validateBackoff, type BackoffOptions } from './backoff';
+import { connectionInfo, IDLE, transition, type LinkEvent, type LinkState } from './link';
+import { decide, FRESH, heard, type RetryConfig, type RetryCounters } from './policy';
 import { PollingTransport } from './pollingTransport';
 import { SseTransport } from './sseTransport';
 import { TimerSet } from './timers';
-import type {
-  EventSourceFactory,
-  FailureInfo,
-  FetchLike,
-  Transport,
-  TransportContext,
-  TransportHandlers,
-  WebSocketFactory,
-} from './transport';
+import type { EventSourceFactory, FetchLike, LinkEnd, Transport, TransportContext, TransportEvents, WebSocketFactory } from './transport';
+import { describeError } from './transport';
 import {
   isTerminalPhase,
   type ConnectionInfo,
@@ -27,7 +22,11 @@ export type TokenSource = string | null | (() => string | null | Promise<string 
 export interface ProgressClientOptions {
   /** Server origin (and optional path prefix). Default: the page's origin. */
   baseUrl?: string;
-  /** Bearer token with `jobs:read`, or a function returning a fresh one for every connection. */
+  /**
+   * Bearer token with `jobs:read`, or a function returning a fresh one. The function is asked
+   * for every new connection, before the token expires (the server says when), and once more
+   * when the server refuses a token, before the refusal counts.
+   */
   token?: TokenSource;
   /** Reconnect backoff (full jitter). Default `{ baseMs: 500, capMs: 30000 }`. */
   backoff?: Partial<BackoffOptions>;
@@ -35,7 +34,7 @@ export interface ProgressClientOptions {
   pingTimeoutMs?: number;
   /** WebSocket connects that fail in a row before switching to SSE. Default 3. */
   wsFailuresBeforeFallback?: number;
-  /** SSE streams that fail to open in a row before switching to polling. Default 3. */
+  /** Multiplexed SSE streams that fail to open in a row before switching to polling. Default 3. */
   sseFailuresBeforePolling?: number;
   /** While on a fallback, how often to try the WebSocket again. Default 20000. */
   wsProbeIntervalMs?: number;
@@ -62,44 +61,51 @@ interface Entry {
 }
 
 const EMPTY_SNAPSHOT: JobSnapshot = Object.freeze({ state: null, error: null });
-const CLOSED: ConnectionInfo = Object.freeze({ status: 'closed', transport: null, error: null, lastError: null });
 const ALL_TRANSPORTS: TransportKind[] = ['websocket', 'sse', 'polling'];
+/** Refresh the token this long before it expires at most, or at 80 % of its lifetime if sooner. */
+const REFRESH_LEAD_MS = 30_000;
+const REFRESH_LEAD_FRACTION = 0.2;
 
 /**
  * Watches any number of jobs over one link and keeps the newest state of each.
  *
- * Prefers one WebSocket for everything; after repeated connect failures it falls back to
- * SSE, then to polling, and keeps probing the WebSocket to move back. States are accepted
- * only when their `seq` is newer than the last one seen, so a reconnect, an overlap
- * between transports or a late poll can never move a job backwards.
+ * Prefers one WebSocket for everything; after repeated connect failures it falls back to one
+ * multiplexed SSE stream, then to polling, and keeps probing the WebSocket to move back.
+ * States are accepted only when their `seq` is newer than the last one seen, so a
+ * reconnect, an overlap between transports or a late poll can never move a job backwards.
+ *
+ * Design: the link is one explicit state (`LinkState`, changed only through `transition`,
+ * which throws on an illegal change); transports are single-use and only report what
+ * happened; every retry decision is made by `decide` (policy.ts), called from one place.
  *
  * `close()` drops every subscription and stops every timer; the client may be used again
  * afterwards (a later `subscribe` reconnects), which keeps React StrictMode remounts simple.
  */
 export class ProgressClient {
-  private readonly options: Required<Pick<ProgressClientOptions,
-    'pingTimeoutMs' | 'wsFailuresBeforeFallback' | 'sseFailuresBeforePolling' | 'wsProbeIntervalMs' | 'pollIntervalMs'>>;
   private readonly ctx: TransportContext;
-  private readonly modes: TransportKind[];
+  private readonly retry: RetryConfig;
+  private readonly wsProbeIntervalMs: number;
   private tokenSource: TokenSource;
   private readonly timers = new TimerSet();
   private readonly entries = new Map<string, Entry>();
   private readonly connectionListeners = new Set<() => void>();
   private readonly stateListeners = new Set<(job: JobState) => void>();
-  private connection: ConnectionInfo = CLOSED;
 
-  private modeIndex = 0;
+  private link: LinkState = IDLE;
+  private lastError: ProgressError | null = null;
+  private connection: ConnectionInfo = connectionInfo(IDLE, null);
+  private counters: RetryCounters = FRESH;
   private primary: Transport | null = null;
-  private probe: WebSocketTransport | null = null;
-  /** Connect failures in a row on the current transport (drops of a working link do not count). */
-  private failures = 0;
-  private attempt = 0;
-  private everHealthy = false;
-  /** Set while the current transport is failing, so its recovery can trigger a WebSocket probe. */
-  private failing = false;
-  private fatal: ProgressError | null = null;
-  private cancelReconnect: (() => void) | null = null;
+  private probe: Transport | null = null;
+  /** Bumped whenever a pending connect, reopen or probe must be forgotten. */
+  private generation = 0;
+  /** The multiplexed SSE stream's last event id: where a new stream resumes. Opaque. */
+  private sseCursor: string | null = null;
+  private reopenQueued = false;
+  private cancelRetry: (() => void) | null = null;
   private cancelProbe: (() => void) | null = null;
+  private cancelRefresh: (() => void) | null = null;
+  private readonly jobRetries = new Map<string, { attempt: number; cancel: (() => void) | null }>();
   private onlineListening = false;
 
   constructor(options: ProgressClientOptions = {}) {
@@ -108,23 +114,13 @@ export class ProgressClient {
       throw new TypeError('ProgressClient needs a baseUrl outside a browser page, e.g. new ProgressClient({ baseUrl: "https://progress.example.com" }).');
     }
     this.tokenSource = options.token ?? null;
-    this.options = {
-      pingTimeoutMs: positive(options.pingTimeoutMs ?? 35_000, 'pingTimeoutMs'),
-      wsFailuresBeforeFallback: positive(options.wsFailuresBeforeFallback ?? 3, 'wsFailuresBeforeFallback'),
-      sseFailuresBeforePolling: positive(options.sseFailuresBeforePolling ?? 3, 'sseFailuresBeforePolling'),
-      wsProbeIntervalMs: positive(options.wsProbeIntervalMs ?? 20_000, 'wsProbeIntervalMs'),
-      pollIntervalMs: positive(options.pollIntervalMs ?? 2_000, 'pollIntervalMs'),
-    };
+    this.wsProbeIntervalMs = positive(options.wsProbeIntervalMs ?? 20_000, 'wsProbeIntervalMs');
     this.ctx = {
       baseUrl: baseUrl.replace(/\/+$/, ''),
-      token: () => this.resolveToken(),
       since: (jobId) => this.entries.get(jobId)?.lastSeq ?? 0,
       timers: this.timers,
-      random: options.random ?? Math.random,
-      pingTimeoutMs: this.options.pingTimeoutMs,
-      streamBackoff: validateBackoff({ ...DEFAULT_BACKOFF, ...options.backoff }, 'backoff'),
-      pollBackoff: validateBackoff({ baseMs: 1_000, capMs: 30_000, ...options.pollBackoff }, 'pollBackoff'),
-      pollIntervalMs: this.options.pollIntervalMs,
+      pingTimeoutMs: positive(options.pingTimeoutMs ?? 35_000, 'pingTimeoutMs'),
+      pollIntervalMs: positive(options.pollIntervalMs ?? 2_000, 'pollIntervalMs'),
       WebSocket: options.WebSocket ?? (globalThis.WebSocket as WebSocketFactory | undefined),
       EventSource: options.EventSource ?? (globalThis.EventSource as EventSourceFactory | undefined),
       fetch: options.fetch ?? (globalThis.fetch ? globalThis.fetch.bind(globalThis) : undefined),
@@ -144,7 +140,17 @@ export class ProgressClient {
         `ProgressClient has no usable transport: options.transports must name at least one of ${ALL_TRANSPORTS.join(', ')} that this runtime provides (or pass WebSocket, EventSource or fetch in the options).`,
       );
     }
-    this.modes = modes;
+    this.retry = {
+      modes,
+      failuresBeforeNext: {
+        websocket: positive(options.wsFailuresBeforeFallback ?? 3, 'wsFailuresBeforeFallback'),
+        sse: positive(options.sseFailuresBeforePolling ?? 3, 'sseFailuresBeforePolling'),
+      },
+      streamBackoff: validateBackoff({ ...DEFAULT_BACKOFF, ...options.backoff }, 'backoff'),
+      pollBackoff: validateBackoff({ baseMs: 1_000, capMs: 30_000, ...options.pollBackoff }, 'pollBackoff'),
+      canRefreshToken: typeof this.tokenSource === 'function',
+      random: options.random ?? Math.random,
+    };
   }
 
   // ---- watching jobs -------------------------------------------------------------------
@@ -197,6 +203,11 @@ export class ProgressClient {
     return this.connection;
   }
 
+  /** The link's state machine value, for diagnostics and tests. */
+  getLinkState(): LinkState {
+    return this.link;
+  }
+
   onConnectionChange(listener: () => void): () => void {
     this.connectionListeners.add(listener);
     return () => this.connectionListeners.delete(listener);
@@ -211,26 +222,24 @@ export class ProgressClient {
   /** Replace the token (e.g. after a refresh); reconnects if the old one had been refused. */
   setToken(token: TokenSource): void {
     this.tokenSource = token;
-    if (this.fatal) {
-      this.fatal = null;
-      this.failures = 0;
-      this.attempt = 0;
+    this.retry.canRefreshToken = typeof token === 'function';
+    if (this.link.name === 'refused') {
+      this.move({ type: 'idle' });
       this.reconcile();
     }
   }
 
   /** Skip the current backoff wait and try now (the client also does this on `online`). */
   reconnectNow(): void {
-    if (this.fatal) return;
-    if (this.cancelReconnect) {
-      this.cancelReconnect();
-      this.cancelReconnect = null;
-      this.attempt = 0;
-      this.start();
+    if (this.link.name === 'waiting') {
+      this.cancelRetry?.();
+      this.cancelRetry = null;
+      this.counters = { ...this.counters, attempt: 0 };
+      this.connect();
       return;
     }
-    this.primary?.retryNow();
-    if (this.isOnFallback()) this.probeNow();
+    this.primary?.check();
+    if (this.onFallback()) this.probeNow();
   }
 
   /** Ask the server to cancel a job (`POST /v1/jobs/{id}/cancel`); resolves with the new state. */
@@ -254,11 +263,14 @@ export class ProgressClient {
 
   /** Stop watching everything, close the link and stop every timer. */
   close(): void {
-    this.teardownLink();
     this.entries.clear();
-    this.fatal = null;
-    this.everHealthy = false;
-    this.setConnection(CLOSED);
+    this.lastError = null;
+    this.goIdle();
+  }
+
+  /** For tests and debugging: how many timers are pending. */
+  get pendingTimers(): number {
+    return this.timers.size;
   }
 
   // ---- jobs ----------------------------------------------------------------------------
@@ -272,12 +284,13 @@ export class ProgressClient {
   }
 
   private attach(jobId: string): void {
-    if (this.primary) {
-      this.primary.add(jobId);
-      this.probe?.add(jobId);
-    } else {
+    if (this.link.name === 'idle') {
       this.reconcile();
+      return;
     }
+    // While connecting or waiting, the next transport is created with every active job.
+    if (this.primary && !this.primary.add(jobId)) this.queueReopen();
+    this.probe?.add(jobId);
   }
 
   private release(entry: Entry): void {
@@ -289,7 +302,9 @@ export class ProgressClient {
   }
 
   private detach(jobId: string, tellServer: boolean): void {
-    this.primary?.remove(jobId, tellServer);
+    this.jobRetries.get(jobId)?.cancel?.();
+    this.jobRetries.delete(jobId);
+    if (this.primary && !this.primary.remove(jobId, tellServer)) this.queueReopen();
     this.probe?.remove(jobId, tellServer);
   }
 
@@ -299,6 +314,8 @@ export class ProgressClient {
     if (!entry || job.seq <= entry.lastSeq) return;
     entry.lastSeq = job.seq;
     entry.snapshot = { state: job, error: null };
+    this.jobRetries.get(job.job_id)?.cancel?.();
+    this.jobRetries.delete(job.job_id);
     for (const listener of this.stateListeners) safeCall(() => listener(job));
     for (const listener of [...entry.listeners]) safeCall(listener);
     if (isTerminalPhase(job.phase)) {
@@ -308,191 +325,278 @@ export class ProgressClient {
     }
   }
 
-  private rejectJob(error: ProgressError & { jobId: string }): void {
+  private onJobError(error: ProgressError & { jobId: string }): void {
     const entry = this.entries.get(error.jobId);
-    if (!entry) return;
+    if (!entry || !this.isActive(entry)) return;
+    if (error.code === 'unavailable') {
+      // The store is briefly unreachable for this job: ask again later, with backoff.
+      const retry = this.jobRetries.get(error.jobId) ?? { attempt: 0, cancel: null };
+      const delay = backoffDelay(retry.attempt, this.retry.streamBackoff, this.retry.random);
+      retry.attempt += 1;
+      retry.cancel = this.timers.after(delay, () => {
+        retry.cancel = null;
+        if (this.isActive(entry) && this.primary && !this.primary.add(error.jobId)) this.queueReopen();
+      });
+      this.jobRetries.set(error.jobId, retry);
+      return;
+    }
     entry.snapshot = { state: entry.snapshot.state, error };
     this.detach(error.jobId, false);
     for (const listener of [...entry.listeners]) safeCall(listener);
     this.reconcile();
   }
 
-  // ---- link management -----------------------------------------------------------------
+  // ---- the link ------------------------------------------------------------------------
+
+  private move(event: LinkEvent): void {
+    this.link = transition(this.link, event);
+    if (event.type === 'lost' || event.type === 'refused') this.lastError = event.error;
+    this.publishConnection();
+  }
 
   /** Open a link if jobs need one, close it if none do. */
   private reconcile(): void {
     if (this.activeJobIds().length === 0) {
-      if (this.primary || this.probe || this.cancelReconnect) {
-        this.teardownLink();
-        this.failures = 0;
-        this.attempt = 0;
-        this.modeIndex = 0;
-        // Idle is a fresh start: the next job connects, it does not "reconnect".
-        this.failing = false;
-        this.everHealthy = false;
-        this.setConnection({ ...this.connection, status: 'closed', transport: null, error: this.fatal });
-      }
+      if (this.link.name !== 'idle' && this.link.name !== 'refused') this.goIdle();
       return;
     }
-    if (!this.primary && !this.cancelReconnect && !this.fatal) this.start();
-  }
-
-  private start(): void {
-    const jobs = this.activeJobIds();
-    if (jobs.length === 0) return;
-    const kind = this.modes[this.modeIndex] ?? this.modes[0]!;
-    this.listenOnline();
-    const transport = this.createTransport(kind, jobs, false);
-    this.primary = transport;
-    if (kind === 'websocket') {
-      this.setConnection({ ...this.connection, status: this.failing ? 'reconnecting' : 'connecting', transport: kind });
-    } else {
-      this.setConnection({ ...this.connection, status: 'fallback', transport: kind });
-      this.scheduleProbe();
+    if (this.link.name === 'idle') {
+      this.counters = FRESH;
+      this.listenOnline();
+      this.connect();
     }
   }
 
-  private createTransport(kind: TransportKind, jobs: string[], isProbe: boolean): Transport {
-    // Handlers check identity so callbacks from a replaced transport are ignored.
-    let self: Transport | null = null;
-    const handlers: TransportHandlers = {
-      state: (job) => this.accept(job),
-      jobError: (error) => this.rejectJob(error),
-      healthy: () => self && this.onHealthy(self),
-      failure: (error, info) => self && this.onFailure(self, error, info),
-    };
-    switch (kind) {
-      case 'websocket':
-        self = new WebSocketTransport(this.ctx, handlers, jobs);
-        break;
-      case 'sse':
-        self = new SseTransport(this.ctx, handlers, jobs);
-        break;
-      case 'polling':
-        self = new PollingTransport(this.ctx, handlers, jobs);
-        break;
-    }
-    if (isProbe) this.probe = self as WebSocketTransport;
-    return self;
+  private goIdle(): void {
+    this.generation += 1;
+    this.primary?.close();
+    this.primary = null;
+    this.probe?.close();
+    this.probe = null;
+    this.timers.clear();
+    this.cancelRetry = this.cancelProbe = this.cancelRefresh = null;
+    this.jobRetries.clear();
+    this.reopenQueued = false;
+    this.sseCursor = null;
+    this.counters = FRESH;
+    this.unlistenOnline();
+    this.move({ type: 'idle' });
   }
 
-  private onHealthy(transport: Transport): void {
-    if (transport === this.probe) {
-      // The WebSocket works again: move everything back onto it.
-      const old = this.primary;
-      this.primary = transport;
-      this.probe = null;
-      this.cancelProbe?.();
-      this.cancelProbe = null;
-      old?.close();
-      this.modeIndex = 0;
-    } else if (transport !== this.primary) {
-      return;
-    }
-    const recovered = this.failing;
-    this.failing = false;
-    this.failures = 0;
-    this.attempt = 0;
-    this.everHealthy = true;
-    const kind = transport.kind;
-    this.setConnection({ ...this.connection, status: kind === 'websocket' ? 'open' : 'fallback', transport: kind, error: null });
-    // A fallback that recovers after failing suggests the whole server was away, not that
-    // WebSockets are blocked: try the WebSocket at once instead of waiting for the probe.
-    if (recovered && kind !== 'websocket') this.probeNow();
-  }
-
-  private onFailure(transport: Transport, error: ProgressError, info: FailureInfo): void {
-    if (transport === this.probe) {
-      this.probe = null;
-      this.setConnection({ ...this.connection, lastError: error });
-      if (info.fatal) this.enterFatal(error);
-      else this.scheduleProbe();
-      return;
-    }
-    if (transport !== this.primary) return;
-    this.failing = true;
-    this.setConnection({ ...this.connection, error, lastError: error });
-    if (info.fatal) {
-      this.enterFatal(error);
-      return;
-    }
-    if (!info.healthyBefore) this.failures += 1;
-    const next = this.modeIndex + 1 < this.modes.length ? this.modeIndex + 1 : null;
-    switch (transport.kind) {
-      case 'websocket':
-        this.primary = null;
-        if (next !== null && this.failures >= this.options.wsFailuresBeforeFallback) {
-          this.switchMode(next);
-        } else {
-          this.setConnection({ ...this.connection, status: 'reconnecting' });
-          this.scheduleReconnect();
-        }
-        break;
-      case 'sse':
-        // The SSE transport restarts its own streams; we only decide when to give up on it.
-        if (next !== null && this.failures >= this.options.sseFailuresBeforePolling) this.switchMode(next);
-        break;
-      case 'polling':
-        // Polling retries by itself with backoff; nothing further to fall back to.
-        break;
-    }
-  }
-
-  private scheduleReconnect(): void {
-    const delay = backoffDelay(this.attempt, this.ctx.streamBackoff, this.ctx.random);
-    this.attempt += 1;
-    this.cancelReconnect = this.timers.after(delay, () => {
-      this.cancelReconnect = null;
-      this.start();
+  /** Connect on the current transport choice, with a token asked for now. */
+  private connect(): void {
+    const kind = this.retry.modes[this.counters.mode] ?? this.retry.modes[0]!;
+    this.move({ type: 'connect', transport: kind });
+    const generation = ++this.generation;
+    this.withToken(generation, (token) => this.openPrimary(kind, token), (error) => {
+      this.handleEnd({ error: { code: 'token', message: `The token function failed: ${describeError(error)}` }, healthyBefore: false, reason: 'failed' });
     });
   }
 
-  private switchMode(index: number): void {
-    this.primary?.close();
-    this.primary = null;
-    this.cancelReconnect?.();
-    this.cancelReconnect = null;
-    this.modeIndex = index;
-    this.failures = 0;
-    this.attempt = 0;
-    this.start();
+  private openPrimary(kind: TransportKind, token: string | null): void {
+    const jobs = this.activeJobIds();
+    if (jobs.length === 0) {
+      this.goIdle();
+      return;
+    }
+    const transport = this.createTransport(kind, jobs, token, {
+      heard: () => this.onHeard(),
+      ended: (end) => {
+        this.primary = null;
+        this.handleEnd(end);
+      },
+    });
+    this.primary = transport;
+    transport.start();
+    if (this.onFallback()) this.scheduleProbe();
   }
 
-  private enterFatal(error: ProgressError): void {
-    this.fatal = error;
-    this.teardownLink();
-    this.setConnection({ status: 'closed', transport: null, error, lastError: error });
+  /**
+   * The set of jobs changed and the link cannot follow in place (the SSE stream's job list is
+   * in its URL): open a new one, resuming from the cursor, then close the old one. Coalesced,
+   * so ten trackers mounting at once reopen once. Not a failure: the link state stays.
+   */
+  private queueReopen(): void {
+    if (this.reopenQueued) return;
+    this.reopenQueued = true;
+    queueMicrotask(() => {
+      if (!this.reopenQueued) return;
+      this.reopenQueued = false;
+      const old = this.primary;
+      if (!old || this.activeJobIds().length === 0) return;
+      const generation = ++this.generation;
+      this.withToken(generation, (token) => {
+        if (this.primary !== old) return;
+        old.close();
+        this.primary = null;
+        this.openPrimary(old.kind, token);
+      }, () => undefined);
+    });
   }
 
-  private isOnFallback(): boolean {
-    return this.modes[0] === 'websocket' && this.modeIndex > 0 && this.primary !== null;
+  private createTransport(
+    kind: TransportKind,
+    jobs: string[],
+    token: string | null,
+    own: Pick<TransportEvents, 'heard' | 'ended'>,
+  ): Transport {
+    // Callbacks check identity, so a replaced or closed transport is never heard from.
+    let self: Transport | null = null;
+    const live = () => self !== null && (self === this.primary || self === this.probe);
+    const events: TransportEvents = {
+      heard: () => live() && own.heard(),
+      ended: (end) => live() && own.ended(end),
+      state: (job, cursor) => {
+        if (!live()) return;
+        if (cursor !== undefined && self?.kind === 'sse') this.sseCursor = cursor;
+        this.accept(job);
+      },
+      jobError: (error) => live() && this.onJobError(error),
+      authenticated: (expiresAt) => live() && self === this.primary && this.scheduleRefresh(expiresAt),
+    };
+    switch (kind) {
+      case 'websocket':
+        self = new WebSocketTransport(this.ctx, events, jobs, token);
+        break;
+      case 'sse':
+        self = new SseTransport(this.ctx, events, jobs, token, this.sseCursor);
+        break;
+      case 'polling':
+        self = new PollingTransport(this.ctx, events, jobs, token);
+        break;
+    }
+    return self;
+  }
+
+  private onHeard(): void {
+    const recovered = this.link.name === 'connecting' && this.link.error !== null;
+    this.counters = heard(this.counters);
+    this.move({ type: 'heard' });
+    // A fallback that recovers after failing suggests the whole server was away, not that
+    // WebSockets are blocked: try the WebSocket at once instead of waiting for the probe.
+    if (recovered && this.onFallback()) this.probeNow();
+  }
+
+  /** The one place that decides what happens after a link ends. */
+  private handleEnd(end: LinkEnd): void {
+    this.cancelRefresh?.();
+    this.cancelRefresh = null;
+    if (this.activeJobIds().length === 0) {
+      this.goIdle();
+      return;
+    }
+    const decision = decide(end, this.counters, this.retry);
+    this.counters = decision.counters;
+    const error = end.error ?? { code: 'stream_ended', message: 'The server ended the stream; reopening it.' };
+    if (decision.action === 'stop') {
+      this.generation += 1;
+      this.probe?.close();
+      this.probe = null;
+      this.timers.clear();
+      this.cancelRetry = this.cancelProbe = null;
+      this.jobRetries.clear();
+      this.move({ type: 'refused', error });
+      return;
+    }
+    this.move({ type: 'lost', error });
+    if (decision.delayMs <= 0) {
+      this.connect();
+      return;
+    }
+    this.cancelRetry = this.timers.after(decision.delayMs, () => {
+      this.cancelRetry = null;
+      this.connect();
+    });
+  }
+
+  // ---- moving back to the WebSocket ------------------------------------------------------
+
+  private onFallback(): boolean {
+    return this.retry.modes[0] === 'websocket' && this.counters.mode > 0 && (this.link.name === 'connecting' || this.link.name === 'open' || this.link.name === 'waiting');
   }
 
   private scheduleProbe(): void {
-    if (!this.isOnFallback() || this.probe || this.cancelProbe) return;
-    this.cancelProbe = this.timers.after(this.options.wsProbeIntervalMs, () => {
+    if (!this.onFallback() || this.probe || this.cancelProbe) return;
+    this.cancelProbe = this.timers.after(this.wsProbeIntervalMs, () => {
       this.cancelProbe = null;
       this.probeNow();
     });
   }
 
   private probeNow(): void {
-    if (!this.isOnFallback() || this.probe) return;
+    if (!this.onFallback() || this.probe) return;
     this.cancelProbe?.();
     this.cancelProbe = null;
-    this.createTransport('websocket', this.activeJobIds(), true);
+    const generation = this.generation;
+    this.withToken(generation, (token) => {
+      if (this.probe || !this.onFallback()) return;
+      const probe = this.createTransport('websocket', this.activeJobIds(), token, {
+        heard: () => {
+          // The WebSocket works again: move everything back onto it (and forget any
+          // connect or reopen of the fallback still waiting for its token).
+          this.generation += 1;
+          const old = this.primary;
+          this.primary = probe;
+          this.probe = null;
+          old?.close();
+          this.cancelRetry?.();
+          this.cancelRetry = null;
+          this.counters = FRESH;
+          this.move({ type: 'switch', transport: 'websocket' });
+        },
+        ended: (end) => {
+          this.probe = null;
+          this.lastError = end.error ?? this.lastError;
+          this.publishConnection();
+          this.scheduleProbe();
+        },
+      });
+      this.probe = probe;
+      probe.start();
+    }, () => this.scheduleProbe());
   }
 
-  private teardownLink(): void {
-    this.primary?.close();
-    this.primary = null;
-    this.probe?.close();
-    this.probe = null;
-    this.cancelReconnect = null;
-    this.cancelProbe = null;
-    this.timers.clear();
-    this.unlistenOnline();
+  // ---- tokens --------------------------------------------------------------------------
+
+  /**
+   * The server said when the token expires: ask the token function for a new one before
+   * then and hand it to the open link, so a long job is watched without interruption.
+   */
+  private scheduleRefresh(expiresAt: number | null): void {
+    this.cancelRefresh?.();
+    this.cancelRefresh = null;
+    if (expiresAt === null || typeof this.tokenSource !== 'function') return;
+    const lifetime = expiresAt * 1000 - Date.now();
+    const delay = Math.max(0, lifetime - Math.min(REFRESH_LEAD_MS, lifetime * REFRESH_LEAD_FRACTION));
+    this.cancelRefresh = this.timers.after(delay, () => {
+      this.cancelRefresh = null;
+      const transport = this.primary;
+      if (!transport) return;
+      this.withToken(this.generation, (token) => {
+        // If this fails, the server closes with 4401 at expiry and the client asks again then.
+        if (token && this.primary === transport) transport.reauth(token);
+      }, () => undefined);
+    });
   }
+
+  private async resolveToken(): Promise<string | null> {
+    const source = this.tokenSource;
+    return typeof source === 'function' ? await source() : source;
+  }
+
+  /** Resolve the token, then run `then` unless the client moved on meanwhile. */
+  private withToken(generation: number, then: (token: string | null) => void, failed: (error: unknown) => void): void {
+    this.resolveToken().then(
+      (token) => {
+        if (generation === this.generation) then(token);
+      },
+      (error: unknown) => {
+        if (generation === this.generation) failed(error);
+      },
+    );
+  }
+
+  // ---- plumbing ------------------------------------------------------------------------
 
   // The browser knows when the network comes back before any backoff timer does.
   private readonly handleOnline = () => this.reconnectNow();
@@ -509,21 +613,12 @@ export class ProgressClient {
     this.onlineListening = false;
   }
 
-  private setConnection(next: ConnectionInfo): void {
+  private publishConnection(): void {
+    const next = connectionInfo(this.link, this.lastError);
     const current = this.connection;
     if (current.status === next.status && current.transport === next.transport && current.error === next.error && current.lastError === next.lastError) return;
-    this.connection = Object.freeze({ ...next });
+    this.connection = Object.freeze(next);
     for (const listener of [...this.connectionListeners]) safeCall(listener);
-  }
-
-  private async resolveToken(): Promise<string | null> {
-    const source = this.tokenSource;
-    return typeof source === 'function' ? await source() : source;
-  }
-
-  /** For tests and debugging: how many timers are pending. */
-  get pendingTimers(): number {
-    return this.timers.size;
   }
 }
 

@@ -1,49 +1,55 @@
-import { backoffDelay } from './backoff';
 import { isTerminalPhase } from './types';
-import { describeError, isJobState, type Transport, type TransportContext, type TransportHandlers } from './transport';
+import { describeError, isJobState, type LinkEnd, type Transport, type TransportContext, type TransportEvents } from './transport';
 import { apiUrl, jobPath } from './urls';
 
-type PollOutcome = 'ok' | 'retry' | 'fatal';
-
 /**
- * Last resort: `GET /v1/jobs/{id}` for every watched job, every `pollIntervalMs` while it
- * works and with exponential backoff while it does not.
+ * Last resort: `GET /v1/jobs/{id}` for every watched job, every `pollIntervalMs`. Single-use:
+ * the first round that fails ends it (reported once); the ProgressClient decides when to
+ * poll again.
  */
 export class PollingTransport implements Transport {
   readonly kind = 'polling' as const;
-  private readonly jobs = new Set<string>();
-  private closed = false;
-  private attempt = 0;
+  private readonly jobs: Set<string>;
+  private finished = false;
+  private heardOnce = false;
   private cancelTick: (() => void) | null = null;
   private inFlight: AbortController | null = null;
-  private failing = false;
 
   constructor(
     private readonly ctx: TransportContext,
-    private readonly handlers: TransportHandlers,
+    private readonly events: TransportEvents,
     jobIds: Iterable<string>,
+    private readonly token: string | null,
   ) {
-    for (const jobId of jobIds) this.jobs.add(jobId);
-    this.schedule(0);
+    this.jobs = new Set(jobIds);
   }
 
-  add(jobId: string): void {
+  start(): void {
+    void this.round();
+  }
+
+  add(jobId: string): boolean {
     this.jobs.add(jobId);
     // Fetch the newcomer soon rather than a whole interval later.
-    if (this.cancelTick && !this.inFlight) this.retryNow();
+    if (this.cancelTick && !this.inFlight) this.schedule(0);
+    return true;
   }
 
-  remove(jobId: string): void {
+  remove(jobId: string): boolean {
     this.jobs.delete(jobId);
+    return true;
   }
 
-  retryNow(): void {
-    if (this.closed || this.inFlight) return;
-    this.schedule(0);
+  reauth(): boolean {
+    return false;
+  }
+
+  check(): void {
+    if (!this.finished && !this.inFlight) this.schedule(0);
   }
 
   close(): void {
-    this.closed = true;
+    this.finished = true;
     this.cancelTick?.();
     this.cancelTick = null;
     this.inFlight?.abort();
@@ -54,82 +60,82 @@ export class PollingTransport implements Transport {
     this.cancelTick?.();
     this.cancelTick = this.ctx.timers.after(delay, () => {
       this.cancelTick = null;
-      void this.tick();
+      void this.round();
     });
   }
 
-  private async tick(): Promise<void> {
-    if (this.closed || this.jobs.size === 0) return;
+  private async round(): Promise<void> {
+    if (this.finished || this.jobs.size === 0) return;
     const controller = new AbortController();
     this.inFlight = controller;
-    const outcomes = await Promise.all([...this.jobs].map((jobId) => this.pollOne(jobId, controller.signal)));
-    if (this.closed || this.inFlight !== controller) return;
+    const ends = await Promise.all([...this.jobs].map((jobId) => this.pollOne(jobId, controller.signal)));
+    if (this.finished || this.inFlight !== controller) return;
     this.inFlight = null;
-    if (outcomes.includes('fatal')) return;
-    if (outcomes.includes('retry')) {
-      this.schedule(backoffDelay(this.attempt, this.ctx.pollBackoff, this.ctx.random));
-      this.attempt += 1;
+    const end = ends.find((outcome) => outcome !== null);
+    if (end) {
+      this.close();
+      this.events.ended({ ...end, healthyBefore: this.heardOnce });
       return;
     }
-    this.attempt = 0;
-    if (this.failing || outcomes.length > 0) {
-      this.failing = false;
-      this.handlers.healthy();
+    if (!this.heardOnce) {
+      this.heardOnce = true;
+      this.events.heard();
+      if (this.finished) return;
     }
     if (this.jobs.size > 0) this.schedule(this.ctx.pollIntervalMs);
   }
 
-  private async pollOne(jobId: string, signal: AbortSignal): Promise<PollOutcome> {
+  /** null when the job was read (or refused on its own); how the link ends otherwise. */
+  private async pollOne(jobId: string, signal: AbortSignal): Promise<Omit<LinkEnd, 'healthyBefore'> | null> {
     const fetchFn = this.ctx.fetch;
     const url = apiUrl(this.ctx.baseUrl, jobPath(jobId));
-    if (!fetchFn) return this.reportFailure(`Cannot poll ${url}: this environment has no fetch.`, undefined, true);
+    const failed = (message: string, status?: number) => ({
+      error: { code: 'poll_failed', message, ...(status === undefined ? {} : { status }) },
+      reason: 'failed' as const,
+    });
+    if (!fetchFn) return failed(`Cannot poll ${url}: this environment has no fetch.`);
     let response: Response;
     try {
-      const token = await this.ctx.token();
       response = await fetchFn(url, {
-        headers: token ? { Authorization: `Bearer ${token}`, Accept: 'application/json' } : { Accept: 'application/json' },
+        headers: this.token ? { Authorization: `Bearer ${this.token}`, Accept: 'application/json' } : { Accept: 'application/json' },
         signal,
         cache: 'no-store',
       });
     } catch (error) {
-      if (signal.aborted) return 'ok';
-      return this.reportFailure(`Polling ${url} failed: ${describeError(error)}. Retrying with backoff.`);
+      return signal.aborted ? null : failed(`Polling ${url} failed: ${describeError(error)}.`);
     }
-    if (signal.aborted) return 'ok';
+    if (signal.aborted) return null;
     if (response.ok) {
       let job: unknown;
       try {
         job = await response.json();
       } catch (error) {
-        return this.reportFailure(`Polling ${url} returned invalid JSON: ${describeError(error)}.`, response.status);
+        return failed(`Polling ${url} returned invalid JSON: ${describeError(error)}.`, response.status);
       }
-      if (signal.aborted) return 'ok';
-      if (!isJobState(job)) return this.reportFailure(`Polling ${url} returned something that is not a job state.`, response.status);
-      this.handlers.state(job);
+      if (signal.aborted || this.finished) return null;
+      if (!isJobState(job)) return failed(`Polling ${url} returned something that is not a job state.`, response.status);
       if (isTerminalPhase(job.phase)) this.jobs.delete(jobId);
-      return 'ok';
+      this.events.state(job);
+      return null;
     }
     const body = await readError(response);
     if (response.status === 401) {
-      return this.reportFailure(`The server refused the token when polling (401: ${body}). Give ProgressClient a valid token and call setToken().`, 401, true, 'unauthorized');
+      return {
+        error: { code: 'unauthorized', status: 401, message: `The server refused the token when polling (401: ${body}). Give ProgressClient a token function that returns a fresh one, or call setToken() with a valid token.` },
+        reason: 'refused',
+      };
     }
     if (response.status === 403 || response.status === 404) {
       this.jobs.delete(jobId);
-      this.handlers.jobError({
+      this.events.jobError({
         code: response.status === 404 ? 'not_found' : 'forbidden',
         status: response.status,
         jobId,
         message: response.status === 404 ? `Job ${jobId} does not exist (or expired): ${body}` : `This token may not read job ${jobId}: ${body}`,
       });
-      return 'ok';
+      return null;
     }
-    return this.reportFailure(`Polling ${url} answered ${response.status}: ${body}. Retrying with backoff.`, response.status);
-  }
-
-  private reportFailure(message: string, status?: number, fatal = false, code = 'poll_failed'): PollOutcome {
-    this.failing = true;
-    this.handlers.failure({ code, message, ...(status === undefined ? {} : { status }) }, { healthyBefore: false, fatal });
-    return fatal ? 'fatal' : 'retry';
+    return failed(`Polling ${url} answered ${response.status}: ${body}.`, response.status);
   }
 }
 

@@ -1,150 +1,148 @@
-import { backoffDelay } from './backoff';
 import { isTerminalPhase } from './types';
-import {
-  describeError,
-  isJobState,
-  type EventSourceLike,
-  type Transport,
-  type TransportContext,
-  type TransportHandlers,
-} from './transport';
-import { apiUrl, jobPath, redactToken } from './urls';
-
-interface Stream {
-  source: EventSourceLike | null;
-  opened: boolean;
-  attempt: number;
-  cancelRetry: (() => void) | null;
-  /** Bumped on every (re)start so callbacks of an abandoned EventSource are ignored. */
-  generation: number;
-}
+import { isJobState, type EventSourceLike, type LinkEnd, type Transport, type TransportContext, type TransportEvents } from './transport';
+import { redactToken } from './urls';
 
 /**
- * Server-sent events, one stream per job (the protocol has no multiplexed SSE endpoint).
- * Each stream restarts itself with backoff and a fresh `since`; failures are reported so the
- * ProgressClient can give up on SSE and poll instead.
+ * Every watched job on ONE EventSource: `GET /v1/events?job=a&job=b…` (a browser has only
+ * about six HTTP/1.1 connections per origin, so one stream per job stops working beyond
+ * five jobs). Single-use: the job list is fixed by the URL, so the ProgressClient opens a
+ * new one when the set of jobs changes, passing the last event id (an opaque cursor) as
+ * `last_event_id` so the new stream resumes every job with nothing missed or repeated.
+ *
+ * The EventSource's own reconnect is not used: on a network error the stream is closed
+ * and reported, and the client reopens it with its backoff, a fresh token and the cursor.
  */
 export class SseTransport implements Transport {
   readonly kind = 'sse' as const;
-  private readonly streams = new Map<string, Stream>();
-  private closed = false;
+  private source: EventSourceLike | null = null;
+  private readonly jobs: Set<string>;
+  private opened = false;
+  private finished = false;
 
   constructor(
     private readonly ctx: TransportContext,
-    private readonly handlers: TransportHandlers,
+    private readonly events: TransportEvents,
     jobIds: Iterable<string>,
+    private readonly token: string | null,
+    private readonly cursor: string | null,
   ) {
-    for (const jobId of jobIds) this.add(jobId);
+    this.jobs = new Set(jobIds);
   }
 
-  add(jobId: string): void {
-    if (this.closed || this.streams.has(jobId)) return;
-    const stream: Stream = { source: null, opened: false, attempt: 0, cancelRetry: null, generation: 0 };
-    this.streams.set(jobId, stream);
-    void this.open(jobId, stream);
+  /** The URL this stream opens (job list, cursor, token). */
+  url(): string {
+    const query = new URLSearchParams();
+    for (const jobId of [...this.jobs].sort()) query.append('job', jobId);
+    if (this.cursor) query.set('last_event_id', this.cursor);
+    if (this.token) query.set('access_token', this.token);
+    return `${this.ctx.baseUrl}/v1/events?${query.toString()}`;
   }
 
-  remove(jobId: string): void {
-    const stream = this.streams.get(jobId);
-    if (!stream) return;
-    this.streams.delete(jobId);
-    this.stop(stream);
-  }
-
-  retryNow(): void {
-    for (const [jobId, stream] of this.streams) {
-      if (stream.cancelRetry) {
-        stream.cancelRetry();
-        stream.cancelRetry = null;
-        void this.open(jobId, stream);
-      }
-    }
-  }
-
-  close(): void {
-    this.closed = true;
-    for (const stream of this.streams.values()) this.stop(stream);
-    this.streams.clear();
-  }
-
-  private stop(stream: Stream): void {
-    stream.generation += 1;
-    stream.cancelRetry?.();
-    stream.cancelRetry = null;
-    stream.source?.close();
-    stream.source = null;
-  }
-
-  private async open(jobId: string, stream: Stream): Promise<void> {
-    const generation = ++stream.generation;
-    const live = () => !this.closed && this.streams.get(jobId) === stream && stream.generation === generation;
-    // Always await first, so no callback runs inside the constructor.
-    let token: string | null;
-    try {
-      token = await this.ctx.token();
-    } catch (error) {
-      if (live()) this.retryLater(jobId, stream, `The token function failed: ${describeError(error)}`);
-      return;
-    }
-    if (!live()) return;
+  start(): void {
     const Ctor = this.ctx.EventSource;
     if (!Ctor) {
-      this.handlers.failure({ code: 'sse_unavailable', message: 'This environment has no EventSource; polling instead.' }, { healthyBefore: false, fatal: false });
+      this.end({ error: { code: 'sse_unavailable', message: 'This environment has no EventSource; polling instead.' }, healthyBefore: false, reason: 'failed' });
       return;
     }
-    const since = this.ctx.since(jobId);
-    const url = apiUrl(this.ctx.baseUrl, jobPath(jobId, '/events'), { since: since > 0 ? since : null, access_token: token });
+    const url = this.url();
     let source: EventSourceLike;
     try {
       source = new Ctor(url);
     } catch (error) {
-      this.retryLater(jobId, stream, `Could not create an EventSource for ${redactToken(url)}: ${describeError(error)}`);
+      this.end({
+        error: { code: 'sse_failed', message: `Could not create an EventSource for ${redactToken(url)}: ${error instanceof Error ? error.message : String(error)}` },
+        healthyBefore: false,
+        reason: 'failed',
+      });
       return;
     }
-    stream.source = source;
-    stream.opened = false;
+    this.source = source;
     source.addEventListener('open', () => {
-      if (!live()) return;
-      stream.opened = true;
-      stream.attempt = 0;
-      this.handlers.healthy();
+      if (this.finished || this.opened) return;
+      this.opened = true;
+      this.events.heard();
     });
     source.addEventListener('state', (event: MessageEvent) => {
-      if (!live()) return;
-      let job: unknown;
-      try {
-        job = JSON.parse(String(event.data));
-      } catch {
+      if (this.finished) return;
+      const job = parse(event.data);
+      if (!isJobState(job) || !this.jobs.has(job.job_id)) return;
+      if (isTerminalPhase(job.phase)) this.jobs.delete(job.job_id);
+      this.events.state(job, event.lastEventId || undefined);
+    });
+    source.addEventListener('error', (event: Event) => {
+      if (this.finished) return;
+      // Two kinds share the name: the server's `event: error` about one job (it has data),
+      // and the EventSource's own network error (no data).
+      const data = (event as MessageEvent).data;
+      if (typeof data === 'string') {
+        const body = parse(data) as { job_id?: unknown; code?: unknown; message?: unknown } | null;
+        if (body && typeof body.job_id === 'string' && this.jobs.delete(body.job_id)) {
+          this.events.jobError({ jobId: body.job_id, code: String(body.code ?? 'error'), message: String(body.message ?? 'The server refused this job.') });
+        }
         return;
       }
-      if (!isJobState(job)) return;
-      this.handlers.state(job);
-      if (isTerminalPhase(job.phase)) {
-        // The server ends the stream after the terminal state; close first so the
-        // EventSource does not reconnect to a finished job.
-        this.remove(jobId);
-      }
+      this.end({
+        error: {
+          code: 'sse_failed',
+          message: `The event stream ${redactToken(url)} failed${this.opened ? ' after it had opened' : ' to open'} (network error, or an HTTP error such as 401/404 before the stream started).`,
+        },
+        healthyBefore: this.opened,
+        reason: 'failed',
+      });
     });
-    source.addEventListener('error', () => {
-      if (!live()) return;
-      // We restart the stream ourselves instead of letting EventSource do it: our restart
-      // carries the newest `since` and honours the client's backoff and failure counting.
-      source.close();
-      stream.source = null;
-      this.retryLater(jobId, stream, `The event stream ${redactToken(url)} failed${stream.opened ? ' after it had opened' : ' to open'} (network error, or an HTTP error such as 401/404 before the stream started).`);
+    source.addEventListener('expired', (event: MessageEvent) => {
+      if (this.finished) return;
+      const body = parse(event.data) as { message?: unknown } | null;
+      this.end({
+        error: { code: 'token_expired', message: `The stream's token expired (${String(body?.message ?? 'no details')}); reopening with a fresh token.` },
+        healthyBefore: this.opened,
+        reason: 'expired',
+      });
+    });
+    source.addEventListener('end', () => {
+      // Every job of the list reached its terminal state; the server closes the stream.
+      if (!this.finished) this.end({ error: null, healthyBefore: this.opened, reason: 'finished' });
     });
   }
 
-  private retryLater(jobId: string, stream: Stream, message: string): void {
-    const healthyBefore = stream.opened;
-    stream.opened = false;
-    const delay = backoffDelay(stream.attempt, this.ctx.streamBackoff, this.ctx.random);
-    stream.attempt += 1;
-    stream.cancelRetry = this.ctx.timers.after(delay, () => {
-      stream.cancelRetry = null;
-      void this.open(jobId, stream);
-    });
-    // Report after scheduling: the handler may close this transport, which cancels the retry.
-    this.handlers.failure({ code: 'sse_failed', message, jobId }, { healthyBefore, fatal: false });
+  /** The job list is part of the URL: a new job needs a new stream. */
+  add(jobId: string): boolean {
+    return this.jobs.has(jobId);
+  }
+
+  remove(jobId: string, tellServer: boolean): boolean {
+    this.jobs.delete(jobId);
+    // A finished job leaves the stream by itself; dropping a running one needs a new stream
+    // (else the server keeps sending it). The client reopens unless nothing is left.
+    return !tellServer;
+  }
+
+  reauth(): boolean {
+    return false;
+  }
+
+  check(): void {
+    // An EventSource notices a dead connection itself and fires `error`.
+  }
+
+  close(): void {
+    this.finished = true;
+    this.source?.close();
+    this.source = null;
+  }
+
+  private end(end: LinkEnd): void {
+    if (this.finished) return;
+    // Close first, so the EventSource does not reconnect on its own.
+    this.close();
+    this.events.ended(end);
+  }
+}
+
+function parse(data: unknown): unknown {
+  try {
+    return JSON.parse(String(data));
+  } catch {
+    return null;
   }
 }

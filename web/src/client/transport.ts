@@ -1,4 +1,3 @@
-import type { BackoffOptions } from './backoff';
 import type { TimerSet } from './timers';
 import type { JobState, ProgressError, TransportKind } from './types';
 
@@ -20,48 +19,71 @@ export type EventSourceFactory = new (url: string) => EventSourceLike;
 
 export type FetchLike = (input: string, init?: RequestInit) => Promise<Response>;
 
-export interface FailureInfo {
-  /** The link had delivered something before failing (a drop, not a failed connect). */
+/**
+ * How a link ended. Transports report facts only; what to do about them (retry, back off,
+ * fall back, refresh the token, give up) is decided in one place, the ProgressClient.
+ */
+export interface LinkEnd {
+  /** null for a clean end: the server finished the stream (every job ended). */
+  error: ProgressError | null;
+  /** The link had delivered something before it ended (a drop, not a failed connect). */
   healthyBefore: boolean;
-  /** Retrying cannot help (refused token or scope): stop until the app fixes it. */
-  fatal: boolean;
+  /**
+   * - `refused`: the server refused the token (WebSocket 4401, HTTP 401);
+   * - `forbidden`: the token may not watch (4403);
+   * - `expired`: the token ran out on a stream (SSE `event: expired`): reopen with a fresh one;
+   * - `failed`: anything else (network, server restart, dead link, blocked WebSocket).
+   */
+  reason: 'refused' | 'forbidden' | 'expired' | 'failed' | 'finished';
 }
 
-/** How a transport reports back to the ProgressClient. */
-export interface TransportHandlers {
-  state(job: JobState): void;
-  /** The server refused one job (not found, forbidden…); the others go on. */
+/** What a transport reports to the ProgressClient. Nothing after `ended`. */
+export interface TransportEvents {
+  /** The server spoke on this link (first message, stream opened, a poll round worked). */
+  heard(): void;
+  /** `cursor`: the multiplexed SSE stream's event id, to resume it later. */
+  state(job: JobState, cursor?: string): void;
+  /** The server refused one job (not found, forbidden, unavailable…); the others go on. */
   jobError(error: ProgressError & { jobId: string }): void;
-  /** Updates are flowing (first message on a new link, or success after a failure). */
-  healthy(): void;
-  failure(error: ProgressError, info: FailureInfo): void;
+  /** The server accepted a token; `expiresAt` in unix seconds, null when it has no expiry. */
+  authenticated(expiresAt: number | null): void;
+  /** The link is over. Called once. */
+  ended(end: LinkEnd): void;
 }
 
-/** Shared set-up every transport needs, owned by the ProgressClient. */
+/** What every transport needs, owned by the ProgressClient. */
 export interface TransportContext {
   /** Base URL without a trailing slash, e.g. `https://progress.example.com`. */
   baseUrl: string;
-  token(): Promise<string | null>;
   /** Last seq the client has for a job, 0 when it has none. */
   since(jobId: string): number;
   timers: TimerSet;
-  random: () => number;
   pingTimeoutMs: number;
-  streamBackoff: BackoffOptions;
-  pollBackoff: BackoffOptions;
   pollIntervalMs: number;
   WebSocket: WebSocketFactory | undefined;
   EventSource: EventSourceFactory | undefined;
   fetch: FetchLike | undefined;
 }
 
+/**
+ * One connection attempt. Single-use: created with the token and jobs of the moment,
+ * `start()`ed once, and done after it reports `ended` or is `close()`d. It never retries.
+ */
 export interface Transport {
   readonly kind: TransportKind;
-  add(jobId: string): void;
-  /** `tellServer` is false when the server already ended the subscription (terminal state). */
-  remove(jobId: string, tellServer: boolean): void;
-  /** Skip any wait and try again now (the browser came back online). */
-  retryNow(): void;
+  start(): void;
+  /** Watch one more job on this link. False when this link cannot (the client opens a new one). */
+  add(jobId: string): boolean;
+  /**
+   * Stop watching a job. `tellServer` is false when the server already ended the
+   * subscription (terminal state). False when this link cannot drop it in place.
+   */
+  remove(jobId: string, tellServer: boolean): boolean;
+  /** Send a fresh token on the open link. False when this link cannot (it is reopened instead). */
+  reauth(token: string): boolean;
+  /** The network came back: check the link is still alive (ends it if not). */
+  check(): void;
+  /** Stop without reporting anything. */
   close(): void;
 }
 

@@ -95,6 +95,7 @@ export interface JobSnapshot {
 export type ServerMessage =
   | { type: 'state'; job: JobState }
   | { type: 'subscribed'; job_id: string }
+  | { type: 'authenticated'; job_id: null; expires_at: number | null }
   | { type: 'unsubscribed'; job_id: string }
   | { type: 'ping' }
   | { type: 'pong' }
