@@ -32,7 +32,7 @@ from phasecast.tracker import ProgressTracker
 
 TRANSPORTS = ["websocket", "sse"]
 # Reconnect quickly: these tests restart servers and must not wait out long backoffs.
-FAST = RetryPolicy(base_delay=0.05, max_delay=0.5, give_up_after=30)
+FAST = RetryPolicy(base_delay=0.05, max_delay=0.5, give_up_after=90)
 
 
 def new_id() -> str:
@@ -70,7 +70,7 @@ class Watching:
             async with self._arrived:
                 self._arrived.notify_all()
 
-    async def seq(self, seq: int, timeout: float = 20) -> None:
+    async def seq(self, seq: int, timeout: float = 45) -> None:
         async with asyncio.timeout(timeout), self._arrived:
             while not (self.states and self.states[-1].seq >= seq):
                 if self.task.done():
@@ -78,7 +78,7 @@ class Watching:
                     raise AssertionError(f"the watch ended at {self.seqs()} before seq {seq}")
                 await self._arrived.wait()
 
-    async def end(self, timeout: float = 30) -> list[JobState]:
+    async def end(self, timeout: float = 45) -> list[JobState]:
         await asyncio.wait_for(self.task, timeout)
         return self.states
 
@@ -219,14 +219,15 @@ async def test_watch_resumes_after_the_server_is_killed_and_restarted(
 async def test_short_lived_tokens_are_refreshed_without_interrupting_the_watch(
     module_server: ServerProcess, transport: Any, asynchronous: bool, make_token: Callable[..., str], worker_token: str
 ) -> None:
-    """Tokens live 2 s, the watch 6 s: the token function (async for one transport, sync for
-    the other) is asked before each expiry and no state is missed."""
+    """Tokens live 4 s (3 to 4 s: ``exp`` is whole seconds), the watch 9 s: the token function
+    (async for one transport, sync for the other) is asked before each expiry, the server never
+    ends the link for an expired token, and no state is missed."""
     job = new_id()
     asked: list[float] = []
 
     def mint() -> str:
         asked.append(time.monotonic())
-        return make_token("alice", ttl=2)
+        return make_token("alice", ttl=4)
 
     async def mint_async() -> str:
         await asyncio.sleep(0)
@@ -240,9 +241,9 @@ async def test_short_lived_tokens_are_refreshed_without_interrupting_the_watch(
             await watching.seq(1)
             expected = [1]
             started = time.monotonic()
-            # Several token lifetimes: the job outlives the first tokens three times over.
+            # Several token lifetimes: the job outlives the first token twice over.
             value = 0
-            while time.monotonic() - started < 6:
+            while time.monotonic() - started < 9:
                 value = min(99, value + 2)
                 expected.append(await progress(api, job, value))
                 await watching.seq(expected[-1])
@@ -251,8 +252,8 @@ async def test_short_lived_tokens_are_refreshed_without_interrupting_the_watch(
             states = await watching.end()
     assert [s.seq for s in states][:-1] == expected
     assert states[-1].phase is Phase.COMPLETE
-    assert len(asked) >= 4  # the first token, then one before each expiry
-    assert client.stats.token_refreshes >= 3
+    assert len(asked) >= 3  # the first token, then one before each expiry
+    assert client.stats.token_refreshes >= 2
     if transport == "websocket":
         # Refreshed on the open socket: one connection from start to end.
         assert client.stats.links["websocket"] == 1

@@ -39,7 +39,7 @@ log = logging.getLogger("phasecast.client")
 
 # A token function that fails is asked again this often until the token in use expires.
 TOKEN_RETRY_SECONDS = 2.0
-# The least time between two refreshes of one link's token.
+# How long a token that arrives already due for refresh is used before asking again.
 MIN_REFRESH_SECONDS = 1.0
 
 
@@ -206,15 +206,12 @@ class PhasecastClient:
         events = link.events()
         refresher: asyncio.Task[None] | None = None
         # An SSE stream cannot change its token: when the token is due for refresh the stream
-        # is ended and the watch reconnects at once with a fresh one. Never sooner than
-        # MIN_REFRESH_SECONDS after connecting, so a function handing out tokens that are about
-        # to expire cannot spin the client; the server's refusal then decides.
+        # is ended and the watch reconnects at once with a fresh one.
         deadline = None
         if transport == "sse" and self._tokens.refreshable and token is not None:
             due = token.refresh_at()
             if due is not None:
-                wait = max(MIN_REFRESH_SECONDS, due - time.time())
-                deadline = asyncio.get_running_loop().time() + wait
+                deadline = asyncio.get_running_loop().time() + _until(due)
         try:
             while True:
                 try:
@@ -257,7 +254,7 @@ class PhasecastClient:
             due = token.refresh_at()
             if due is None:
                 return
-            await asyncio.sleep(max(MIN_REFRESH_SECONDS, due - time.time()))
+            await asyncio.sleep(_until(due))
             try:
                 fresh = await self._tokens.get()
             except Exception as exc:  # the function's own failure: try again until expiry
@@ -272,6 +269,14 @@ class PhasecastClient:
             self.stats.token_refreshes += 1
             log.debug("token refreshed on the open WebSocket")
             token = fresh
+
+
+def _until(due: float) -> float:
+    """Seconds until a token's refresh time. A token that arrives already past it (a function
+    handing out tokens about to expire) waits MIN_REFRESH_SECONDS, so the client cannot spin;
+    the server's refusal at expiry then decides."""
+    left = due - time.time()
+    return left if left > 0 else MIN_REFRESH_SECONDS
 
 
 def _check_job_id(job_id: str) -> None:
