@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from typing import Any, Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -34,6 +35,7 @@ from phasecast.model import JOB_ID_PATTERN, JobState
 from phasecast.server import frames
 from phasecast.server.auth import Forbidden, Principal, Unauthorized
 from phasecast.server.deps import Services
+from phasecast.server.metrics import Metrics
 
 log = logging.getLogger("phasecast.ws")
 
@@ -49,6 +51,46 @@ MAX_UNANSWERED = 32  # answers waiting to be written before the ASGI reader stop
 RAW_EXTENSION = "phasecast.raw_websocket"
 BINARY_REFUSED = "binary frames are not accepted; send JSON text messages"
 OVERLOADED = "too many replies left unread; read the socket before sending more requests"
+
+
+class DeliveryMeter:
+    """Counts delivered state messages for the metrics, in batches: a transport reports each
+    write (``sent``) for the cost of a dict store, and once per event-loop iteration the
+    batch goes to Prometheus: the message counter by the exact count, the latency histogram
+    once per change written in the batch (its watchers' writes happen within microseconds
+    of each other). Two Prometheus updates per message cost more than the write itself."""
+
+    __slots__ = ("_changes", "_latency", "_messages", "_pending")
+
+    def __init__(self, metrics: Metrics, transport: str) -> None:
+        self._messages = metrics.messages.labels(transport)
+        self._latency = metrics.latency.labels(transport)
+        self._pending = 0
+        self._changes: dict[int, float] = {}
+
+    def sent(self, change: Change) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending += 1
+        self._changes[id(change)] = change.changed_at
+
+    def _flush(self) -> None:
+        count, self._pending = self._pending, 0
+        self._messages.inc(count)
+        now = time.time()
+        for changed_at in self._changes.values():
+            self._latency.observe(max(0.0, now - changed_at))
+        self._changes.clear()
+
+
+_METERS: weakref.WeakKeyDictionary[Metrics, DeliveryMeter] = weakref.WeakKeyDictionary()
+
+
+def websocket_meter(metrics: Metrics) -> DeliveryMeter:
+    meter = _METERS.get(metrics)
+    if meter is None:
+        meter = _METERS[metrics] = DeliveryMeter(metrics, "websocket")
+    return meter
 
 
 class Link(Protocol):
@@ -67,8 +109,7 @@ class Session:
     __slots__ = (
         "_auth_timer",
         "_expiry",
-        "_latency",
-        "_messages",
+        "_meter",
         "_pinger",
         "closed",
         "hub",
@@ -90,8 +131,7 @@ class Session:
         self._pinger: asyncio.TimerHandle | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
-        self._messages = services.metrics.messages.labels("websocket")
-        self._latency = services.metrics.latency.labels("websocket")
+        self._meter = websocket_meter(services.metrics)
 
     # --- life ----------------------------------------------------------------------------
 
@@ -160,8 +200,7 @@ class Session:
 
     def sent(self, change: Change) -> None:
         """``change`` was written to the wire."""
-        self._messages.inc()
-        self._latency.observe(max(0.0, time.time() - change.changed_at))
+        self._meter.sent(change)
         if change.terminal and change.job_id in self.jobs:
             # After the terminal state the subscription ends by itself.
             self.jobs.discard(change.job_id)
