@@ -3,6 +3,7 @@ the pub/sub link to Redis dropping under a live watcher."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,15 @@ async def test_pubsub_link_drop_resyncs_watched_jobs(
         assert "pub/sub connection lost" in server.log()
 
 
+async def wait_ready(api: httpx.AsyncClient, timeout: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if (await api.get("/readyz")).status_code == 200:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 @pytest.mark.redis
 async def test_redis_outage_is_a_503_and_the_server_recovers(tmp_path: Path, worker_token: str) -> None:
     first = PrivateRedis().start()
@@ -132,7 +142,8 @@ async def test_redis_outage_is_a_503_and_the_server_recovers(tmp_path: Path, wor
                 assert down.json()["error"]["code"] == "unavailable"
 
                 second.start()  # a new, empty Redis on the same port (this one keeps nothing on disk)
-                assert (await api.get("/readyz")).status_code == 200
+                # Ready again once the change feed is back too (not merely Redis answering).
+                assert await wait_ready(api, timeout=10)
                 # The state lived in the lost Redis: without an archive it is gone (docs/archive.md).
                 assert (await api.get("/v1/jobs/j")).status_code == 404
                 assert (await api.post("/v1/jobs", json={"job_id": "k", "owner": "alice"})).status_code == 201

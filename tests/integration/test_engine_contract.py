@@ -477,3 +477,62 @@ async def test_an_applied_report_reaches_the_change_feed(engine_url: str) -> Non
         assert change.changed_at == pytest.approx(now.timestamp(), abs=0.001)
     finally:
         await engine.stop()
+# --- one id's keys are never another id's (issue 8, section 3) ----------------------------
+
+COLLIDING_IDS = [
+    "X:history", "X", "X:job", "X:changes", "job:X", "history:X", "changes:X", "X:ix",
+    "X:history:history", "jobs", "owner:alice", "stats:comic", "idle:idle", "X.history", "X-1",
+]
+
+
+async def test_ids_that_look_like_other_ids_keys_never_collide(engine: Engine) -> None:
+    """``X:history`` first, then ``X``: on a key layout that appends suffixes to ids, the
+    second create would find the first one's keys (or be refused as taken)."""
+    stored: dict[str, JobState] = {}
+    for index, job_id in enumerate(COLLIDING_IDS):
+        state = new_job(job_id=job_id, owner=f"owner-{index % 3}", kind="comic",
+                        metadata={"i": index}, now=utc_now())
+        await engine.insert(state)
+        stored[job_id] = state
+    for index, job_id in enumerate(COLLIDING_IDS):
+        # Each one moves on by its own number of steps; nothing bleeds into another.
+        state = stored[job_id]
+        for progress in range(1, index % 4 + 2):
+            new = step(state, float(progress))
+            assert await engine.replace(new, expected_seq=state.seq)
+            state = new
+        stored[job_id] = state
+    for job_id in COLLIDING_IDS:
+        assert await engine.load(job_id) == stored[job_id]
+        history = await engine.history(job_id, limit=100)
+        assert [e["seq"] for e in history] == list(range(1, stored[job_id].seq + 1)), job_id
+    for owner in ("owner-0", "owner-1", "owner-2"):
+        listed = await engine.list_jobs(owner, active_only=False, limit=100)
+        expected = {j for j, s in stored.items() if s.owner == owner}
+        assert {s.job_id for s in listed} == expected
+        assert all(s == stored[s.job_id] for s in listed)
+    everyone = await engine.list_jobs(None, active_only=False, limit=100)
+    assert {s.job_id for s in everyone} >= set(COLLIDING_IDS)
+    with pytest.raises(JobExists):
+        await engine.insert(make("X:history"))
+    assert await engine.load("X:history") == stored["X:history"]
+
+
+async def test_an_id_taken_by_another_owner_never_shows_in_the_loser_s_list(engine: Engine) -> None:
+    await engine.insert(make("shared-id", "alice"))
+    with pytest.raises(JobExists):
+        await engine.insert(make("shared-id", "mallory"))
+    assert [s.job_id for s in await engine.list_jobs("mallory", active_only=False, limit=10)] == []
+    assert [s.job_id for s in await engine.list_jobs("alice", active_only=False, limit=10)] == ["shared-id"]
+
+
+def test_sentinel_urls_are_refused_with_a_way_out() -> None:
+    with pytest.raises(ConfigurationError, match=r"not supported yet.*redis://host:6379/0"):
+        open_engine("redis+sentinel://127.0.0.1:26379/mymaster")
+
+
+@pytest.mark.redis
+async def test_a_cluster_node_with_another_database_is_refused(cluster_engine_url: str) -> None:
+    engine = open_engine(cluster_engine_url.replace("/0?", "/3?"))
+    with pytest.raises(ConfigurationError, match="only database 0"):
+        await engine.start()

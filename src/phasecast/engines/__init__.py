@@ -1,4 +1,5 @@
-"""Storage engines, chosen by URL scheme: ``sqlite:///file.db`` (default) or ``redis://…``."""
+"""Storage engines, chosen by URL scheme: ``sqlite:///file.db`` (default) or ``redis://…``
+(a single Redis, or any node of a Redis Cluster: the engine finds out which)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def open_engine(url: str) -> Engine:
         from phasecast.engines.redis import RedisEngine
 
         return RedisEngine(url)
+    if scheme in ("redis+sentinel", "rediss+sentinel", "sentinel"):
+        raise ConfigurationError(
+            f"{scheme}:// URLs are not supported yet: point the engine at the Redis primary "
+            "(redis://host:6379/0), or run Redis as a cluster and name any of its nodes"
+        )
     raise ConfigurationError(
-        f"unknown engine URL {url!r}: use sqlite:///path.db, redis://host:6379/0 or rediss://…"
+        f"unknown engine URL {url!r}: use sqlite:///path.db, redis://host:6379/0 (a single "
+        "Redis or any node of a Redis Cluster) or rediss://…"
     )

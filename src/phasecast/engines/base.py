@@ -58,14 +58,6 @@ class Change:
             changed_at=parse_time(state.updated_at).timestamp(),
         )
 
-    def encode(self) -> str:
-        """Compact transport form for pub/sub: header fields, then the state JSON."""
-        return f"{self.seq}|{int(self.terminal)}|{self.changed_at:.3f}|{self.job_id}|{self.state_json}"
-
-    @classmethod
-    def decode(cls, payload: str) -> Change:
-        seq, terminal, changed_at, job_id, state_json = payload.split("|", 4)
-        return cls(job_id, int(seq), terminal == "1", state_json, float(changed_at))
 
 
 ChangeHandler = Callable[[Change], None]
@@ -286,3 +278,8 @@ class Engine(JobStore, ChangeFeed):
     def archive_outbox(self) -> ArchiveOutbox:
         """Archive records waiting for PostgreSQL, kept durably in this engine's store."""
         raise ConfigurationError(f"the PostgreSQL archive does not support {type(self).__name__}")
+
+    async def ready(self) -> None:
+        """Raise ``EngineUnavailable`` unless the store is reachable and the change feed
+        is live (a watcher subscribing now would miss nothing). ``/readyz`` asks this."""
+        await self.ping()

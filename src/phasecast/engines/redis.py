@@ -1,14 +1,23 @@
 """Redis engine: state with a TTL, bounded history, pub/sub fan-out across server processes.
 
-Writes are Lua scripts (``engines/lua/``): the compare-and-set on ``seq``, the TTL refresh,
-the history append and the PUBLISH happen as one step, so two writers never interleave and
-no watcher ever sees a change that was not stored.
+One engine for a single Redis and for a Redis Cluster: the URL may name any node of a
+cluster (a primary or a replica) and the engine finds out which it is (``INFO cluster``).
 
-Each server process holds exactly one pub/sub connection. A job's channel is subscribed when
-its first local watcher arrives and unsubscribed when its last one leaves. If that connection
-drops, the listener reconnects with capped exponential backoff, subscribes again and reloads
-every listened job from the stored state, so a change published while it was away is not
-missed: watchers receive the newest state instead.
+Writes are Lua scripts (``engines/lua/``): the compare-and-set on ``seq``, the TTL refresh,
+the history append and the publish happen as one step, so two writers never interleave and
+no watcher ever sees a change that was not stored. Every key a script touches carries the
+job id as its hash tag (``engines/redis_keys.py``), so on a cluster each script runs on the
+one shard that owns the job, and publishes with ``SPUBLISH`` (sharded pub/sub) there.
+
+The cross-job indexes (per owner, all jobs) are separate keys written by separate commands
+right after the job's own write: the job hash carries ``ix=0`` until its index entries are
+written, and a later update of a job still marked so writes them again (idempotently), so a
+crash between the two steps is repaired by the job's next update. Listing reads an index
+(newest first by ``created_at``), then the jobs themselves, and drops entries whose job
+expired or is not the owner's: it is exact for every job whose create was acknowledged.
+
+The change feed (``engines/redis_feed.py``) holds one subscriber connection per node that
+owns listened channels (one on a single Redis, one per shard primary on a cluster).
 """
 
 from __future__ import annotations
@@ -17,12 +26,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from phasecast.backoff import backoff_delay
 from phasecast.engines.base import (
     DEFAULT_HISTORY_LIMIT,
     Change,
@@ -57,7 +66,14 @@ from phasecast.progress import LEARNING_RATE, PhaseStat, PhaseStats
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.connection import AbstractConnection
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+    from redis.crc import key_slot
+    from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+    from phasecast.engines.redis_feed import RedisFeed, encode_change
 except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
     raise ConfigurationError(
         "the Redis engine needs redis-py: pip install 'phasecast[redis]'"
@@ -70,11 +86,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("phasecast.engines.redis")
 
 DEFAULT_TTL_SECONDS = 24 * 3600
-RECONNECT_BASE_SECONDS = 0.1
-RECONNECT_CAP_SECONDS = 5.0
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 POOL_SIZE = 64
 POOL_WAIT_SECONDS = 10.0
+SINGLE_NODE = "redis"
+
+# A pooled connection idle for a second is checked with a PING before it is used, and that
+# PING (only it: commands are never sent twice) may reconnect once: after a Redis restart,
+# the first write does not fail on a connection the old server closed.
+STALE_CONNECTION_CHECK: dict[str, Any] = {"health_check_interval": 1, "retry": Retry(NoBackoff(), 1)}
+
+# Everything redis-py raises for a store it cannot use right now.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -111,48 +134,170 @@ class RedisEngine(Engine):
         self.keys = RedisKeys(prefix or query.pop("prefix", "phasecast"))
         self.history_limit = history_limit
         self._connection_url = urlunsplit(parts._replace(query=urlencode(query)))
-        self._client: aioredis.Redis | None = None
-        self._listened: set[str] = set()
-        self._confirmations: dict[str, asyncio.Future[None]] = {}
-        self._pubsub: Any = None
-        self._connected = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
+        self._client: aioredis.Redis | RedisCluster | None = None
+        self.clustered = False
+        self._feed: RedisFeed | None = None
+        self._publish = "PUBLISH"
         self._replace_queue: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
         self._replace_flusher: asyncio.Task[None] | None = None
+        self._index_touched: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._idle_tags: dict[str, str] = {}
         self.subscribe_timeout = SUBSCRIBE_TIMEOUT_SECONDS
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> Any:
+        """The redis-py client: ``redis.asyncio.Redis``, or ``RedisCluster`` on a cluster
+        (both take the same commands for keys of one slot)."""
         if self._client is None:
             raise EngineUnavailable("the Redis engine is not started")
         return self._client
 
     async def start(self, on_change: ChangeHandler | None = None) -> None:
         self._on_change = on_change
-        # A blocking pool: a burst of requests (a reconnect storm of subscribers) waits for a
-        # free connection instead of failing once all are busy.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._connection_url,
-            max_connections=POOL_SIZE,
-            timeout=POOL_WAIT_SECONDS,
-            decode_responses=True,
-            socket_connect_timeout=5,
-            health_check_interval=30,
-        )
-        self._client = aioredis.Redis(connection_pool=pool)
+        self.clustered = await self._is_cluster()
+        if self.clustered:
+            self._client = self._cluster_client()
+            self._publish = "SPUBLISH"
+        else:
+            # A blocking pool: a burst of requests (a reconnect storm of subscribers) waits
+            # for a free connection instead of failing once all are busy.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._connection_url,
+                max_connections=POOL_SIZE,
+                timeout=POOL_WAIT_SECONDS,
+                decode_responses=True,
+                socket_connect_timeout=5,
+                **STALE_CONNECTION_CHECK,
+            )
+            self._client = aioredis.Redis(connection_pool=pool)
         self._insert = self._client.register_script(_script("insert.lua"))
         self._replace = self._client.register_script(_script("replace.lua"))
         self._learn = self._client.register_script(_script("learn.lua"))
         self._apply = self._client.register_script(_script("apply.lua"))
         await self.ping()
         if on_change is not None:
-            self._listener = asyncio.create_task(self._listen_forever(), name="phasecast-pubsub")
+            self._feed = self._make_feed()
             try:
-                await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT_SECONDS)
+                await self._feed.start(SUBSCRIBE_TIMEOUT_SECONDS)
             except TimeoutError as exc:
+                await self._feed.stop()
+                self._feed = None
                 raise EngineUnavailable(
                     f"cannot open a pub/sub connection to {self._redacted_url()}"
                 ) from exc
+
+    async def _is_cluster(self) -> bool:
+        # Asked on database 0: a cluster node refuses SELECT of any other.
+        parts = urlsplit(self._connection_url)
+        tcp = parts.scheme != "unix"  # a unix socket URL's path is the socket, not a database
+        probe = aioredis.Redis.from_url(
+            urlunsplit(parts._replace(path="")) if tcp else self._connection_url,
+            decode_responses=True, socket_connect_timeout=5,
+        )
+        try:
+            info = await probe.info("cluster")
+        except REDIS_ERRORS as exc:
+            raise EngineUnavailable(
+                f"Redis at {self._redacted_url()} is unreachable: {exc}"
+            ) from exc
+        finally:
+            await probe.aclose()
+        if not info.get("cluster_enabled"):
+            return False
+        path = parts.path.strip("/") if tcp else ""
+        if path not in ("", "0"):
+            raise ConfigurationError(
+                f"{self._redacted_url()} is a Redis Cluster node, and a cluster has only "
+                "database 0: use redis://host:port/0 (or no database at all)"
+            )
+        return True
+
+    def _cluster_client(self) -> RedisCluster:
+        parts = urlsplit(self._connection_url)
+        url = urlunsplit(parts._replace(path=""))
+        return RedisCluster.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            max_connections=POOL_SIZE * 4,
+            health_check_interval=STALE_CONNECTION_CHECK["health_check_interval"],
+            # A command that met a moved slot, a failed node or a cluster still electing is
+            # retried after redis-py re-read the slot map (about a second in all; past that
+            # the caller gets EngineUnavailable, a 503).
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
+        )
+
+    def _make_feed(self) -> RedisFeed:
+        if isinstance(self._client, RedisCluster):
+            cluster = self._client
+            return RedisFeed(
+                sharded=True,
+                channel_of=self.keys.channel,
+                owner_of=lambda channel: cluster.nodes_manager.get_node_from_slot(
+                    key_slot(channel.encode())
+                ).name,
+                primaries=self._slot_owners,
+                idle_channel=self._idle_channel,
+                connect=self._node_connection,
+                refresh=self._refresh_topology,
+                load=self._load_change,
+                emit=self._emit,
+            )
+        single_url = self._connection_url
+        return RedisFeed(
+            sharded=False,
+            channel_of=self.keys.channel,
+            owner_of=lambda channel: SINGLE_NODE,
+            primaries=lambda: [SINGLE_NODE],
+            idle_channel=lambda node: self.keys.idle_channel("idle"),
+            connect=lambda node: _raw_connection(single_url),
+            refresh=_nothing,
+            load=self._load_change,
+            emit=self._emit,
+        )
+
+    # --- cluster topology (used by the feed) ---------------------------------------------
+
+    def _slot_owners(self) -> list[str]:
+        assert isinstance(self._client, RedisCluster)
+        cache = self._client.nodes_manager.slots_cache
+        return sorted({nodes[0].name for nodes in cache.values() if nodes})
+
+    def _idle_channel(self, node: str) -> str:
+        """A channel whose slot ``node`` owns (tags are tried in order until one lands)."""
+        assert isinstance(self._client, RedisCluster)
+        manager = self._client.nodes_manager
+        known = self._idle_tags.get(node)
+        candidates = [known] if known else []
+        candidates += [str(i) for i in range(200_000)]
+        for tag in candidates:
+            channel = self.keys.idle_channel(tag)
+            owner = manager.slots_cache.get(key_slot(channel.encode()))
+            if owner and owner[0].name == node:
+                self._idle_tags[node] = tag
+                return channel
+        raise EngineUnavailable(f"cluster node {node} owns no hash slot")
+
+    def _node_connection(self, node: str) -> AbstractConnection:
+        assert isinstance(self._client, RedisCluster)
+        found = self._client.get_node(node_name=node)
+        if found is None:
+            raise EngineUnavailable(f"cluster node {node} is no longer known")
+        kwargs = dict(found.connection_kwargs)
+        kwargs["retry"] = Retry(NoBackoff(), 0)
+        connection: AbstractConnection = found.connection_class(**kwargs)
+        return connection
+
+    async def _refresh_topology(self) -> None:
+        assert isinstance(self._client, RedisCluster)
+        await self._client.nodes_manager.initialize()
+
+    async def _load_change(self, job_id: str) -> Change | None:
+        raw = await self.client.hget(self.keys.job(job_id), "state")
+        return None if raw is None else Change.of(JobState.from_json(raw), raw)
+
+    # --- lifecycle -----------------------------------------------------------------------
 
     async def stop(self) -> None:
         if self._replace_flusher is not None:
@@ -160,13 +305,17 @@ class RedisEngine(Engine):
             with contextlib.suppress(Exception):
                 await self._replace_flusher
             self._replace_flusher = None
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
+        if self._feed is not None:
+            await self._feed.stop()
+            self._feed = None
         if self._client is not None:
-            await self._client.aclose(close_connection_pool=True)
+            if isinstance(self._client, RedisCluster):
+                await self._client.aclose()
+            else:
+                await self._client.aclose(close_connection_pool=True)
             self._client = None
 
     def _redacted_url(self) -> str:
@@ -178,23 +327,23 @@ class RedisEngine(Engine):
     async def ping(self) -> None:
         try:
             await self.client.ping()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"Redis at {self._redacted_url()} is unreachable: {exc}") from exc
+
+    async def ready(self) -> None:
+        await self.ping()
+        if self._feed is not None and not self._feed.live:
+            raise EngineUnavailable(
+                f"the change feed from Redis is not live yet ({self._feed.status()})"
+            )
 
     # --- writes --------------------------------------------------------------------------
 
     async def insert(self, state: JobState) -> None:
         state_json = state.to_json()
-        change = Change.of(state, state_json)
-        created = parse_time(state.created_at).timestamp()
         try:
             created_new = await self._insert(
-                keys=[
-                    self.keys.job(state.job_id),
-                    self.keys.history(state.job_id),
-                    self.keys.owner_index(state.owner),
-                    self.keys.all_jobs(),
-                ],
+                keys=[self.keys.job(state.job_id), self.keys.history(state.job_id)],
                 args=[
                     state_json,
                     state.seq,
@@ -202,27 +351,36 @@ class RedisEngine(Engine):
                     self.history_limit,
                     json.dumps(history_entry(state), separators=(",", ":")),
                     self.keys.channel(state.job_id),
-                    change.encode(),
-                    state.job_id,
-                    created,
+                    encode_change(Change.of(state, state_json)),
                     int(state.terminal),
+                    self._publish,
                 ],
             )
-        except (RedisError, OSError) as exc:
+            if created_new == 0:
+                raise JobExists(state.job_id)
+            await self._index(state)
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot store job {state.job_id!r} in Redis: {exc}") from exc
-        if created_new == 0:
-            raise JobExists(state.job_id)
+
+    async def _index(self, state: JobState) -> None:
+        """Write the job's entries in the cross-job indexes (idempotent), then mark it
+        indexed. On a cluster these keys live on other shards than the job."""
+        created = parse_time(state.created_at).timestamp()
+        owner_index = self.keys.owner_index(state.owner)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(owner_index, {state.job_id: created})
+            pipe.expire(owner_index, self.ttl_seconds)
+            pipe.zadd(self.keys.all_jobs(), {state.job_id: created})
+            await pipe.execute()
+        await self.client.hset(self.keys.job(state.job_id), "ix", "1")
+        self._index_touched[state.owner] = time.monotonic()
 
     async def replace(self, state: JobState, expected_seq: int) -> bool:
         check_successor(state, expected_seq)
         state_json = state.to_json()
         try:
             result = await self._batched_replace(
-                [
-                    self.keys.job(state.job_id),
-                    self.keys.history(state.job_id),
-                    self.keys.owner_index(state.owner),
-                ],
+                [self.keys.job(state.job_id), self.keys.history(state.job_id)],
                 [
                     expected_seq,
                     state_json,
@@ -231,25 +389,59 @@ class RedisEngine(Engine):
                     self.history_limit,
                     json.dumps(history_entry(state), separators=(",", ":")),
                     self.keys.channel(state.job_id),
-                    Change.of(state, state_json).encode(),
+                    encode_change(Change.of(state, state_json)),
                     int(state.terminal),
+                    self._publish,
                 ],
             )
-        except (RedisError, OSError) as exc:
+            if result == 2:
+                # Applied, and the job's index entries were never confirmed written (a
+                # crash right after its create): write them now.
+                await self._index(state)
+                result = 1
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot update job {state.job_id!r} in Redis: {exc}") from exc
         if result == -2:
             current = await self.load(state.job_id)
             raise JobTerminal(state.job_id, current.phase if current else Phase.FAILED)
+        if result == 1:
+            self._keep_owner_index(state.owner)
         # -1: the job expired between read and write; the caller reloads and reports not found.
         return bool(result == 1)
+
+    def _keep_owner_index(self, owner: str) -> None:
+        """The owner index expires like the jobs it lists; a job that keeps being updated
+        keeps its owner's index alive too (refreshed at most every tenth of the TTL)."""
+        now = time.monotonic()
+        if now - self._index_touched.get(owner, 0.0) < self.ttl_seconds / 10:
+            return
+        if len(self._index_touched) > 100_000:
+            self._index_touched.clear()
+        self._index_touched[owner] = now
+        task = asyncio.get_running_loop().create_task(self._expire_owner_index(owner))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _expire_owner_index(self, owner: str) -> None:
+        try:
+            await self.client.expire(self.keys.owner_index(owner), self.ttl_seconds)
+        except REDIS_ERRORS as exc:
+            self._index_touched.pop(owner, None)
+            log.warning("cannot extend the job index of an owner: %s", exc)
 
     async def _batched_replace(self, keys: list[str], args: list[Any], script: Any = None) -> Any:
         """Run the replace script, sharing one round trip with the other replaces issued
         meanwhile: concurrent writers (a batch of reports, many jobs) would otherwise each
         pay redis-py's per-command cost and a round trip. Each script still runs atomically
-        on its own; only the network trip is shared."""
+        on its own; only the network trip is shared.
+
+        On a cluster each script is sent on its own (redis-py's cluster pipeline refuses
+        scripts); concurrent ones still overlap, on the connections of each shard's pool."""
+        script = script or self._replace
+        if self.clustered:
+            return await script(keys=keys, args=args)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._replace_queue.append((script or self._replace, keys, args, future))
+        self._replace_queue.append((script, keys, args, future))
         if self._replace_flusher is None or self._replace_flusher.done():
             self._replace_flusher = asyncio.create_task(self._flush_replaces())
         return await future
@@ -258,20 +450,44 @@ class RedisEngine(Engine):
         while self._replace_queue:
             await asyncio.sleep(0)  # let the writers of this loop turn queue theirs too
             batch, self._replace_queue = self._replace_queue, []
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for script, keys, args, _ in batch:
-                        await script(keys=keys, args=args, client=pipe)
-                    results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                results = [exc] * len(batch)
-            for (_, _, _, future), result in zip(batch, results, strict=True):
+            results = await self._pipelined_replaces(batch)
+            for (script, keys, args, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
-                if isinstance(result, BaseException):
+                if isinstance(result, NoScriptError):
+                    # A node that never saw the script (restarted, or a promoted replica):
+                    # run this one on its own, which loads the script first.
+                    self._retry_alone(script, keys, args, future)
+                elif isinstance(result, BaseException):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    async def _pipelined_replaces(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in batch:
+                    await script(keys=keys, args=args, client=pipe)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+                return results
+        except REDIS_ERRORS as exc:
+            return [exc] * len(batch)
+
+    def _retry_alone(
+        self, script: Any, keys: list[str], args: list[Any], future: asyncio.Future[Any]
+    ) -> None:
+        async def run() -> None:
+            try:
+                future.set_result(await script(keys=keys, args=args))
+            except BaseException as exc:  # handed to the waiting writer
+                if not future.done():
+                    future.set_exception(exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- one report, one round trip (apply.lua) ---------------------------------------
 
@@ -326,17 +542,19 @@ class RedisEngine(Engine):
                 for p in WORKING_PHASES
             ),
             *fields,
+            *[""] * (8 - len(fields)),  # ARGV 18 (an ending's error) is '' for a report
+            self._publish,
         ]
-        keys = [
-            self.keys.job(job_id),
-            self.keys.history(job_id),
-            self.keys.owner_index(inputs.owner),
-        ]
+        keys = [self.keys.job(job_id), self.keys.history(job_id)]
         try:
             result = await self._batched_replace(keys, args, self._apply)
-        except (RedisError, OSError) as exc:
+            code = int(result[0])
+            if code == 1:
+                if result[2] == "0":
+                    await self._index(JobState.from_json(str(result[1])))
+                self._keep_owner_index(inputs.owner)
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot update job {job_id!r} in Redis: {exc}") from exc
-        code = int(result[0])
         if code >= 0:
             return Decided(code == 1, str(result[1]))
         if code == -1:
@@ -356,7 +574,7 @@ class RedisEngine(Engine):
     async def load(self, job_id: str) -> JobState | None:
         try:
             raw = await self.client.hget(self.keys.job(job_id), "state")
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot read job {job_id!r} from Redis: {exc}") from exc
         return None if raw is None else JobState.from_json(raw)
 
@@ -365,7 +583,7 @@ class RedisEngine(Engine):
     ) -> list[JobState]:
         index = self.keys.owner_index(owner) if owner is not None else self.keys.all_jobs()
         found: list[JobState] = []
-        expired: list[str] = []
+        stale: list[str] = []
         start = 0
         page = max(limit, 50)
         try:
@@ -380,29 +598,32 @@ class RedisEngine(Engine):
                     rows = await pipe.execute()
                 for job_id, (raw, terminal) in zip(ids, rows, strict=True):
                     if raw is None:
-                        expired.append(job_id)
+                        stale.append(job_id)  # the job expired before its index entry
+                        continue
+                    state = JobState.from_json(raw)
+                    if owner is not None and state.owner != owner:
+                        stale.append(job_id)  # the id expired and was taken by someone else
                     elif not (active_only and terminal == "1"):
-                        found.append(JobState.from_json(raw))
+                        found.append(state)
                         if len(found) == limit:
                             break
-            if expired:
-                # Index entries outlive the jobs they name (the job's TTL expired first).
-                await self.client.zrem(index, *expired)
-        except (RedisError, OSError) as exc:
+            if stale:
+                await self.client.zrem(index, *stale)
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot list jobs in Redis: {exc}") from exc
         return found
 
     async def history(self, job_id: str, *, limit: int) -> list[dict[str, Any]]:
         try:
             entries = await self.client.xrevrange(self.keys.history(job_id), count=limit)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot read history of {job_id!r}: {exc}") from exc
         return [json.loads(fields["e"]) for _, fields in reversed(entries or []) if fields]
 
     async def load_stats(self, kind: str) -> PhaseStats:
         try:
             raw = {str(k): str(v) for k, v in (await self.client.hgetall(self.keys.stats(kind))).items()}
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot read phase statistics: {exc}") from exc
         stats: PhaseStats = {}
         for phase in Phase:
@@ -419,7 +640,7 @@ class RedisEngine(Engine):
             args += [phase.value, seconds]
         try:
             await self._learn(keys=[self.keys.stats(kind)], args=args)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot record phase durations: {exc}") from exc
 
     # --- plugins (engines/extensions.py) -------------------------------------------------
@@ -437,111 +658,32 @@ class RedisEngine(Engine):
     # --- fan-out -------------------------------------------------------------------------
 
     async def listen(self, job_id: str) -> None:
-        if job_id in self._listened:
-            return
-        if self._client is None or self._listener is None:
+        if self._client is None or self._feed is None:
             raise EngineUnavailable(
                 "the Redis engine was started without a change handler; its changes cannot be watched"
             )
-        # Listened from now on: if the link drops before the subscription is confirmed, the
-        # listener subscribes it again when it reconnects.
-        self._listened.add(job_id)
-        channel = self.keys.channel(job_id)
         try:
-            await asyncio.wait_for(self._subscribe(channel), self.subscribe_timeout)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._listened.discard(job_id)
+            await self._feed.listen(job_id, self.subscribe_timeout)
+        except TimeoutError as exc:
             raise EngineUnavailable(
                 f"cannot watch job {job_id!r}: the subscription to Redis at "
-                f"{self._redacted_url()} was not confirmed ({str(exc) or 'timed out'}); try again"
+                f"{self._redacted_url()} was not confirmed within {self.subscribe_timeout:g}s "
+                "(the change feed is reconnecting); try again"
             ) from exc
 
-    async def _subscribe(self, channel: str) -> None:
-        """Subscribe on the live pub/sub connection (waiting for it while it reconnects) and
-        return once Redis has confirmed the subscription."""
-        while True:
-            await self._connected.wait()
-            pubsub = self._pubsub
-            if pubsub is None:
-                await asyncio.sleep(0)  # the flag is being cleared by a failing listener
-                continue
-            confirmed = asyncio.get_running_loop().create_future()
-            self._confirmations[channel] = confirmed
-            try:
-                await pubsub.subscribe(channel)
-                await confirmed
-                return
-            except (RedisError, OSError) as exc:
-                # The link dropped under us; the listener reconnects, and we try again on
-                # the new connection (the caller bounds the whole wait).
-                log.info("subscribe to %s interrupted (%s); retrying after reconnect", channel, exc)
-                await asyncio.sleep(0)
-            finally:
-                if self._confirmations.get(channel) is confirmed:
-                    del self._confirmations[channel]
-
     async def unlisten(self, job_id: str) -> None:
-        if job_id not in self._listened:
-            return
-        self._listened.discard(job_id)
-        if self._pubsub is not None and self._connected.is_set():
-            try:
-                await self._pubsub.unsubscribe(self.keys.channel(job_id))
-            except (RedisError, OSError) as exc:
-                log.warning("unsubscribe from %s failed: %s", job_id, exc)
+        if self._feed is not None:
+            await self._feed.unlisten(job_id)
 
-    async def _listen_forever(self) -> None:
-        failures = 0
-        while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=False)
-            try:
-                # A placeholder channel makes the connection a subscriber right away, so
-                # get_message has something to wait on even before any job is watched.
-                await pubsub.subscribe(self.keys.channel("*idle*"))
-                listened = list(self._listened)
-                if listened:
-                    await pubsub.subscribe(*(self.keys.channel(j) for j in listened))
-                self._pubsub = pubsub
-                self._connected.set()
-                if failures:
-                    log.info("pub/sub reconnected after %d failures; resyncing %d jobs",
-                             failures, len(listened))
-                    await self._resync(listened)
-                failures = 0
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is None:
-                        continue
-                    kind = message["type"]
-                    if kind == "message":
-                        self._emit(Change.decode(message["data"]))
-                    elif kind == "subscribe":
-                        future = self._confirmations.get(message["channel"])
-                        if future is not None and not future.done():
-                            future.set_result(None)
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                self._connected.clear()
-                self._pubsub = None
-                for pending in list(self._confirmations.values()):
-                    if not pending.done():
-                        pending.set_exception(ConnectionError(f"pub/sub connection lost: {exc}"))
-                failures += 1
-                delay = backoff_delay(failures, base=RECONNECT_BASE_SECONDS, cap=RECONNECT_CAP_SECONDS)
-                log.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
-                await asyncio.sleep(delay)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _resync(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            if job_id not in self._listened:
-                continue
-            try:
-                state = await self.load(job_id)
-            except EngineUnavailable:
-                return  # the link dropped again; the next reconnect resyncs
-            if state is not None:
-                self._emit(Change.of(state))
+def _raw_connection(url: str) -> AbstractConnection:
+    """One connection with no retries of its own (see ``redis_feed``)."""
+    pool = aioredis.ConnectionPool.from_url(url, decode_responses=True, socket_connect_timeout=5)
+    kwargs = dict(pool.connection_kwargs)
+    kwargs["retry"] = Retry(NoBackoff(), 0)
+    connection: AbstractConnection = pool.connection_class(**kwargs)
+    return connection
+
+
+async def _nothing() -> None:
+    return None

@@ -120,11 +120,14 @@ def create_app(
         return {"status": "ok", "version": __version__}
 
     @app.get("/readyz", tags=["service"], response_model=None,
-             responses={200: {"model": Readiness, "description": "the engine answers"},
-                        503: {"model": Readiness, "description": "the engine cannot be reached"}})
+             responses={200: {"model": Readiness,
+                              "description": "the engine answers and its change feed is live"},
+                        503: {"model": Readiness,
+                              "description": "the engine cannot be reached, or its change feed "
+                                             "is not live yet"}})
     async def readyz(request: Request) -> JSONResponse:
         try:
-            await tracker.engine.ping()
+            await tracker.engine.ready()
         except EngineUnavailable as exc:
             return JSONResponse({"status": "unavailable", "reason": exc.message}, 503)
         return JSONResponse({"status": "ready"})

@@ -9,7 +9,7 @@
 -- whose encoding this script would not reproduce exactly is left alone (-5): the caller
 -- then takes the Python path.
 --
--- KEYS: 1 state hash, 2 history stream, 3 owner index (zset)
+-- KEYS: 1 state hash, 2 history stream (both tagged with the job id: one cluster slot)
 -- ARGV: 1 now (integer microseconds since the epoch), 2 now as RFC 3339 (ms), 3 now as
 --       Unix seconds with 3 decimals (pub/sub header), 4 ttl seconds, 5 history maxlen,
 --       6 channel, 7 kind the caller's weights are for, 8 owner the caller expects,
@@ -17,9 +17,10 @@
 --       of the same four ('' where none), 11 phase, 12 phase_progress, 13 step,
 --       14 step_progress, 15 step_status, 16 steps_total, 17 message as a JSON string
 --       (ARGV 12-17: '' for none); for an ending (ARGV 11 COMPLETE, FAILED or CANCELLED):
---       17 the message as a JSON string, 18 the error as a JSON object or 
--- Returns {1, state} applied; {0, state} late or repeated; {-1} no such job;
---         {-2, phase} ended; {-3, kind, owner} other kind or owner than expected (nothing
+--       17 the message as a JSON string, 18 the error as a JSON object or '';
+--       19 PUBLISH or SPUBLISH (on a cluster)
+-- Returns {1, state, ix} applied (ix '0': the job's index entries are still to be
+--         written); {0, state} late or repeated; {-1} no such job; {-2, phase} ended; {-3, kind, owner} other kind or owner than expected (nothing
 --         decided: ask again with theirs); {-4} too many steps; {-5} not reproducible.
 
 local PHASES = {'QUEUED', 'ANALYZING', 'GENERATING', 'POST_PROCESSING',
@@ -296,9 +297,8 @@ local function store(state, entry, terminal)
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', entry)
   redis.call('EXPIRE', KEYS[2], ARGV[4])
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
-  -- The pub/sub payload: Change.encode's form (seq|terminal|changed_at|job_id|state).
-  redis.call('PUBLISH', ARGV[6], int(st.seq) .. '|' .. terminal .. '|' .. ARGV[3] .. '|' .. st.job_id .. '|' .. state)
+  -- The pub/sub payload: redis_feed.encode_change's form (seq|terminal|changed_at|job_id|state).
+  redis.call(ARGV[19], ARGV[6], int(st.seq) .. '|' .. terminal .. '|' .. ARGV[3] .. '|' .. st.job_id .. '|' .. state)
 end
 
 local function history_entry(message)
@@ -327,7 +327,7 @@ if RANK[phase] == 4 then
   local state = encode_head(st, order, ARGV[17]) .. ',"error":' .. error_json
     .. string.sub(tail, 14)  -- ,"metadata":… after ',"error":null'
   store(state, history_entry(ARGV[17]), '1')
-  return {1, state}
+  return {1, state, redis.call('HGET', KEYS[1], 'ix') or '1'}
 end
 
 local weights, means = numbers(ARGV[9], false), numbers(ARGV[10], true)
@@ -412,4 +412,4 @@ st.updated_at = stamp
 st.eta_seconds = estimate_eta(st, now_us, weights, means)
 local state = encode_head(st, order, message_json) .. tail
 store(state, history_entry(message_json), '0')
-return {1, state}
+return {1, state, redis.call('HGET', KEYS[1], 'ix') or '1'}

@@ -1,9 +1,12 @@
 -- Replace a job's state only if it is still the one the new state was computed from,
 -- so two writers can never interleave; then extend its life, append history and announce.
--- KEYS: 1 state hash, 2 history stream, 3 owner index (zset)
+-- KEYS: 1 state hash, 2 history stream (both tagged with the job id: one slot)
 -- ARGV: 1 expected seq, 2 state json, 3 new seq, 4 ttl seconds, 5 history maxlen,
---       6 history entry json, 7 channel, 8 pub/sub payload, 9 terminal (0/1)
-local current = redis.call('HMGET', KEYS[1], 'seq', 'terminal')
+--       6 history entry json, 7 channel, 8 pub/sub payload, 9 terminal (0/1),
+--       10 PUBLISH or SPUBLISH
+-- Returns 1 (stored), 2 (stored; the job's index entries are still to be written),
+-- 0 (stale base), -1 (no such job), -2 (refused: the job has finished).
+local current = redis.call('HMGET', KEYS[1], 'seq', 'terminal', 'ix')
 if not current[1] then
   return -1
 end
@@ -20,6 +23,8 @@ redis.call('HSET', KEYS[1], 'state', ARGV[2], 'seq', ARGV[3], 'terminal', ARGV[9
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('PUBLISH', ARGV[7], ARGV[8])
+redis.call(ARGV[10], ARGV[7], ARGV[8])
+if current[3] == '0' then
+  return 2
+end
 return 1

@@ -1,0 +1,259 @@
+"""Private Redis servers for tests that restart, kill or reshard Redis: one ``redis-server``
+with its append-only file (restartable on the same port and data), and a Redis Cluster of
+three primaries with one replica each, on free ports, torn down by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+from redis.crc import key_slot
+from tests.support.process import free_port, wait_for_port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(1000):
+        port = random.randint(20000, 45000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed (apt-get install redis-server redis-tools)")
+    return found
+
+
+class RedisNode:
+    """One ``redis-server`` process; with ``aof`` every acknowledged write is in its
+    append-only file (fsync always), so a restart on the same directory keeps them."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        folder: Path | None = None,
+        aof: bool = True,
+        cluster: bool = False,
+    ) -> None:
+        self.port = port or (cluster_port() if cluster else free_port())
+        self.dir = folder or Path(tempfile.mkdtemp(prefix="phasecast-redis-"))
+        self.aof = aof
+        self.cluster = cluster
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> RedisNode:
+        argv = [
+            _binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--dir", str(self.dir), "--protected-mode", "no",
+        ]
+        if self.aof:
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            argv += ["--appendonly", "no"]
+        if self.cluster:
+            argv += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.dir / "nodes.conf"),
+                # Failure detection and the replica's election take about this long.
+                "--cluster-node-timeout", "1000",
+                "--cluster-replica-validity-factor", "0",
+                "--cluster-allow-reads-when-down", "no",
+            ]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, 10, self.process)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisNode:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class RedisClusterProcesses:
+    """Three primaries and three replicas (``redis-cli --cluster create``)."""
+
+    def __init__(self, primaries: int = 3, replicas: int = 1) -> None:
+        self.nodes = [RedisNode(cluster=True) for _ in range(primaries * (1 + replicas))]
+        self.replicas = replicas
+
+    @property
+    def url(self) -> str:
+        """Any node will do: the engine discovers the others."""
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 30.0) -> RedisClusterProcesses:
+        try:
+            for node in self.nodes:
+                node.start()
+            subprocess.run(
+                [_binary("redis-cli"), "--cluster", "create",
+                 *(n.address for n in self.nodes),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout,
+            )
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until every live node reports the cluster ok with every slot served, and every
+        primary has its replicas attached."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._healthy():
+                return
+            time.sleep(0.05)
+        raise TimeoutError("the Redis Cluster did not become healthy")
+
+    def _healthy(self) -> bool:
+        try:
+            for node in self.nodes:
+                if not node.alive:
+                    continue
+                with node.client() as client:
+                    info = client.execute_command("CLUSTER", "INFO")
+                    text = info if isinstance(info, str) else info.decode()
+                    if "cluster_state:ok" not in text or "cluster_slots_ok:16384" not in text:
+                        return False
+            return len(self.shards()) == len(self.nodes) // (1 + self.replicas)
+        except redis.RedisError:
+            return False
+
+    def shards(self) -> dict[str, list[tuple[int, int]]]:
+        """Primary address -> its slot ranges, as a live node sees it."""
+        for node in self.nodes:
+            if not node.alive:
+                continue
+            with node.client() as client:
+                found: dict[str, list[tuple[int, int]]] = {}
+                for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    address = f"{primary[0]}:{primary[1]}"
+                    found.setdefault(address, []).append((int(start), int(end)))
+                return found
+        raise RuntimeError("no live cluster node")
+
+    def node_at(self, address: str) -> RedisNode:
+        return next(n for n in self.nodes if n.address == address)
+
+    def owner_of(self, key: str) -> RedisNode:
+        """The primary that serves ``key`` (or a job id: its keys are tagged with it) now."""
+        return self.owner_for_slot(key_slot(key.encode()))
+
+    def node_id(self, node: RedisNode) -> str:
+        with node.client() as client:
+            found: str = client.execute_command("CLUSTER", "MYID")
+            return found
+
+    def wait_replicas_synced(self, timeout: float = 30.0) -> None:
+        """Until every live replica's link to its primary is up (so a failover is possible)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                states = []
+                for node in self.nodes:
+                    if node.alive:
+                        with node.client() as client:
+                            states.append(client.info("replication"))
+                if all(
+                    s.get("role") == "master" or s.get("master_link_status") == "up" for s in states
+                ) and sum(s.get("role") == "slave" for s in states) >= len(self.shards()):
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("replicas did not sync")
+
+    def migrate_slot(self, slot: int, target: RedisNode) -> None:
+        """Move one hash slot and its keys to ``target`` the way ``redis-cli --cluster
+        reshard`` does: IMPORTING/MIGRATING, MIGRATE the keys, then SETSLOT NODE on every
+        primary."""
+        source = self.owner_for_slot(slot)
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        with target.client() as to, source.client() as src:
+            to.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+                if not keys:
+                    break
+                src.execute_command(
+                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "REPLACE", "KEYS", *keys
+                )
+            to.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        for node in self.nodes:
+            if node.alive and node not in (source, target):
+                with node.client() as client, contextlib.suppress(redis.ResponseError):
+                    # Replicas refuse it; they follow their primary.
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+    def owner_for_slot(self, slot: int) -> RedisNode:
+        for address, ranges in self.shards().items():
+            if any(start <= slot <= end for start, end in ranges):
+                return self.node_at(address)
+        raise RuntimeError(f"slot {slot} is not served")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterProcesses:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
