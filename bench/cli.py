@@ -66,7 +66,11 @@ def _log(message: str) -> None:
 
 
 def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    systems = ["phasecast-redis", "socketio", "redis-floor"] if args.system == "compare" else [args.system]
+    systems = {
+        "compare": ["phasecast-redis", "socketio", "redis-floor"],
+        # A Redis Cluster of three shards next to a single Redis, in one invocation.
+        "cluster": ["phasecast-redis", "phasecast-cluster"],
+    }.get(args.system, [args.system])
     for name in systems:
         _log(f"fanout {name}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s, {args.seconds}s")
         result = repeated(
@@ -247,7 +251,10 @@ def parser() -> argparse.ArgumentParser:
     fan.add_argument(
         "--system",
         default="compare",
-        choices=["compare", "phasecast-redis", "phasecast-sqlite", "socketio", "redis-floor"],
+        choices=[
+            "compare", "cluster", "phasecast-redis", "phasecast-cluster", "phasecast-sqlite",
+            "socketio", "redis-floor",
+        ],
     )
     fan.add_argument("--transport", default="ws", choices=["ws", "sse"])
     fan.add_argument("--publisher", default="tracker", choices=["tracker", "http"])

@@ -16,7 +16,15 @@ from typing import Any
 
 from bench.common import CpuMeter, merge_histograms, percentiles, rss_kb, token
 from bench.control import Child, child_argv
-from bench.systems import System, create_jobs, phasecast, private_redis, redis_floor, socketio_server
+from bench.systems import (
+    System,
+    create_jobs,
+    phasecast,
+    private_redis,
+    redis_cluster,
+    redis_floor,
+    socketio_server,
+)
 
 IDLE_SETTLE_SECONDS = 2.0
 DRAIN_SECONDS = 1.5
@@ -29,6 +37,9 @@ def system_for(name: str, env: dict[str, str] | None = None) -> Iterator[System]
     with private_redis() as redis:
         if name == "phasecast-redis":
             with phasecast("redis", redis, env) as system:
+                yield system
+        elif name == "phasecast-cluster":
+            with redis_cluster() as cluster, phasecast("redis", redis, env, cluster) as system:
                 yield system
         elif name == "phasecast-sqlite":
             with phasecast("sqlite", None, env) as system:

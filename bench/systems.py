@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 from tests.support.process import PrivateRedis, ServerProcess, free_port, wait_for_port
+from tests.support.redis_servers import RedisClusterProcesses
 
 from bench.common import VIEWER, token
 from bench.control import child_env
@@ -49,10 +50,27 @@ def private_redis() -> Iterator[PrivateRedis]:
 
 
 @contextlib.contextmanager
-def phasecast(engine: str, redis: PrivateRedis | None, env: dict[str, str] | None = None) -> Iterator[System]:
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    """Three primaries with one replica each (``tests/support/redis_servers.py``)."""
+    cluster = RedisClusterProcesses().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@contextlib.contextmanager
+def phasecast(
+    engine: str,
+    redis: PrivateRedis | None,
+    env: dict[str, str] | None = None,
+    cluster: RedisClusterProcesses | None = None,
+) -> Iterator[System]:
     """``phasecast serve`` via ``ServerProcess`` (the real command, TEST_SECRET set)."""
     workdir = Path(tempfile.mkdtemp(prefix="phasecast-bench-"))
-    if engine == "redis":
+    if cluster is not None:
+        engine_url = f"{cluster.url}?prefix=bench-{uuid.uuid4().hex[:8]}"
+    elif engine == "redis":
         assert redis is not None
         engine_url = f"{redis.url}?prefix=bench-{uuid.uuid4().hex[:8]}"
     else:
@@ -71,7 +89,8 @@ def phasecast(engine: str, redis: PrivateRedis | None, env: dict[str, str] | Non
             server.pid,
             engine_url=engine_url,
             redis_url=redis.url if redis else "",
-            redis_pid=redis.process.pid if redis and redis.process else None,
+            # On a cluster, Redis CPU is spread over six processes: not metered.
+            redis_pid=redis.process.pid if redis and redis.process and cluster is None else None,
             server=server,
         )
     finally:

@@ -166,7 +166,7 @@ def _integration_hooks(settings: Settings, *, demo_speed: float | None = None) -
         raise typer.Exit(2) from None
 
 
-def _run_server(settings: Settings, startup: list[Any]) -> None:
+def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> None:
     import uvicorn
 
     from phasecast.server.app import create_app
@@ -174,13 +174,7 @@ def _run_server(settings: Settings, startup: list[Any]) -> None:
     from phasecast.server.rawws import WS_PROTOCOLS
 
     configure_logging(json_output=settings.log_json, level=settings.log_level)
-    try:
-        application = create_app(settings, startup=startup)
-    except ConfigurationError as exc:
-        typer.secho(f"configuration error: {exc.message}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    config = uvicorn.Config(
-        application,
+    options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         access_log=False,  # ours omits query strings, which may carry tokens
@@ -200,7 +194,59 @@ def _run_server(settings: Settings, startup: list[Any]) -> None:
         # Raw connections ping from their session; plain ASGI ones from the protocol.
         ws_ping_interval=settings.ping_interval,
     )
-    uvicorn.Server(config).run()
+    if workers > 1:
+        # uvicorn's worker model: this process binds the port and supervises ``workers``
+        # processes that accept on it, each building its own app (own hub, own change feed).
+        # They read their settings from the environment, so what the command line set is
+        # passed down that way.
+        os.environ.update(_settings_env(settings))
+        uvicorn.run("phasecast.cli:worker_app", factory=True, workers=workers, **options)
+        return
+    try:
+        application = create_app(settings, startup=startup)
+    except ConfigurationError as exc:
+        typer.secho(f"configuration error: {exc.message}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.Server(uvicorn.Config(application, **options)).run()
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    env = {
+        "PHASECAST_HOST": settings.host,
+        "PHASECAST_PORT": str(settings.port),
+        "PHASECAST_ENGINE": settings.engine,
+        "PHASECAST_LOG_JSON": "1" if settings.log_json else "0",
+        "PHASECAST_LOG_LEVEL": settings.log_level,
+        "PHASECAST_JWT_SECRET": settings.jwt_secret or "",
+    }
+    if settings.archive:
+        env["PHASECAST_ARCHIVE"] = settings.archive
+    return {k: v for k, v in env.items() if v}
+
+
+def worker_app() -> Any:
+    """The app of one ``serve --workers N`` process (uvicorn calls this in each worker)."""
+    from phasecast.integrations import startup_hooks
+    from phasecast.server.app import create_app
+    from phasecast.server.logs import configure_logging
+
+    settings = load_settings(allow_dev_secret=False)
+    configure_logging(json_output=settings.log_json, level=settings.log_level)
+    return create_app(settings, startup=startup_hooks(settings))
+
+
+def _worker_count(value: str) -> int:
+    """``--workers``: a number of processes, or ``auto`` for one per core this process may
+    run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        raise typer.BadParameter("a number of processes, or auto (one per core)") from None
+    if not 1 <= count <= 256:
+        raise typer.BadParameter("from 1 to 256, or auto (one per core)")
+    return count
 
 
 @app.command()
@@ -215,8 +261,18 @@ def serve(
     archive: Annotated[
         str | None, typer.Option(help="postgresql://… for durable job records (env PHASECAST_ARCHIVE).")
     ] = None,
+    workers: Annotated[
+        str,
+        typer.Option(
+            envvar="PHASECAST_WORKERS",
+            help="Server processes on the one port, each with its own connections and change "
+            "feed: a number, or auto for one per core (env PHASECAST_WORKERS). More than one "
+            "needs the Redis engine.",
+        ),
+    ] = "1",
 ) -> None:
     """Run the Phasecast server."""
+    processes = _worker_count(workers)
     settings = load_settings(
         allow_dev_secret=os.environ.get("PHASECAST_ALLOW_DEV_SECRET", "1") != "0",
         host=host, port=port, engine=engine, log_json=log_json or None, log_level=log_level,
@@ -229,9 +285,16 @@ def serve(
             f"Using the development secret in {DEV_SECRET_FILE}; set PHASECAST_JWT_SECRET in "
             "production.", fg="yellow", err=True,
         )
+    if processes > 1 and not settings.engine.startswith(("redis://", "rediss://", "unix://")):
+        typer.secho(
+            f"--workers {processes} needs a shared engine: one process owns an SQLite file. "
+            "Use --workers 1, or a Redis engine (--engine redis://host:6379/0) to run several "
+            "workers.", fg="red", err=True,
+        )
+        raise typer.Exit(2)
     _check_port(settings.host, settings.port)
     _check_engine(settings.engine)
-    _run_server(settings, startup=_integration_hooks(settings))
+    _run_server(settings, startup=_integration_hooks(settings), workers=processes)
 
 
 @app.command()
