@@ -115,11 +115,6 @@ ENGINE_URL_FIXTURES = {
 )
 def engine_url(request: pytest.FixtureRequest) -> str:
     """Every contract test runs once per engine: SQLite, a single Redis, a Redis Cluster."""
-    if request.param == "cluster" and "runpod" in request.node.nodeid:
-        pytest.skip(
-            "the RunPod panel store does not run on Redis Cluster yet: its compare-and-set "
-            "script writes a job's panel record and the cross-job in-flight index together"
-        )
     url: str = request.getfixturevalue(ENGINE_URL_FIXTURES[request.param])
     return url
 

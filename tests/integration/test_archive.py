@@ -444,17 +444,21 @@ def _outbox_holds(engine_url: str, job_id: str, seq: int) -> Callable[[], Awaita
         return check_sqlite
     from urllib.parse import parse_qs, urlsplit
 
+    from phasecast.engines.redis import RedisEngine
     from phasecast.engines.redis_keys import RedisKeys
 
     keys = RedisKeys(parse_qs(urlsplit(engine_url).query)["prefix"][0])
 
     async def check_redis() -> bool:
-        client = aioredis.Redis.from_url(engine_url.split("?")[0], decode_responses=True)
+        # Through the engine's own client: on a Redis Cluster, a cluster client.
+        engine = RedisEngine(engine_url)
+        await engine.start()
         try:
+            client = engine.client
             raw = await client.hget(keys.archive_states(), job_id)
             events = [k for k in await client.hkeys(keys.archive_events()) if k.startswith(f"{job_id}\x1f")]
         finally:
-            await client.aclose()
+            await engine.stop()
         return raw is not None and raw.startswith(f"{seq}|") and len(events) == 4
 
     return check_redis
