@@ -24,7 +24,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from phasecast.errors import PhasecastError
+from phasecast.errors import InvalidUpdate, PhasecastError
 from phasecast.model import (
     MAX_MESSAGE_CHARS,
     MAX_STEPS,
@@ -32,6 +32,7 @@ from phasecast.model import (
     STEP_STATUSES,
     WORKING_PHASES,
     ProgressUpdate,
+    validate_update,
 )
 from phasecast.server.auth import Principal
 from phasecast.server.deps import Services, error_response
@@ -152,8 +153,8 @@ def _update(body: bytes) -> ProgressUpdate | None:
         data = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    if type(data) is not dict or not data.keys() <= _FIELDS:
-        return None
+    if type(data) is not dict or not data.keys() <= _FIELDS or None in data.values():
+        return None  # (a null field is refused by the full route)
     name = data.get("phase")
     phase = _PHASES.get(name) if type(name) is str else None
     if phase is None:
@@ -188,7 +189,7 @@ def _update(body: bytes) -> ProgressUpdate | None:
         return None
     if "step_progress" in values and step is None:
         return None
-    return ProgressUpdate(
+    update = ProgressUpdate(
         phase,
         phase_progress=values.get("phase_progress"),
         step=step,
@@ -197,6 +198,11 @@ def _update(body: bytes) -> ProgressUpdate | None:
         steps_total=total,
         message=message,
     )
+    try:
+        validate_update(update)  # the one authority; the checks above only pick the fast case
+    except InvalidUpdate:
+        return None
+    return update
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:

@@ -7,7 +7,8 @@ its model, the body is
   (no Content-Type at all is read as JSON, so ``curl -d '{}'`` works);
 - decoded as UTF-8 (400 ``invalid_json`` otherwise) and parsed (400 ``invalid_json``);
 - checked as JSON that every reader decodes the same way (``model.check_json``): finite
-  numbers, valid Unicode, bounded nesting; 422 ``invalid`` naming the field otherwise.
+  numbers, valid Unicode, bounded nesting; 422 ``invalid`` naming the field otherwise;
+- refused (422) if a field of the body object is null: optional fields are left out.
 
 Before a byte of the body is read, the bearer token is checked (if the route takes one),
 and the body is capped at the route's limit (``body_limit(request, route_name)``), at once
@@ -62,6 +63,12 @@ def parse_json_body(raw: bytes, content_type: str | None) -> Any:
         ) from None
     # The body object is level 0, so its metadata object counts as level 1, as documented.
     check_json(parsed, "", level=0)
+    if isinstance(parsed, dict):
+        # Optional fields are left out, never null (FastAPI would read a top-level null as
+        # "absent" without asking the model).
+        for key, value in parsed.items():
+            if value is None:
+                raise InvalidUpdate(key, "must not be null: leave the field out instead")
     return parsed
 
 

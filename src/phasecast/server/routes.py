@@ -22,6 +22,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     WithJsonSchema,
+    field_validator,
 )
 
 from phasecast.errors import InvalidUpdate, PhasecastError
@@ -96,7 +97,15 @@ WorkingPhase = Annotated[
     WithJsonSchema({"type": "string", "enum": [p.value for p in WORKING_PHASES],
                     "description": "a working phase; end a job with complete, fail or cancel"}),
 ]
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 6.0 is the integer 6 (as JSON Schema says); 6.5 is refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 Percent = Annotated[StrictFloat, Field(ge=0, le=100, allow_inf_nan=False)]
+StepsTotal = Annotated[StrictInt, Field(ge=1, le=MAX_STEPS), BeforeValidator(_integral)]
 Message = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
 JobIdPath = Annotated[
     str,
@@ -104,8 +113,32 @@ JobIdPath = Annotated[
 ]
 
 
+def _without_nulls(schema: dict[str, Any]) -> None:
+    """Optional fields are left out, never sent as null: publish them that way."""
+    for prop in schema.get("properties", {}).values():
+        members = prop.get("anyOf")
+        if members and {"type": "null"} in members:
+            rest = [m for m in members if m != {"type": "null"}]
+            del prop["anyOf"]
+            if len(rest) == 1:
+                prop.update(rest[0])
+            else:
+                prop["anyOf"] = rest
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, optional fields left out rather than null."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_without_nulls)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null: leave the field out instead")
+        return value
 
 
 class CreateJob(Strict):
@@ -119,13 +152,25 @@ class CreateJob(Strict):
     )
 
 
+def _report_schema(schema: dict[str, Any]) -> None:
+    _without_nulls(schema)
+    # The rules between fields, as validate_update applies them.
+    schema["dependentRequired"] = {"step_progress": ["step"], "step_status": ["step"]}
+    schema["not"] = {"required": ["step", "phase_progress"]}
+
+
 class ProgressReport(Strict):
+    """One of: ``phase`` (with ``phase_progress``), or a ``step`` report (``step_progress``,
+    ``step_status``); ``phase_progress`` and ``step`` exclude each other."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_report_schema)
+
     phase: WorkingPhase
     phase_progress: Percent | None = None
     step: StepId | None = None
     step_progress: Percent | None = None
     step_status: StepStatus | None = None
-    steps_total: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)] | None = None
+    steps_total: StepsTotal | None = None
     message: Message | None = None
 
     def update(self) -> ProgressUpdate:
