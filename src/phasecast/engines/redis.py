@@ -469,7 +469,10 @@ class RedisEngine(Engine):
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for script, keys, args, _ in batch:
-                    await script(keys=keys, args=args, client=pipe)
+                    # EVALSHA itself, not ``script(client=pipe)``: that makes redis-py send a
+                    # SCRIPT EXISTS round trip before every pipeline. A node without the
+                    # script answers NOSCRIPT, and that one write is retried on its own.
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
                 return results
         except REDIS_ERRORS as exc:
