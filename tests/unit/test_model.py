@@ -189,3 +189,14 @@ def test_phase_durations_cover_finished_working_phases() -> None:
     state = advance(job(), ProgressUpdate(Phase.ANALYZING, phase_progress=10), seconds=2)
     state = advance(state, ProgressUpdate(Phase.GENERATING, phase_progress=10), seconds=7)
     assert phase_durations(state) == {Phase.QUEUED: 2.0, Phase.ANALYZING: 5.0}
+
+
+def test_format_time_writes_rfc3339_utc_milliseconds_from_any_zone() -> None:
+    from datetime import timezone
+
+    moments = [datetime(2026, 11, 29, 4, 10, 0, 123999, tzinfo=UTC),
+               datetime(2000, 2, 29, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-5))),
+               datetime(1970, 1, 1, 0, 0, 0, 0, tzinfo=UTC)]
+    assert [format_time(m) for m in moments] == [
+        "2026-11-29T04:10:00.123Z", "2000-03-01T04:59:59.999Z", "1970-01-01T00:00:00.000Z"
+    ]

@@ -529,11 +529,12 @@ class RedisEngine(Engine):
         self, job_id: str, now: datetime, inputs: RuleInputs, fields: list[Any]
     ) -> Decided | OtherJob | None:
         """Run apply.lua; None when the stored state needs the Python rules instead."""
-        stamp = format_time(now)
+        micros = (now - _EPOCH) // _MICROSECOND
+        millis = micros // 1000
         args: list[Any] = [
-            (now - _EPOCH) // _MICROSECOND,
-            stamp,
-            f"{parse_time(stamp).timestamp():.3f}",
+            micros,
+            format_time(now),
+            f"{millis // 1000}.{millis % 1000:03d}",  # as Change.encode writes changed_at
             self.ttl_seconds,
             self.history_limit,
             self.keys.channel(job_id),
