@@ -61,3 +61,43 @@ def run_schemathesis(server: ServerProcess, make_token: Callable[..., str], role
     assert run.returncode == 0, output[-8000:]
     tested = re.search(r"Tested: (\d+)", output)
     assert tested is not None and int(tested.group(1)) >= 12, output[-2000:]  # every REST and service operation
+
+
+def test_the_document_states_the_error_body_id_pattern_and_working_phases() -> None:
+    from tests.support.process import TEST_SECRET
+
+    from phasecast.config import Settings
+    from phasecast.model import JOB_ID_PATTERN, WORKING_PHASES
+    from phasecast.server.app import create_app
+
+    document = create_app(Settings(jwt_secret=TEST_SECRET)).openapi()
+    text = str(document)
+    assert "HTTPValidationError" not in text and "'detail'" not in text
+    schemas = document["components"]["schemas"]
+    assert set(schemas["ErrorBody"]["required"]) == {"error"}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if int(status) >= 400 and path.startswith("/v1/"):
+                    body = response["content"]["application/json"]["schema"]
+                    if "$ref" in body:
+                        body = schemas[body["$ref"].rsplit("/", 1)[1]]
+                    error = body["properties"]["error"]
+                    if "$ref" in error:
+                        error = schemas[error["$ref"].rsplit("/", 1)[1]]
+                    assert {"code", "message"} <= set(error["required"]), (method, path, status)
+            if path.startswith("/v1/") and "{job_id}" in path:
+                (job_id,) = [p for p in operation["parameters"] if p["name"] == "job_id"]
+                assert job_id["schema"]["pattern"] == JOB_ID_PATTERN.pattern, (method, path)
+            if operation.get("security"):
+                assert "401" in operation["responses"], (method, path)
+            assert "413" in operation["responses"], (method, path)
+    report = schemas["ProgressReport"]
+    assert report["properties"]["phase"]["enum"] == [p.value for p in WORKING_PHASES]
+    assert report["dependentRequired"] == {"step_progress": ["step"], "step_status": ["step"]}
+    assert schemas["BatchItem"]["properties"]["job_id"]["pattern"] == JOB_ID_PATTERN.pattern
+    assert schemas["CreateJob"]["properties"]["job_id"]["pattern"] == JOB_ID_PATTERN.pattern
+    for name in ("phase_progress", "step_progress"):
+        assert report["properties"][name]["type"] == "number"  # not nullable, not a string
+    progress = document["paths"]["/v1/jobs/{job_id}/progress"]["post"]["responses"]
+    assert {"200", "400", "401", "403", "404", "409", "413", "415", "422", "503"} <= set(progress)

@@ -45,7 +45,8 @@ def parse_json_body(raw: bytes, content_type: str | None) -> Any:
         shown = content_type if len(content_type) <= 80 else content_type[:80] + "…"
         raise UnsupportedMediaType(
             f"Content-Type {shown!r} is not supported: send the body as JSON with "
-            "Content-Type: application/json (or with no Content-Type)"
+            "Content-Type: application/json (or with no Content-Type; with curl, add "
+            "-H 'Content-Type: application/json' to -d)"
         )
     try:
         text = raw.decode("utf-8")

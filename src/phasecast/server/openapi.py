@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
-from phasecast.model import STEP_STATUSES, Phase
+from phasecast.model import JOB_ID_PATTERN, JOB_ID_RULE, STEP_STATUSES, Phase
 
 
 class FieldProblem(BaseModel):
@@ -108,7 +108,8 @@ def _error_response(status: int) -> dict[str, Any]:
 def install_openapi(app: FastAPI) -> None:
     """Generate the document once, then make it true for every operation: FastAPI's own
     validation-error body is replaced by ours, every operation may answer 413 (each route
-    has a body cap), and each one that takes a bearer token may answer 401."""
+    has a body cap), each one that takes a bearer token may answer 401, and every job id in
+    a path carries the job id pattern."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -122,6 +123,11 @@ def install_openapi(app: FastAPI) -> None:
             schemas.update(_error_schemas())
         for operations in document.get("paths", {}).values():
             for operation in operations.values():
+                for parameter in operation.get("parameters", []):
+                    # Every route checks a job id in its path with model.validate_job_id.
+                    if parameter.get("in") == "path" and parameter.get("name") == "job_id":
+                        parameter["schema"].setdefault("pattern", JOB_ID_PATTERN.pattern)
+                        parameter["schema"].setdefault("description", JOB_ID_RULE)
                 responses: dict[str, Any] = operation.setdefault("responses", {})
                 for status, response in list(responses.items()):
                     if "HTTPValidationError" in str(response):
