@@ -100,7 +100,7 @@ def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def run_transports(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    for transport in ("ws", "sse"):
+    for transport in ("ws", "sse", "ssemux"):
         _log(f"transports {transport}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s")
         result = repeated(
             args.repeat,
@@ -256,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
             "socketio", "redis-floor",
         ],
     )
-    fan.add_argument("--transport", default="ws", choices=["ws", "sse"])
+    fan.add_argument("--transport", default="ws", choices=["ws", "sse", "ssemux"])
     fan.add_argument("--publisher", default="tracker", choices=["tracker", "http"])
     fan.add_argument("--profile", help="record the server with py-spy into this directory")
 

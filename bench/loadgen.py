@@ -23,6 +23,7 @@ from bench.control import command_queue, emit
 from bench.rawclient import SSEClient, WebSocketClient
 
 MAX_RECONNECT_ATTEMPTS = 200
+JOBS_PER_STREAM = 10  # transport "ssemux": one GET /v1/events stream per 10 watchers
 INITIAL_CONNECT_ATTEMPTS = 10
 RECONNECT_CAP_SECONDS = 2.0
 
@@ -131,6 +132,13 @@ class LoadGen:
         jobs: list[str] = config["jobs"]
         offset: int = config.get("offset", 0)
         self.watchers = [Watcher(self, jobs[(offset + i) % len(jobs)]) for i in range(config["watchers"])]
+        # "ssemux": consecutive watchers (distinct jobs) share one multiplexed stream, opened
+        # by the first of them; the others are its followers.
+        self.groups: dict[Watcher, list[Watcher]] = {}
+        if self.transport == "ssemux":
+            for start in range(0, len(self.watchers), JOBS_PER_STREAM):
+                group = self.watchers[start : start + JOBS_PER_STREAM]
+                self.groups[group[0]] = group
         self.stats.watchers = len(self.watchers)
         self.limit = asyncio.Semaphore(config.get("connect_concurrency", 50))
 
@@ -149,6 +157,14 @@ class LoadGen:
                 path = "/socket.io/?EIO=4&transport=websocket"
                 client = WebSocketClient(
                     authority, path, lambda text: self._sio_text(watcher, text), watcher.on_close
+                )
+            elif self.transport == "ssemux":
+                group = self.groups[watcher]
+                by_job = {member.job: member for member in group}
+                jobs = "".join(f"&job={quote(member.job)}" for member in group)
+                path = f"/v1/events?access_token={quote(self.token)}{jobs}"
+                client = SSEClient(
+                    authority, path, {}, lambda text: self._ssemux_text(by_job, text), watcher.on_close
                 )
             else:
                 since = f"&since={watcher.last_seq}" if watcher.last_seq else ""
@@ -227,8 +243,9 @@ class LoadGen:
                 "failure_sample": [],
                 "ready": self.stats.ready,
             }
+        leaders = list(self.groups) if self.transport == "ssemux" else self.watchers
         results = await asyncio.gather(
-            *(self.connect_first(w) for w in self.watchers), return_exceptions=True
+            *(self.connect_first(w) for w in leaders), return_exceptions=True
         )
         failures = [r for r in results if isinstance(r, BaseException)]
         connected = time.monotonic() - started
@@ -271,6 +288,13 @@ class LoadGen:
         now = time.time()
         job = json.loads(text)
         watcher.on_state(job["seq"], job["updated_at"], job["message"], now)
+
+    def _ssemux_text(self, by_job: dict[str, Watcher], text: str) -> None:
+        now = time.time()
+        job = json.loads(text)
+        watcher = by_job.get(job.get("job_id", ""))
+        if watcher is not None:
+            watcher.on_state(job["seq"], job["updated_at"], job["message"], now)
 
     def _sio_text(self, watcher: Watcher, text: str) -> None:
         now = time.time()

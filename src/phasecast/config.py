@@ -32,6 +32,9 @@ class Settings:
     weights: str | None = None  # JSON: {"kind": {"PHASE": weight}}
     ping_interval: float = 15.0
     sse_retry_ms: int = 2000
+    # SSE streams write straight to the socket when the server offers it (phasecast serve
+    # does, server/sse_transport.py); off: every event goes through ASGI send.
+    sse_direct: bool = True
     ws_auth_timeout: float = 10.0
     # "raw": /v1/ws writes pre-encoded frames straight to sockets (server/rawws.py);
     # "asgi": the same server, /v1/ws through plain ASGI as on any other ASGI server.

@@ -5,6 +5,9 @@ honour, malformed resume points). Real server processes on each engine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,15 +16,39 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from tests.conftest import REDIS_URL, private_prefix
 from tests.support.clients import SSEEvent, sse_events
 from tests.support.process import ServerProcess
 
 TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
 
 
-@pytest.fixture
-def server(module_server: ServerProcess) -> ServerProcess:
-    return module_server
+@pytest.fixture(
+    scope="module",
+    params=[
+        "sqlite-direct",
+        "sqlite-asgi",
+        pytest.param("redis-direct", marks=pytest.mark.redis),
+        pytest.param("redis-asgi", marks=pytest.mark.redis),
+    ],
+)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One server per engine and per SSE write path for the module: ``direct`` (bytes
+    written to the socket, server/sse_transport.py) and ``asgi`` (every event through ASGI
+    ``send``, as under any other ASGI server)."""
+    engine, path = request.param.split("-")
+    folder = tmp_path_factory.mktemp("server")
+    with contextlib.ExitStack() as stack:
+        if engine == "sqlite":
+            url = f"sqlite:///{folder / 'phasecast.db'}"
+        else:
+            url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
+        env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_SSE_DIRECT": "1" if path == "direct" else "0"}
+        process = ServerProcess(url, env=env, log_path=folder / "server.log")
+        stack.enter_context(process)
+        yield process
 
 
 @pytest.fixture
@@ -468,3 +495,63 @@ async def test_follow_active_streams_the_callers_active_jobs_and_new_ones(
     assert later.seqs(missed) == [missed_final]
     for job_id in [*running, created, ended, other]:
         assert later.seqs(job_id) == []
+
+
+# --- a reader that stops reading ---------------------------------------------------------
+
+
+async def test_a_stalled_reader_gets_the_newest_states_in_order_once_it_reads_again(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
+) -> None:
+    # Large states (~10 KB) fill the socket buffers quickly; the server must then hold at
+    # most the newest state per job (latest wins) and deliver in order when the reader
+    # comes back, the terminal state last.
+    jobs = []
+    for _ in range(2):
+        job_id = f"mx-{uuid.uuid4().hex[:10]}"
+        reply = await api.post(
+            "/v1/jobs", json={"job_id": job_id, "owner": "alice", "metadata": {"n": "x" * 10_000}}
+        )
+        assert reply.status_code == 201, reply.text
+        jobs.append(job_id)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    path = query(*jobs, token=make_token("alice"))
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    updates = 300
+    for index in range(updates):
+        await asyncio.gather(*(report(api, job_id, min(99.0, index / 3)) for job_id in jobs))
+    finals = {job_id: await finish(api, job_id) for job_id in jobs}
+    async with asyncio.timeout(30):
+        body = await reader.read(-1)  # to the end: the stream ends after both terminal states
+    writer.close()
+    text = b"".join(_dechunk(body)).decode()
+    seqs: dict[str, list[int]] = {job_id: [] for job_id in jobs}
+    for block in text.split("\n\n"):
+        if "event: state" in block:
+            data = json.loads(block.split("data: ", 1)[1].split("\n", 1)[0])
+            seqs[data["job_id"]].append(data["seq"])
+    for job_id in jobs:
+        got = seqs[job_id]
+        assert got == sorted(set(got)), got  # strictly increasing
+        assert got[-1] == finals[job_id]
+        assert len(got) < updates  # conflated while stalled, not queued
+    assert "event: end" in text
+
+
+def _dechunk(body: bytes) -> list[bytes]:
+    """The payload of a chunked HTTP/1.1 body, chunk by chunk."""
+    out: list[bytes] = []
+    offset = 0
+    while True:
+        line_end = body.index(b"\r\n", offset)
+        size = int(body[offset:line_end], 16)
+        if size == 0:
+            return out
+        out.append(body[line_end + 2 : line_end + 2 + size])
+        offset = line_end + 2 + size + 2

@@ -14,6 +14,8 @@ import struct
 from typing import Any
 
 from phasecast.engines.base import Change
+from phasecast.server.sse_cursor import entry as cursor_entry
+from phasecast.server.sse_cursor import epoch_of
 
 OP_TEXT = 0x1
 OP_CLOSE = 0x8
@@ -106,6 +108,18 @@ def sse_state_body(change: Change) -> bytes:
     if body is None:
         body = wire["sse_body"] = b"event: state\ndata: " + change.state_json.encode() + b"\n"
     return body
+
+
+def sse_cursor_entry(change: Change) -> str:
+    """This change's part of a multiplexed stream's cursor (``server/sse_cursor.py``): the
+    same for every stream, so made once."""
+    wire = _wire(change)
+    part: str | None = wire.get("sse_mark")
+    if part is None:
+        part = wire["sse_mark"] = cursor_entry(
+            change.job_id, epoch_of(change.state_json), change.seq
+        )
+    return part
 
 
 def sse_control(kind: str, data: dict[str, Any]) -> bytes:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 import weakref
+from collections.abc import Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
@@ -38,10 +40,12 @@ from phasecast.server import frames
 from phasecast.server.auth import Forbidden, Principal
 from phasecast.server.deps import Services, authenticate, services
 from phasecast.server.logs import job_id_var
-from phasecast.server.sse_cursor import Mark, entry, epoch_of, format_cursor, parse_cursor
+from phasecast.server.sse_cursor import Mark, entry, format_cursor, parse_cursor
+from phasecast.server.sse_transport import LAST_CHUNK, chunk, detacher
 from phasecast.tracker import ProgressTracker
 
 router = APIRouter(prefix="/v1", tags=["streams"])
+log = logging.getLogger("phasecast.sse")
 
 HEARTBEAT = frames.SSE_HEARTBEAT
 FOLLOW_SLACK_SECONDS = 5  # clock skew between instances that a follow watermark allows for
@@ -94,6 +98,11 @@ class EventStream(Response):
     """One SSE response. Built and subscribed by a route, then run by the ASGI server."""
 
     media_type = "text/event-stream"
+    marks: dict[str, str] = {}  # cursor entry per job (multiplexed)
+    created: dict[str, float] = {}  # follow: creation time of each job seen
+    finished: dict[str, float] = {}  # follow: ended jobs, by creation time
+    refused: set[str] = set()  # follow: jobs refused once, never retried
+    arrivals: set[str] = set()  # follow: jobs found by the observer
 
     def __init__(
         self, found: Services, caller: Principal, *, multiplexed: bool, follow: bool = False
@@ -105,14 +114,24 @@ class EventStream(Response):
         self.follow = follow
         self.mailbox = Mailbox()
         self.open: set[str] = set()  # jobs streaming now
-        self.marks: dict[str, str] = {}  # cursor entry per job (multiplexed)
-        self.created: dict[str, float] = {}  # follow: creation time of each job seen
-        self.finished: dict[str, float] = {}  # follow: ended jobs, by creation time
-        self.refused: set[str] = set()  # follow: jobs refused once, never retried
-        self.arrivals: set[str] = set()  # follow: jobs to pick up, found by the observer
+        # Containers only some streams use are made only for them (10,000 idle streams of
+        # a process each pay for what they hold); the class-level empty ones are never
+        # written to: per-job streams keep no marks, only follow streams use the rest.
+        if multiplexed:
+            self.marks = {}
+        if follow:
+            self.created, self.finished = {}, {}
+            self.refused, self.arrivals = set(), set()
         self.watermark = 0
         self.initial: list[bytes] = []
         self.gone = False
+        # Direct mode (the connection taken over from uvicorn, server/sse_transport.py).
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+        self.last_write = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] | None = None
+        self.closed = False
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -251,16 +270,18 @@ class EventStream(Response):
 
     # --- writing -------------------------------------------------------------------------
 
-    def _encode(self, change: Change) -> bytes:
+    def _encode(self, change: Change, parts: list[bytes]) -> None:
         if not self.multiplexed:
-            return _state_event(change)
+            parts.append(_state_event(change))  # shared by every watcher of the job
+            return
         job_id = change.job_id
-        self.marks[job_id] = entry(job_id, epoch_of(change.state_json), change.seq)
+        self.marks[job_id] = frames.sse_cursor_entry(change)
         cursor = format_cursor(self.watermark, list(self.marks.values()))
-        return _state_body(change) + b"id: " + cursor.encode() + b"\n\n"
+        parts += (_state_body(change), b"id: ", cursor.encode(), b"\n\n")
 
-    def _drain(self) -> bytes:
-        chunks = self.initial
+    def _drain(self) -> list[bytes]:
+        """Everything queued, as the byte strings to write one after the other."""
+        parts = self.initial
         self.initial = []
         changes = self.mailbox.take()
         if changes:
@@ -271,13 +292,13 @@ class EventStream(Response):
             for change in changes:
                 if change.job_id not in self.open:
                     continue  # released while pending
-                chunks.append(self._encode(change))
+                self._encode(change, parts)
                 sent.inc()
                 latency.observe(max(0.0, now - change.changed_at))
                 if change.terminal:
                     self._release(change.job_id)
                     self._ended(change.job_id, None, change.seq)
-        return b"".join(chunks)
+        return parts
 
     async def _hear_disconnect(self, receive: Receive) -> None:
         while True:
@@ -288,25 +309,50 @@ class EventStream(Response):
         self.mailbox.wake()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings, metrics = self.services.settings, self.services.metrics
-        listener = asyncio.get_running_loop().create_task(self._hear_disconnect(receive))
-        metrics.connections.labels("sse").inc()
-        registry = _follow_registry(self.tracker) if self.follow else None
-        if registry is not None:
-            registry.add(self)
+        settings = self.services.settings
+        self.services.metrics.connections.labels("sse").inc()
+        if self.follow:
+            _follow_registry(self.tracker).add(self)
+        detached = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            first = f"retry: {settings.sse_retry_ms}\n\n".encode() + self._drain()
+            del self.raw_headers
+            first = b"".join([f"retry: {settings.sse_retry_ms}\n\n".encode(), *self._drain()])
             await send({"type": "http.response.body", "body": first, "more_body": True})
-            await self._pump(send)
+            detach = detacher(scope) if settings.sse_direct else None
+            if detach is not None and (self.open or self.follow):
+                transport = detach(self)
+                if transport is not None:
+                    detached = True
+                    self._attach(transport)
+                    return  # the stream lives on without this task
+            listener = asyncio.get_running_loop().create_task(self._hear_disconnect(receive))
+            try:
+                await self._pump(send)
+            finally:
+                listener.cancel()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            if registry is not None:
-                registry.discard(self)
-            listener.cancel()
-            self.release_all()
-            metrics.conflated.inc(self.mailbox.conflated)
-            metrics.connections.labels("sse").dec()
+            if not detached:
+                self._closed()
+
+    def _closed(self) -> None:
+        """Release everything the stream holds; safe to call more than once."""
+        if self.closed:
+            return
+        self.closed = True
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for task in self.tasks or ():
+            task.cancel()
+        if self.follow:
+            _follow_registry(self.tracker).discard(self)
+        self.release_all()
+        metrics = self.services.metrics
+        metrics.conflated.inc(self.mailbox.conflated)
+        metrics.connections.labels("sse").dec()
 
     async def _pump(self, send: Send) -> None:
         interval = self.services.settings.ping_interval
@@ -336,11 +382,12 @@ class EventStream(Response):
             if self.gone:
                 return
             if self.arrivals:
-                arrivals, self.arrivals = self.arrivals, set()
+                arrivals = set(self.arrivals)
+                self.arrivals.clear()
                 await self._follow_jobs(dict.fromkeys(arrivals))
-            chunk = self._drain()
-            if chunk:
-                await self._write(send, chunk)
+            parts = self._drain()
+            if parts:
+                await self._write(send, b"".join(parts))
                 next_ping = time.time() + interval
 
     async def _scan_quietly(self) -> None:
@@ -350,6 +397,114 @@ class EventStream(Response):
 
     async def _write(self, send: Send, body: bytes) -> None:
         await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    # --- direct mode: bytes written to the transport from the hub's dispatch -------------
+
+    def _attach(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.last_write = time.monotonic()
+        self.mailbox.wakeup = self._flush
+        self._arm()
+        self._flush()  # whatever arrived since the first write
+
+    def _arm(self) -> None:
+        """One timer per stream: the next heartbeat, follow scan or the token's expiry,
+        whichever comes first. Writes do not touch it: a heartbeat only goes out after a
+        whole interval without data."""
+        interval = self.services.settings.ping_interval
+        delay = min(
+            max(0.0, self.last_write + interval - time.monotonic()),
+            max(0.0, self.caller.expires_at - time.time()),
+        )
+        if self.follow:
+            delay = min(delay, interval)
+        self.timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            return
+        if time.time() >= self.caller.expires_at:
+            self._finish(_EXPIRED)
+            return
+        if self.follow:
+            self._spawn(self._scan_and_flush())
+        interval = self.services.settings.ping_interval
+        if not self.paused and time.monotonic() - self.last_write >= interval - 0.001:
+            self._send(HEARTBEAT)
+        self._arm()
+
+    def _flush(self) -> None:
+        """``Mailbox.wakeup``: write what is queued, now. Called from the hub's dispatch, so
+        it never raises into it."""
+        if self.transport is None or self.paused:
+            return
+        try:
+            if self.arrivals:
+                arrivals = set(self.arrivals)
+                self.arrivals.clear()
+                self._spawn(self._follow_and_flush(arrivals))
+            parts = self._drain()
+            if parts:
+                self._send(*parts)
+            if not self.open and not self.follow:
+                self._finish(_END if self.multiplexed else b"")
+        except Exception:
+            log.exception("SSE stream failed; closing it")
+            self._abort()
+
+    def _send(self, *parts: bytes) -> None:
+        """Write ``parts`` as one chunk of the response body, without joining them."""
+        assert self.transport is not None
+        size = sum(map(len, parts))
+        self.transport.writelines((b"%x\r\n" % size, *parts, b"\r\n"))
+        self.last_write = time.monotonic()
+
+    def _finish(self, last: bytes) -> None:
+        """End the response properly (an optional last event, then the last chunk) and
+        close the connection."""
+        transport = self.transport
+        if transport is not None:
+            transport.write((chunk(last) if last else b"") + LAST_CHUNK)
+            transport.close()
+        self._closed()
+
+    def _abort(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+        self._closed()
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        tasks = self.tasks
+        if tasks is None:
+            tasks = self.tasks = set()
+        task = asyncio.get_running_loop().create_task(work)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _scan_and_flush(self) -> None:
+        await self._scan_quietly()
+        self._flush()
+
+    async def _follow_and_flush(self, arrivals: set[str]) -> None:
+        await self._follow_jobs(dict.fromkeys(arrivals))
+        self._flush()
+
+    # server/sse_transport.Sink: what the connection tells a detached stream
+
+    def connection_lost(self) -> None:
+        self._closed()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._flush()
+
+    def shutdown(self) -> None:
+        self._finish(b"")
 
 
 _END = _control_event("end", {"message": "every job of this stream has ended; close the EventSource"})
