@@ -555,3 +555,34 @@ def _dechunk(body: bytes) -> list[bytes]:
             return out
         out.append(body[line_end + 2 : line_end + 2 + size])
         offset = line_end + 2 + size + 2
+
+
+@pytest.mark.redis
+async def test_follow_active_picks_up_a_job_created_through_another_instance(
+    tmp_path: Path, worker_token: str, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    # The observer only sees writes of its own process; the next scan (one heartbeat
+    # interval, 1 s here) finds jobs created elsewhere, also one that ended meanwhile.
+    me = f"follower-{uuid.uuid4().hex[:6]}"
+    with private_prefix() as prefix:
+        url = f"{REDIS_URL}?prefix={prefix}"
+        env = {"PHASECAST_PING_INTERVAL": "1"}
+        with (
+            ServerProcess(url, env=env, log_path=tmp_path / "a.log") as watched,
+            ServerProcess(url, env=env, log_path=tmp_path / "b.log") as other,
+        ):
+            stream = streams(watched.url, f"/v1/events?follow=active&access_token={make_token(me)}")
+            await stream.wait(lambda s: any(item == ": ping" for item in s.items))
+            async with httpx.AsyncClient(
+                base_url=other.url, headers={"Authorization": f"Bearer {worker_token}"}
+            ) as api:
+                running = await new_job(api, me)
+                brief = await new_job(api, me)
+                brief_final = await finish(api, brief)
+                await stream.wait(lambda s: s.has_seq(running, 1) and s.has_seq(brief, brief_final))
+                seq = await report(api, running, 50)
+                await stream.wait(lambda s: s.has_seq(running, seq))
+            # Its final state, and nothing twice (its first state too, if a scan fell
+            # between its creation and its end).
+            assert stream.seqs(brief) in ([brief_final], [1, brief_final])

@@ -1,0 +1,54 @@
+"""The multiplexed SSE cursor: what the server writes it reads back, and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+
+from phasecast.errors import InvalidUpdate
+from phasecast.model import JobState, new_job, utc_now
+from phasecast.server.sse_cursor import Mark, entry, epoch_of, format_cursor, parse_cursor
+
+
+def test_a_cursor_reads_back_what_was_written() -> None:
+    text = format_cursor(1764400000, [entry("a", "9f3a1c2b7d4e", 3), entry("b.c:d-e_f", "0c1d2e3f4a5b", 12)])
+    cursor = parse_cursor(text, field="Last-Event-ID", max_jobs=100)
+    assert cursor.watermark == 1764400000
+    assert cursor.marks == {"a": Mark("9f3a1c2b7d4e", 3), "b.c:d-e_f": Mark("0c1d2e3f4a5b", 12)}
+    assert "\n" not in text and "\r" not in text
+    empty = parse_cursor(format_cursor(0, []), field="x", max_jobs=1)
+    assert empty.marks == {} and empty.watermark == 0
+
+
+def test_the_epoch_is_read_from_the_top_level_of_a_state() -> None:
+    state: JobState = new_job(
+        job_id="j", owner='x","epoch":"fake', kind="comic",
+        metadata={"epoch": "nested"}, now=utc_now(), message='he said ","epoch":"no',
+    )
+    assert epoch_of(state.to_json()) == state.epoch
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "17",
+        "2,,a~e~1",
+        "1,x,a~e~1",
+        "1,,a~e",
+        "1,,a~e~1~2",
+        "1,,a~e~-1",
+        "1,,a~e~1.5",
+        "1,,a~e~" + "9" * 19,
+        "1,,bad id~e~1",
+        "1,,a\n~e~1",
+        "1,,a~e!~1",
+        "1,,a~e~1,a~f~2",
+        "1,," + ",".join(entry(f"j{i}", "e", 1) for i in range(3)),
+        "1,," + "a" * 100_000,
+        "1,,a~e~\u0661",  # a digit, but not an ASCII one
+    ],
+)
+def test_anything_else_is_refused_naming_the_field(text: str) -> None:
+    with pytest.raises(InvalidUpdate) as refused:
+        parse_cursor(text, field="last_event_id", max_jobs=2)
+    assert refused.value.field == "last_event_id"
