@@ -2,8 +2,8 @@
 
 Starts ``phasecast serve`` (SQLite), creates jobs, opens N idle streams over raw sockets
 (per-job streams, and multiplexed streams of 10 jobs each), lets the server settle and reports
-the growth of its RSS per stream. Run once with the direct path (the default) and once with
-``PHASECAST_SSE_DIRECT=0`` (every event through ASGI ``send``), each in a fresh server.
+the growth of its RSS per stream. Run once with the raw path (the default) and once with
+``PHASECAST_SSE_TRANSPORT=asgi`` (every event through ASGI ``send``), each in a fresh server.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ async def _open(port: int, path: str) -> asyncio.StreamWriter:
 
 def measure(kind: str, streams: int, direct: bool) -> dict[str, object]:
     folder = Path(tempfile.mkdtemp(prefix="phasecast-sse-idle-"))
-    env = {"PHASECAST_PING_INTERVAL": "60", "PHASECAST_SSE_DIRECT": "1" if direct else "0"}
+    env = {"PHASECAST_PING_INTERVAL": "60", "PHASECAST_SSE_TRANSPORT": "raw" if direct else "asgi"}
     server = ServerProcess(f"sqlite:///{folder / 'db'}", env=env, log_path=folder / "log")
     with server:
         writer = token(["jobs:write"], sub="bench-writer")
@@ -71,7 +71,7 @@ def measure(kind: str, streams: int, direct: bool) -> dict[str, object]:
                 w.close()
             return {
                 "kind": kind,
-                "direct": direct,
+                "transport": "raw" if direct else "asgi",
                 "streams": len(opened),
                 "rss_before_kb": before,
                 "rss_after_kb": after,

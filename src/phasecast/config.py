@@ -32,9 +32,9 @@ class Settings:
     weights: str | None = None  # JSON: {"kind": {"PHASE": weight}}
     ping_interval: float = 15.0
     sse_retry_ms: int = 2000
-    # SSE streams write straight to the socket when the server offers it (phasecast serve
-    # does, server/sse_transport.py); off: every event goes through ASGI send.
-    sse_direct: bool = True
+    # "raw": SSE streams write straight to the socket when the server offers it (phasecast
+    # serve does, server/sse_transport.py); "asgi": every event goes through ASGI send.
+    sse_transport: str = "raw"
     ws_auth_timeout: float = 10.0
     # "raw": /v1/ws writes pre-encoded frames straight to sockets (server/rawws.py);
     # "asgi": the same server, /v1/ws through plain ASGI as on any other ASGI server.
@@ -89,6 +89,8 @@ class Settings:
             )
         if self.ws_transport not in ("raw", "asgi"):
             raise ConfigurationError("ws_transport must be 'raw' or 'asgi'")
+        if self.sse_transport not in ("raw", "asgi"):
+            raise ConfigurationError("sse_transport must be 'raw' or 'asgi'")
         if not 0 < self.ping_interval <= 300:
             raise ConfigurationError("ping_interval must be between 0 and 300 seconds")
         for name in ("max_report_body_bytes", "max_create_body_bytes", "max_batch_body_bytes",

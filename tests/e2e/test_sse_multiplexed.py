@@ -26,16 +26,16 @@ TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
 @pytest.fixture(
     scope="module",
     params=[
-        "sqlite-direct",
+        "sqlite-raw",
         "sqlite-asgi",
-        pytest.param("redis-direct", marks=pytest.mark.redis),
+        pytest.param("redis-raw", marks=pytest.mark.redis),
         pytest.param("redis-asgi", marks=pytest.mark.redis),
     ],
 )
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """One server per engine and per SSE write path for the module: ``direct`` (bytes
+    """One server per engine and per SSE write path for the module: ``raw`` (bytes
     written to the socket, server/sse_transport.py) and ``asgi`` (every event through ASGI
     ``send``, as under any other ASGI server)."""
     engine, path = request.param.split("-")
@@ -45,7 +45,7 @@ def server(
             url = f"sqlite:///{folder / 'phasecast.db'}"
         else:
             url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
-        env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_SSE_DIRECT": "1" if path == "direct" else "0"}
+        env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_SSE_TRANSPORT": path}
         process = ServerProcess(url, env=env, log_path=folder / "server.log")
         stack.enter_context(process)
         yield process

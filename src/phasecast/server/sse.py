@@ -7,12 +7,22 @@ Two routes share one stream class:
   has ~6 HTTP/1.1 connections per origin), ``id:`` is an opaque cursor
   (``server/sse_cursor.py``) that resumes every job of the stream.
 
-A stream is a plain ASGI response (no generator, no task group): the request's own task
-subscribes every job before the response starts (so refusals of the per-job route are
-ordinary JSON responses), then writes whatever the connection's latest-wins mailbox holds,
-one write per wake-up, pre-encoded bytes only. One small task per stream waits for the
-client to go away. The stream ends after the terminal state of every job of an explicit list
-(with ``event: end`` on the multiplexed route), and at the token's expiry (with
+A stream is a plain ASGI response (no generator, no task group). The request's own task
+subscribes every job through ``Hub.subscribe`` before the response starts (so refusals of
+the per-job route are ordinary JSON responses) and sends the head and the first events. Then:
+
+- raw (``phasecast serve``, ``PHASECAST_SSE_TRANSPORT=raw``): the stream takes the
+  connection over (``server/sse_transport.py``) and the request's task ends. The mailbox's
+  ``wakeup`` writes whatever is queued straight to the socket, from the hub's dispatch, as
+  one chunk of pre-encoded bytes; while the socket pushes back the mailbox conflates (latest
+  wins) and drains on resume. One timer per stream sends heartbeats, ends it at the token's
+  expiry and rescans for ``follow=active``. An idle stream costs no task and no frames.
+- asgi (any other server, or ``PHASECAST_SSE_TRANSPORT=asgi``): the request's task writes
+  whatever the mailbox holds through ``send``, one write per wake-up; a small task waits for
+  the client to go away.
+
+Either way a stream ends after the terminal state of every job of an explicit list (with
+``event: end`` on the multiplexed route), and at the token's expiry (with
 ``event: expired``), so a client reconnects with a fresh token and its last event id.
 """
 
@@ -319,7 +329,7 @@ class EventStream(Response):
             del self.raw_headers
             first = b"".join([f"retry: {settings.sse_retry_ms}\n\n".encode(), *self._drain()])
             await send({"type": "http.response.body", "body": first, "more_body": True})
-            detach = detacher(scope) if settings.sse_direct else None
+            detach = detacher(scope) if settings.sse_transport == "raw" else None
             if detach is not None and (self.open or self.follow):
                 transport = detach(self)
                 if transport is not None:
@@ -398,7 +408,7 @@ class EventStream(Response):
     async def _write(self, send: Send, body: bytes) -> None:
         await send({"type": "http.response.body", "body": body, "more_body": True})
 
-    # --- direct mode: bytes written to the transport from the hub's dispatch -------------
+    # --- raw mode: bytes written to the transport from the hub's dispatch ----------------
 
     def _attach(self, transport: asyncio.Transport) -> None:
         self.transport = transport
