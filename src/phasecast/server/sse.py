@@ -50,6 +50,7 @@ from phasecast.server import frames
 from phasecast.server.auth import Forbidden, Principal
 from phasecast.server.deps import Services, authenticate, services
 from phasecast.server.logs import job_id_var
+from phasecast.server.metrics import Metrics
 from phasecast.server.sse_cursor import Mark, entry, format_cursor, parse_cursor
 from phasecast.server.sse_transport import LAST_CHUNK, chunk, detacher
 from phasecast.tracker import ProgressTracker
@@ -295,9 +296,7 @@ class EventStream(Response):
         self.initial = []
         changes = self.mailbox.take()
         if changes:
-            metrics = self.services.metrics
-            sent = metrics.messages.labels("sse")
-            latency = metrics.latency.labels("sse")
+            sent, latency = _sse_metrics(self.services.metrics)
             now = time.time()
             for change in changes:
                 if change.job_id not in self.open:
@@ -352,6 +351,7 @@ class EventStream(Response):
             return
         self.closed = True
         self.transport = None
+        self.mailbox.direct = self.mailbox.wakeup = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -414,8 +414,32 @@ class EventStream(Response):
         self.transport = transport
         self.last_write = time.monotonic()
         self.mailbox.wakeup = self._flush
+        self.mailbox.direct = self._direct
         self._arm()
         self._flush()  # whatever arrived since the first write
+
+    def _direct(self, change: Change) -> bool:
+        """``Mailbox.direct``: nothing else is queued, so write ``change`` now (or return
+        False to have it queued: the socket pushes back, or events must go out first)."""
+        if self.transport is None or self.paused or self.initial or change.job_id not in self.open:
+            return False
+        parts: list[bytes] = []
+        self._encode(change, parts)
+        self._send(*parts)
+        sent, latency = _sse_metrics(self.services.metrics)
+        sent.inc()
+        latency.observe(max(0.0, time.time() - change.changed_at))
+        if change.terminal:
+            # The mailbox marks the change delivered after this returns; leave the job then.
+            asyncio.get_running_loop().call_soon(self._delivered_terminal, change.job_id, change.seq)
+        return True
+
+    def _delivered_terminal(self, job_id: str, seq: int) -> None:
+        if job_id in self.open:
+            self._release(job_id)
+            self._ended(job_id, None, seq)
+        if not self.open and not self.follow and self.transport is not None:
+            self._finish(_END if self.multiplexed else b"")
 
     def _arm(self) -> None:
         """One timer per stream: the next heartbeat, follow scan or the token's expiry,
@@ -562,6 +586,18 @@ class _FollowRegistry:
 _REGISTRIES: weakref.WeakKeyDictionary[ProgressTracker, _FollowRegistry] = (
     weakref.WeakKeyDictionary()
 )
+
+
+_METRICS: weakref.WeakKeyDictionary[Metrics, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _sse_metrics(metrics: Metrics) -> tuple[Any, Any]:
+    """The SSE children of the delivered-messages counter and the latency histogram, looked
+    up once per app rather than once per event."""
+    found = _METRICS.get(metrics)
+    if found is None:
+        found = _METRICS[metrics] = (metrics.messages.labels("sse"), metrics.latency.labels("sse"))
+    return found
 
 
 def _follow_registry(tracker: ProgressTracker) -> _FollowRegistry:
