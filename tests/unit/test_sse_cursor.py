@@ -6,7 +6,14 @@ import pytest
 
 from phasecast.errors import InvalidUpdate
 from phasecast.model import JobState, new_job, utc_now
-from phasecast.server.sse_cursor import Mark, entry, epoch_of, format_cursor, parse_cursor
+from phasecast.server.sse_cursor import (
+    Mark,
+    cursor_prefix,
+    entry,
+    epoch_of,
+    format_cursor,
+    parse_cursor,
+)
 
 
 def test_a_cursor_reads_back_what_was_written() -> None:
@@ -52,3 +59,10 @@ def test_anything_else_is_refused_naming_the_field(text: str) -> None:
     with pytest.raises(InvalidUpdate) as refused:
         parse_cursor(text, field="last_event_id", max_jobs=2)
     assert refused.value.field == "last_event_id"
+
+
+def test_the_prefix_and_entries_make_the_same_cursor_as_format_cursor() -> None:
+    entries = [entry("a", "e1", 3), entry("b", "e2", 4)]
+    for watermark in (0, 1764400000):
+        line = cursor_prefix(watermark) + b",".join(e.encode() for e in entries)
+        assert line == b"id: " + format_cursor(watermark, entries).encode()

@@ -100,6 +100,17 @@ def sse_event(change: Change) -> bytes:
     return event
 
 
+def sse_event_chunk(change: Change) -> bytes:
+    """``sse_event(change)`` framed as one chunk of a chunked HTTP/1.1 body, encoded once:
+    what a per-job stream that owns its socket writes."""
+    wire = _wire(change)
+    framed: bytes | None = wire.get("sse_chunk")
+    if framed is None:
+        event = sse_event(change)
+        framed = wire["sse_chunk"] = b"%x\r\n%b\r\n" % (len(event), event)
+    return framed
+
+
 def sse_state_body(change: Change) -> bytes:
     """``event: state`` / ``data: <state>`` without the ``id:`` line and the blank line that
     ends the event, encoded once (the multiplexed stream adds each stream's own cursor)."""
@@ -110,15 +121,15 @@ def sse_state_body(change: Change) -> bytes:
     return body
 
 
-def sse_cursor_entry(change: Change) -> str:
+def sse_cursor_entry(change: Change) -> bytes:
     """This change's part of a multiplexed stream's cursor (``server/sse_cursor.py``): the
     same for every stream, so made once."""
     wire = _wire(change)
-    part: str | None = wire.get("sse_mark")
+    part: bytes | None = wire.get("sse_mark")
     if part is None:
         part = wire["sse_mark"] = cursor_entry(
             change.job_id, epoch_of(change.state_json), change.seq
-        )
+        ).encode()
     return part
 
 

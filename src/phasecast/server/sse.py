@@ -51,7 +51,7 @@ from phasecast.server.auth import Forbidden, Principal
 from phasecast.server.deps import Services, authenticate, services
 from phasecast.server.logs import job_id_var
 from phasecast.server.metrics import Metrics
-from phasecast.server.sse_cursor import Mark, entry, format_cursor, parse_cursor
+from phasecast.server.sse_cursor import Mark, cursor_prefix, entry, parse_cursor
 from phasecast.server.sse_transport import LAST_CHUNK, chunk, detacher
 from phasecast.tracker import ProgressTracker
 
@@ -109,7 +109,7 @@ class EventStream(Response):
     """One SSE response. Built and subscribed by a route, then run by the ASGI server."""
 
     media_type = "text/event-stream"
-    marks: dict[str, str] = {}  # cursor entry per job (multiplexed)
+    marks: dict[str, bytes] = {}  # cursor entry per job (multiplexed)
     created: dict[str, float] = {}  # follow: creation time of each job seen
     finished: dict[str, float] = {}  # follow: ended jobs, by creation time
     refused: set[str] = set()  # follow: jobs refused once, never retried
@@ -215,7 +215,7 @@ class EventStream(Response):
                 return
             self.finished[job_id] = created
         if state is not None:
-            self.marks[job_id] = entry(job_id, state.epoch, seq)
+            self.marks[job_id] = entry(job_id, state.epoch, seq).encode()
 
     @property
     def nothing_to_send(self) -> bool:
@@ -250,7 +250,7 @@ class EventStream(Response):
                     wanted[state.job_id] = None
                 elif state.terminal:
                     self.finished[state.job_id] = created
-                    self.marks[state.job_id] = entry(state.job_id, state.epoch, state.seq)
+                    self.marks[state.job_id] = entry(state.job_id, state.epoch, state.seq).encode()
         if since is not None:
             for job_id, created in list(self.finished.items()):
                 if created < since:
@@ -286,9 +286,10 @@ class EventStream(Response):
             parts.append(_state_event(change))  # shared by every watcher of the job
             return
         job_id = change.job_id
-        self.marks[job_id] = frames.sse_cursor_entry(change)
-        cursor = format_cursor(self.watermark, list(self.marks.values()))
-        parts += (_state_body(change), b"id: ", cursor.encode(), b"\n\n")
+        marks = self.marks
+        marks[job_id] = frames.sse_cursor_entry(change)
+        # The cursor: this stream's prefix (with its watermark), then every job's entry.
+        parts += (_state_body(change), cursor_prefix(self.watermark), b",".join(marks.values()), b"\n\n")
 
     def _drain(self) -> list[bytes]:
         """Everything queued, as the byte strings to write one after the other."""
@@ -423,9 +424,19 @@ class EventStream(Response):
         False to have it queued: the socket pushes back, or events must go out first)."""
         if self.transport is None or self.paused or self.initial or change.job_id not in self.open:
             return False
-        parts: list[bytes] = []
-        self._encode(change, parts)
-        self._send(*parts)
+        transport = self.transport
+        if self.multiplexed:
+            job_id = change.job_id
+            marks = self.marks
+            marks[job_id] = frames.sse_cursor_entry(change)
+            body = _state_body(change)
+            prefix = cursor_prefix(self.watermark)
+            cursor = b",".join(marks.values())
+            size = len(body) + len(prefix) + len(cursor) + 2
+            transport.write(b"".join((b"%x\r\n" % size, body, prefix, cursor, b"\n\n\r\n")))
+        else:
+            transport.write(frames.sse_event_chunk(change))  # the same bytes for every watcher
+        self.last_write = time.monotonic()
         sent, latency = _sse_metrics(self.services.metrics)
         sent.inc()
         latency.observe(max(0.0, time.time() - change.changed_at))

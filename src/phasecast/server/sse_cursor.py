@@ -53,6 +53,21 @@ def format_cursor(watermark: int, entries: list[str]) -> str:
     return f"{VERSION},{watermark or ''}," + ",".join(entries)
 
 
+_PREFIXES: dict[int, bytes] = {}
+
+
+def cursor_prefix(watermark: int) -> bytes:
+    """``id: `` and the cursor up to its first entry, as bytes: ``cursor_prefix(w) +
+    b",".join(entries)`` is the ``id:`` line of ``format_cursor(w, entries)`` (the
+    streams of one process share a few watermarks at a time, so they are kept)."""
+    prefix = _PREFIXES.get(watermark)
+    if prefix is None:
+        if len(_PREFIXES) > 1024:
+            _PREFIXES.clear()
+        prefix = _PREFIXES[watermark] = f"id: {VERSION},{watermark or ''},".encode()
+    return prefix
+
+
 def epoch_of(state_json: str) -> str:
     """The top-level ``epoch`` of a state's JSON, without parsing it. The first
     ``,"epoch":"`` is the top-level key: it comes before metadata, and a quote inside an
