@@ -159,3 +159,35 @@ async def test_redis_restart_mid_job_loses_nothing_for_watchers_on_two_instances
                 for watcher in watchers:
                     await watcher.close()
             assert "pub/sub connection lost" in first.log() + second.log()
+
+
+async def test_readyz_waits_for_the_change_feed_not_only_for_redis(
+    tmp_path: Path, worker_token: str
+) -> None:
+    """Redis answers (writes work) but the server's subscriber cannot subscribe: not ready,
+    with the reason; ready again once the feed is back."""
+    import redis.asyncio as aioredis
+
+    with RedisNode(aof=False) as redis_node, ServerProcess(redis_node.url, log_path=tmp_path / "s.log") as server:
+        admin = aioredis.Redis.from_url(redis_node.url)
+        headers = {"Authorization": f"Bearer {worker_token}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers) as api:
+            try:
+                assert (await api.get("/readyz")).status_code == 200
+                await admin.execute_command("ACL", "SETUSER", "default", "-subscribe", "-ssubscribe")
+                await admin.client_kill_filter(_type="pubsub")
+                deadline = time.monotonic() + 10
+                while (reply := await api.get("/readyz")).status_code == 200:
+                    assert time.monotonic() < deadline, "still ready with no change feed"
+                    await asyncio.sleep(0.01)
+                assert reply.status_code == 503
+                assert "change feed" in reply.json()["reason"]
+                # Redis itself is fine: writes are accepted meanwhile.
+                created = await api.post("/v1/jobs", json={"job_id": "while-deaf", "owner": "alice"})
+                assert created.status_code == 201
+                assert (await api.get("/readyz")).status_code == 503
+                await admin.execute_command("ACL", "SETUSER", "default", "+subscribe", "+ssubscribe")
+                ready_at = await wait_ready(api, 10)
+                assert ready_at > 0
+            finally:
+                await admin.aclose()
