@@ -262,6 +262,47 @@ async def test_short_lived_tokens_are_refreshed_without_interrupting_the_watch(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_token_function_that_fails_once_is_asked_again_before_the_token_expires(
+    module_server: ServerProcess, transport: Any, make_token: Callable[..., str], worker_token: str
+) -> None:
+    """The token service hiccups at the first refresh: the client keeps the link, asks again
+    shortly, and the watch goes on without a reconnect or a lost state."""
+    job = new_id()
+    calls = 0
+
+    def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("token service unavailable")
+        return make_token("alice", ttl=4)
+
+    async with writer(module_server.url, worker_token) as api:
+        await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})
+        async with PhasecastClient(module_server.url, token=flaky, transports=(transport,)) as client:
+            watching = Watching(client, job)
+            await watching.seq(1)
+            expected = [1]
+            started = time.monotonic()
+            value = 0
+            while time.monotonic() - started < 5:
+                value += 3
+                expected.append(await progress(api, job, value))
+                await watching.seq(expected[-1])
+                await asyncio.sleep(0.25)
+            await api.post(f"/v1/jobs/{job}/complete", json={})
+            states = await watching.end()
+    assert [s.seq for s in states][:-1] == expected
+    assert states[-1].phase is Phase.COMPLETE
+    assert calls >= 3
+    assert client.stats.token_refreshes >= 1
+    # On the WebSocket the fresh token went over the open link; SSE replaced its stream only
+    # for refreshes, never because the token expired.
+    assert client.stats.links[transport] == 1 + (client.stats.token_refreshes if transport == "sse" else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_plain_token_that_expires_ends_the_watch_with_an_authentication_error(
     module_server: ServerProcess, transport: Any, make_token: Callable[..., str], worker_token: str
 ) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -24,6 +24,7 @@ from phasecast.client.errors import (
 from phasecast.client.links import (
     Authenticated,
     LinkDown,
+    LinkEvent,
     Opened,
     Outcome,
     SSELink,
@@ -157,14 +158,15 @@ class PhasecastClient:
         attempts = Attempts(self.retry, refreshable_token=self._tokens.refreshable, url=self.base_url)
         last_seq = 0
         first = True
+        prefetched: list[Token] = []  # a fresh token the SSE refresh obtained for the next link
         while True:
             transport = self._pick_transport()
             if not first:
                 self.stats.reconnects += 1
             first = False
-            token = await self._tokens.get()
+            token = prefetched.pop() if prefetched else await self._tokens.get()
             try:
-                async for state in self._follow(transport, job_id, last_seq, token, attempts):
+                async for state in self._follow(transport, job_id, last_seq, token, attempts, prefetched):
                     if state.seq <= last_seq:
                         continue
                     last_seq = state.seq
@@ -193,7 +195,13 @@ class PhasecastClient:
         return "websocket"
 
     async def _follow(
-        self, transport: Transport, job_id: str, since: int, token: Token | None, attempts: Attempts
+        self,
+        transport: Transport,
+        job_id: str,
+        since: int,
+        token: Token | None,
+        attempts: Attempts,
+        prefetched: list[Token],
     ) -> AsyncIterator[JobState]:
         """One link: its states, until it ends (``LinkDown``) or the job does."""
         self.stats.links[transport] += 1
@@ -212,17 +220,43 @@ class PhasecastClient:
             due = token.refresh_at()
             if due is not None:
                 deadline = asyncio.get_running_loop().time() + _until(due)
+        loop = asyncio.get_running_loop()
+        # While a refresh is due, the next event is read in a task of its own, so the deadline
+        # can pass (and a failed token function be asked again) without cancelling the read,
+        # which would end the link's generator.
+        pending: asyncio.Task[LinkEvent | None] | None = None
         try:
             while True:
-                try:
-                    async with asyncio.timeout_at(deadline) as scope:
-                        event = await anext(events)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    if scope.expired():
-                        raise LinkDown("sse", Outcome.REFRESH, opened=True) from None
-                    raise
+                if deadline is None:
+                    try:
+                        event: LinkEvent = await anext(events)
+                    except StopAsyncIteration:
+                        return
+                else:
+                    if pending is None:
+                        pending = asyncio.create_task(_next_event(events))
+                    done, _ = await asyncio.wait({pending}, timeout=max(0.0, deadline - loop.time()))
+                    if not done:
+                        # Get the fresh token before giving up a working stream; if the
+                        # function fails, keep the stream and ask again shortly, until the
+                        # token expires (the reconnect then asks once more).
+                        assert token is not None
+                        fresh = await self._fresh_token()
+                        if fresh is None:
+                            if token.expires_at is not None and time.time() >= token.expires_at:
+                                raise LinkDown(
+                                    "sse", Outcome.EXPIRED, opened=True,
+                                    message="the token expired and the token function failed",
+                                )
+                            deadline = loop.time() + _retry_pause(token)
+                            continue
+                        prefetched.append(fresh)
+                        raise LinkDown("sse", Outcome.REFRESH, opened=True)
+                    finished, pending = pending, None
+                    next_event = finished.result()  # raises what the link raised (LinkDown)
+                    if next_event is None:
+                        return
+                    event = next_event
                 if isinstance(event, Opened):
                     attempts.opened()
                     if isinstance(link, WebSocketLink) and refresher is None and link.token is not None:
@@ -239,12 +273,23 @@ class PhasecastClient:
                 else:
                     yield event
         finally:
-            if refresher is not None:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
+            for task in (pending, refresher):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, LinkDown):
+                        await task
             await events.aclose()
             await link.close()
+
+    async def _fresh_token(self) -> Token | None:
+        """A new token from the function, or ``None`` (logged) if it failed this time."""
+        try:
+            fresh = await self._tokens.get()
+        except Exception as exc:  # the function's own failure: the caller asks again later
+            log.warning("the token function failed (%s); the current token is kept for now", exc)
+            return None
+        assert fresh is not None
+        return fresh
 
     async def _refresh_forever(self, link: WebSocketLink, token: Token) -> None:
         """Hand the open WebSocket a fresh token before the one in use expires."""
@@ -255,20 +300,32 @@ class PhasecastClient:
             if due is None:
                 return
             await asyncio.sleep(_until(due))
-            try:
-                fresh = await self._tokens.get()
-            except Exception as exc:  # the function's own failure: try again until expiry
-                log.warning("the token function failed (%s); asking again in %.0f s", exc,
-                            TOKEN_RETRY_SECONDS)
+            fresh = await self._fresh_token()
+            while fresh is None:
                 if token.expires_at is not None and time.time() >= token.expires_at:
                     return  # the server closes with 4401; the reconnect asks again
-                await asyncio.sleep(TOKEN_RETRY_SECONDS)
-                continue
-            assert fresh is not None
+                await asyncio.sleep(_retry_pause(token))
+                fresh = await self._fresh_token()
             await link.reauthenticate(fresh)
             self.stats.token_refreshes += 1
             log.debug("token refreshed on the open WebSocket")
             token = fresh
+
+
+async def _next_event(events: AsyncGenerator[LinkEvent, None]) -> LinkEvent | None:
+    """The link's next event, or ``None`` when it has no more."""
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        return None
+
+
+def _retry_pause(token: Token) -> float:
+    """How long to wait before asking a failed token function again: TOKEN_RETRY_SECONDS, or
+    less when the token in use expires sooner, so several tries fit before it does."""
+    if token.expires_at is None:
+        return TOKEN_RETRY_SECONDS
+    return min(TOKEN_RETRY_SECONDS, max(0.1, (token.expires_at - time.time()) / 3))
 
 
 def _until(due: float) -> float:
