@@ -12,7 +12,7 @@ import pytest
 from tests.support.process import ServerProcess
 
 from phasecast.model import Phase, ProgressUpdate
-from phasecast.server.ingest import MAX_THIN_BODY, _update
+from phasecast.server.ingest import MAX_THIN_BODY, _batch, _update
 
 
 @pytest.fixture
@@ -121,3 +121,49 @@ def test_the_thin_path_reads_plain_reports_as_the_route_does() -> None:
     ) == ProgressUpdate(Phase.GENERATING, step="p-1", step_progress=0.5, step_status="running", steps_total=6)
     assert _update(b'{"phase":"QUEUED","message":"x' + b"y" * 499 + b'"}') is not None
     assert _update(b'{"phase":"QUEUED","message":"x' + b"y" * 500 + b'"}') is None
+
+
+async def test_a_plain_batch_is_answered_as_the_batch_route_answers(api: httpx.AsyncClient) -> None:
+    first, second = await new_job(api), await new_job(api)
+    updates = [
+        {"job_id": first, "phase": "ANALYZING", "phase_progress": 10},
+        {"job_id": second, "phase": "GENERATING", "step": "p-1", "step_progress": 50, "steps_total": 2},
+        {"job_id": first, "phase": "ANALYZING", "phase_progress": 20, "message": "ü"},
+        {"job_id": first, "phase": "ANALYZING", "phase_progress": 15},  # late: not applied
+        {"job_id": "thin-missing", "phase": "ANALYZING"},
+    ]
+    reply = await api.post("/v1/progress", json={"updates": updates})
+    assert reply.status_code == 200
+    results = reply.json()["results"]
+    one = (await api.get(f"/v1/jobs/{first}")).json()
+    two = (await api.get(f"/v1/jobs/{second}")).json()
+    assert results[:4] == [
+        {"job_id": first, "applied": True, "seq": 2, "phase": "ANALYZING", "progress": 1.0},
+        {"job_id": second, "applied": True, "seq": 2, "phase": "GENERATING", "progress": two["progress"]},
+        {"job_id": first, "applied": True, "seq": 3, "phase": "ANALYZING", "progress": one["progress"]},
+        {"job_id": first, "applied": False, "seq": 3, "phase": "ANALYZING", "progress": one["progress"]},
+    ]
+    assert results[4]["job_id"] == "thin-missing" and results[4]["error"]["code"] == "not_found"
+    assert (one["seq"], one["message"], two["steps"]["p-1"]["progress"]) == (3, "ü", 50.0)
+
+
+async def test_a_batch_with_one_doubtful_report_is_judged_whole_by_the_route(api: httpx.AsyncClient) -> None:
+    job_id = await new_job(api)
+    updates = [{"job_id": job_id, "phase": "ANALYZING", "phase_progress": 10},
+               {"job_id": job_id, "phase": "ANALYZING", "phase_progress": "20"}]
+    reply = await api.post("/v1/progress", json={"updates": updates})
+    assert reply.status_code == 422
+    assert "updates.1" in reply.json()["error"]["field"]
+    assert (await api.get(f"/v1/jobs/{job_id}")).json()["seq"] == 1  # nothing applied
+
+
+def test_the_thin_path_takes_plain_batches_and_leaves_the_rest() -> None:
+    plain = b'{"updates":[{"job_id":"a","phase":"QUEUED","phase_progress":1},{"job_id":"b","phase":"ANALYZING"}]}'
+    assert _batch(plain) == [("a", ProgressUpdate(Phase.QUEUED, phase_progress=1.0)),
+                             ("b", ProgressUpdate(Phase.ANALYZING))]
+    for doubtful in (b'{"updates":[]}', b'{"updates":[{"phase":"QUEUED"}]}',
+                     b'{"updates":[{"job_id":"a\\n","phase":"QUEUED"}]}',
+                     b'{"updates":[{"job_id":"a","phase":"QUEUED"}],"more":1}',
+                     b'{"updates":[{"job_id":"a","phase":"QUEUED","phase_progress":200}]}',
+                     b'{"updates":' + b"[" + b",".join([b'{"job_id":"a","phase":"QUEUED"}'] * 501) + b"]}"):
+        assert _batch(doubtful) is None, doubtful[:60]

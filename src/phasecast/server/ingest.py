@@ -1,5 +1,5 @@
-"""The thin path for single progress reports: ``POST /v1/jobs/{id}/progress`` without the
-framework's per-request work.
+"""The thin path for progress reports: ``POST /v1/jobs/{id}/progress`` and the batch
+``POST /v1/progress`` without the framework's per-request work.
 
 A worker may send thousands of these a second, and most of a report's cost on the full
 route is the framework's: routing, dependency injection, model validation, response
@@ -16,6 +16,7 @@ finished job, an engine outage) are answered here as the route's error handler w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -38,6 +39,9 @@ from phasecast.server.auth import Principal
 from phasecast.server.deps import Services, error_response
 
 _PATH = re.compile(r"/v1/jobs/([A-Za-z0-9][A-Za-z0-9._:-]{0,127})/progress")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_BATCH_PATH = "/v1/progress"
+MAX_BATCH = 500  # as the batch route
 # A report of every field at its longest is under 2.5 KB; larger bodies take the full route.
 MAX_THIN_BODY = 4096
 _PHASES = {p.value: p for p in WORKING_PHASES}
@@ -54,13 +58,15 @@ class ThinReports:
         self.app = app
         self.services = services
         self.body_limit = min(MAX_THIN_BODY, services.settings.max_report_body_bytes)
+        self.batch_limit = services.settings.max_batch_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        found = _PATH.fullmatch(scope["path"])
-        if found is None:
+        path = scope["path"]
+        found = _PATH.fullmatch(path)
+        if found is None and path != _BATCH_PATH:
             await self.app(scope, receive, send)
             return
         caller = self._worker(scope)
@@ -68,6 +74,14 @@ class ThinReports:
             await self.app(scope, receive, send)
             return
         read: list[Message] = []
+        if found is None:
+            body = await _small_body(receive, read, self.batch_limit)
+            batch = None if body is None else _batch(body)
+            if batch is None:
+                await self.app(scope, _replay(read, receive), send)
+                return
+            await _respond(send, 200, await self._apply_batch(batch))
+            return
         body = await _small_body(receive, read, self.body_limit)
         update = None if body is None else _update(body)
         if update is None:
@@ -84,6 +98,26 @@ class ThinReports:
             decided.state_json.encode(),
         )
         await _respond(send, 200, reply)
+
+    async def _apply_batch(self, batch: list[tuple[str, ProgressUpdate]]) -> bytes:
+        """As the batch route answers: a result per report, in order; reports of one job
+        apply in the order given (they queue on its lock in the order they start)."""
+        tracker = self.services.tracker
+
+        async def apply(job_id: str, update: ProgressUpdate) -> dict[str, Any]:
+            try:
+                decided = await tracker.update_json(job_id, update)
+            except PhasecastError as exc:
+                error = {"code": exc.code, "message": exc.message}
+                if isinstance(exc, InvalidUpdate):
+                    error["field"] = exc.field
+                return {"job_id": job_id, "error": error}
+            state = json.loads(decided.state_json)
+            return {"job_id": job_id, "applied": decided.applied, "seq": state["seq"],
+                    "phase": state["phase"], "progress": state["progress"]}
+
+        results = await asyncio.gather(*(apply(job_id, update) for job_id, update in batch))
+        return json.dumps({"results": results}, separators=(",", ":"), ensure_ascii=False).encode()
 
     def _worker(self, scope: Scope) -> Principal | None:
         """The caller, if it is plainly a worker sending JSON; None sends it the long way."""
@@ -147,12 +181,42 @@ def _percent(value: Any) -> float | None:
     return None
 
 
+def _batch(body: bytes) -> list[tuple[str, ProgressUpdate]] | None:
+    """Every report of a batch, if every one is plainly valid; None otherwise (the route
+    then validates all of them before any applies, and names the one at fault)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if type(data) is not dict or data.keys() != {"updates"}:
+        return None
+    items = data["updates"]
+    if type(items) is not list or not 1 <= len(items) <= MAX_BATCH:
+        return None
+    batch = []
+    for item in items:
+        if type(item) is not dict:
+            return None
+        job_id = item.pop("job_id", None)
+        if type(job_id) is not str or not _JOB_ID.fullmatch(job_id):
+            return None
+        update = _update_of(item)
+        if update is None:
+            return None
+        batch.append((job_id, update))
+    return batch
+
+
 def _update(body: bytes) -> ProgressUpdate | None:
     """The report, if it is plainly valid; None for anything the full route must judge."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
         return None
+    return _update_of(data)
+
+
+def _update_of(data: Any) -> ProgressUpdate | None:
     if type(data) is not dict or not data.keys() <= _FIELDS or None in data.values():
         return None  # (a null field is refused by the full route)
     name = data.get("phase")
