@@ -694,3 +694,42 @@ describe('retry policy lives in the client', () => {
     client.close();
   });
 });
+
+describe('moving back up', () => {
+  it('on polling, probes the WebSocket, then SSE, and moves up to the first that works', async () => {
+    const fetch = fakeFetch(() => jsonResponse(job({ seq: 3 })));
+    const client = makeClient({ fetch: fetch as unknown as FetchLike, wsProbeIntervalMs: 5_000, sseFailuresBeforePolling: 1, wsFailuresBeforeFallback: 1 });
+    const { seen } = watch(client, 'comic-1');
+    await settle();
+    FakeWebSocket.last.serverClose(1006);
+    await settle();
+    FakeEventSource.last.fail();
+    await settle();
+    expect(client.getConnection().transport).toBe('polling');
+    expect(seen).toEqual([3]);
+    // Polling worked after failures (the server may have been away): the WebSocket is probed
+    // at once. Still blocked.
+    const sockets = FakeWebSocket.instances.length;
+    const sources = FakeEventSource.instances.length;
+    expect(sockets).toBe(2);
+    FakeWebSocket.last.serverClose(1006);
+    // Next probe: SSE, which works now.
+    await vi.advanceTimersByTimeAsync(5_000);
+    expect(FakeEventSource.instances.length).toBe(sources + 1);
+    const source = FakeEventSource.last;
+    source.open();
+    expect(client.getConnection()).toMatchObject({ status: 'fallback', transport: 'sse' });
+    source.state(job({ seq: 4 }), 'C4');
+    expect(seen).toEqual([3, 4]);
+    // Polling stopped; the WebSocket is still probed from SSE.
+    const polls = fetch.mock.calls.length;
+    await vi.advanceTimersByTimeAsync(5_000);
+    expect(fetch.mock.calls.length).toBe(polls);
+    expect(FakeWebSocket.instances.length).toBe(sockets + 1);
+    FakeWebSocket.last.open();
+    FakeWebSocket.last.receive({ type: 'subscribed', job_id: 'comic-1' });
+    expect(client.getConnection()).toMatchObject({ status: 'open', transport: 'websocket' });
+    expect(source.closed).toBe(true);
+    client.close();
+  });
+});

@@ -22,15 +22,22 @@ pytestmark = pytest.mark.browser
 
 TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
 
-# Counts the EventSource objects the page creates, and keeps their URLs.
+# Counts the EventSource objects the page creates, keeps their URLs, and records every raw
+# `state` event as it came off the wire (before the client's seq check), so a test can see
+# whether the server ever repeated a state.
 COUNT_EVENT_SOURCES = """
 (() => {
   const Native = window.EventSource;
   window.__eventSources = [];
+  window.__rawStates = [];
   window.EventSource = class extends Native {
     constructor(url, init) {
       super(url, init);
-      window.__eventSources.push(String(url));
+      const stream = window.__eventSources.push(String(url)) - 1;
+      this.addEventListener('state', (event) => {
+        const job = JSON.parse(event.data);
+        window.__rawStates.push({ stream, job_id: job.job_id, seq: job.seq, cursor: event.lastEventId });
+      });
     }
   };
 })();
@@ -116,3 +123,53 @@ async def test_ten_jobs_on_one_event_source_with_websockets_blocked(
     assert not per_job_streams, per_job_streams
     statuses: list[str] = await page.evaluate("window.__phasecast.connections.map((c) => c.status)")
     assert "fallback" in statuses, statuses
+
+
+async def test_sse_fallback_resumes_every_job_from_the_cursor_after_a_server_restart(
+    page: Page, slow_demo_server: DemoServer
+) -> None:
+    server = slow_demo_server
+
+    async def refuse(ws: WebSocketRoute) -> None:
+        await ws.close()
+
+    await page.add_init_script(COUNT_EVENT_SOURCES)
+    await page.route_web_socket(re.compile(r"/v1/ws"), refuse)
+    token = server.token()
+    jobs: list[str] = []
+    async with httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"}) as client:
+        for _ in range(3):
+            response = await client.post(f"{server.url}/v1/demo/generations", json={"panels": 6})
+            assert response.status_code == 201, response.text
+            jobs.append(response.json()["job_id"])
+
+    # No polling: while the server is down the stream is retried (with backoff) rather than
+    # given up for polling, so the test sees the stream itself resume.
+    await page.goto(f"{server.url}/{FAST_RECOVERY}&transports=websocket,sse")
+    await page.wait_for_function("() => window.__phasecast?.transport === 'sse'")
+    await page.wait_for_function(
+        "(ids) => ids.every((id) => window.__phasecast.updates.filter((u) => u.job_id === id).length >= 2)",
+        arg=jobs,
+        timeout=60_000,
+    )
+    streams_before = len(await page.evaluate("window.__eventSources"))
+
+    # The stream drops mid-way (SIGKILL); the server comes back on the same port and store.
+    server.kill()
+    server.start()
+
+    for job_id in jobs:
+        await wait_phase(page, job_id, "COMPLETE", timeout=90_000)
+
+    sources: list[str] = await page.evaluate("window.__eventSources")
+    assert len(sources) > streams_before, "the page never reopened the stream"
+    resumed = [httpx.URL(url).params.get("last_event_id") for url in sources[streams_before:]]
+    assert all(resumed), f"a reopened stream did not pass the cursor: {sources[streams_before:]}"
+    # Off the wire: across every stream, no job's seq arrived twice and none went back.
+    raw: list[dict[str, Any]] = await page.evaluate("window.__rawStates")
+    for job_id in jobs:
+        seqs = [event["seq"] for event in raw if event["job_id"] == job_id]
+        assert seqs == sorted(set(seqs)), f"{job_id}: the server repeated or reordered states: {seqs}"
+        assert seqs[-1] == server.job(job_id)["seq"]
+        updates = await updates_for(page, job_id)
+        assert_never_backwards(updates)

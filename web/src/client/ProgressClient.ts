@@ -104,6 +104,8 @@ export class ProgressClient {
   private reopenQueued = false;
   private cancelRetry: (() => void) | null = null;
   private cancelProbe: (() => void) | null = null;
+  /** Which transport the next background probe tries (an index into the preferred ones). */
+  private probeMode = 0;
   private cancelRefresh: (() => void) | null = null;
   private readonly jobRetries = new Map<string, { attempt: number; cancel: (() => void) | null }>();
   private onlineListening = false;
@@ -379,6 +381,7 @@ export class ProgressClient {
     this.reopenQueued = false;
     this.sseCursor = null;
     this.counters = FRESH;
+    this.probeMode = 0;
     this.unlistenOnline();
     this.move({ type: 'idle' });
   }
@@ -473,7 +476,7 @@ export class ProgressClient {
     this.counters = heard(this.counters);
     this.move({ type: 'heard' });
     // A fallback that recovers after failing suggests the whole server was away, not that
-    // WebSockets are blocked: try the WebSocket at once instead of waiting for the probe.
+    // the better transports are blocked: probe them at once instead of waiting.
     if (recovered && this.onFallback()) this.probeNow();
   }
 
@@ -509,10 +512,11 @@ export class ProgressClient {
     });
   }
 
-  // ---- moving back to the WebSocket ------------------------------------------------------
+  // ---- moving back up ---------------------------------------------------------------------
 
+  /** On a transport below the first choice, with a link to improve. */
   private onFallback(): boolean {
-    return this.retry.modes[0] === 'websocket' && this.counters.mode > 0 && (this.link.name === 'connecting' || this.link.name === 'open' || this.link.name === 'waiting');
+    return this.counters.mode > 0 && (this.link.name === 'connecting' || this.link.name === 'open' || this.link.name === 'waiting');
   }
 
   private scheduleProbe(): void {
@@ -523,17 +527,23 @@ export class ProgressClient {
     });
   }
 
+  /**
+   * Try a better transport in the background: the first choice (the WebSocket), and, when
+   * that fails while polling, the ones between (SSE), in turn. The first probe that hears
+   * from the server takes every job over; a failed probe counts towards nothing.
+   */
   private probeNow(): void {
     if (!this.onFallback() || this.probe) return;
     this.cancelProbe?.();
     this.cancelProbe = null;
-    const generation = this.generation;
-    this.withToken(generation, (token) => {
-      if (this.probe || !this.onFallback()) return;
-      const probe = this.createTransport('websocket', this.activeJobIds(), token, {
+    const mode = Math.min(this.probeMode, this.counters.mode - 1);
+    const kind = this.retry.modes[mode]!;
+    this.withToken(this.generation, (token) => {
+      if (this.probe || !this.onFallback() || mode >= this.counters.mode) return;
+      const probe = this.createTransport(kind, this.activeJobIds(), token, {
         heard: () => {
-          // The WebSocket works again: move everything back onto it (and forget any
-          // connect or reopen of the fallback still waiting for its token).
+          // It works: move everything onto it (and forget any connect or reopen of the
+          // fallback still waiting for its token).
           this.generation += 1;
           const old = this.primary;
           this.primary = probe;
@@ -541,13 +551,16 @@ export class ProgressClient {
           old?.close();
           this.cancelRetry?.();
           this.cancelRetry = null;
-          this.counters = FRESH;
-          this.move({ type: 'switch', transport: 'websocket' });
+          this.counters = { ...FRESH, mode };
+          this.probeMode = 0;
+          this.move({ type: 'switch', transport: kind });
+          this.scheduleProbe();
         },
         ended: (end) => {
           this.probe = null;
           this.lastError = end.error ?? this.lastError;
           this.publishConnection();
+          this.probeMode = mode + 1 < this.counters.mode ? mode + 1 : 0;
           this.scheduleProbe();
         },
       });
