@@ -602,6 +602,27 @@ describe('tokens', () => {
     client.close();
   });
 
+  it('asks again soon when the token function fails while refreshing, without dropping the socket', async () => {
+    let calls = 0;
+    const client = makeClient({
+      token: () => {
+        calls += 1;
+        if (calls === 2) throw new Error('auth server busy');
+        return `tok-${calls}`;
+      },
+    });
+    watch(client, 'comic-1');
+    const socket = await connectedSocket();
+    socket.receive({ type: 'authenticated', job_id: null, expires_at: Date.now() / 1000 + 100 });
+    await alive(socket, 80_000);
+    expect(calls).toBe(2);
+    expect(socket.sent.filter((m) => m.op === 'auth')).toEqual([]);
+    await alive(socket, 5_000);
+    expect(socket.sent.filter((m) => m.op === 'auth')).toEqual([{ op: 'auth', token: 'tok-3' }]);
+    expect(FakeWebSocket.instances).toHaveLength(1);
+    client.close();
+  });
+
   it('works with a server that sends no authenticated frame (no refresh timer, nothing breaks)', async () => {
     const token = vi.fn(() => 'tok');
     const client = makeClient({ token });

@@ -65,6 +65,9 @@ const ALL_TRANSPORTS: TransportKind[] = ['websocket', 'sse', 'polling'];
 /** Refresh the token this long before it expires at most, or at 80 % of its lifetime if sooner. */
 const REFRESH_LEAD_MS = 30_000;
 const REFRESH_LEAD_FRACTION = 0.2;
+/** A refresh whose token function failed is tried again this soon, while over 2 s are left. */
+const REFRESH_RETRY_MS = 5_000;
+const REFRESH_RETRY_MIN_LEFT_MS = 2_000;
 
 /**
  * Watches any number of jobs over one link and keeps the newest state of each.
@@ -580,15 +583,22 @@ export class ProgressClient {
     this.cancelRefresh = null;
     if (expiresAt === null || typeof this.tokenSource !== 'function') return;
     const lifetime = expiresAt * 1000 - Date.now();
-    const delay = Math.max(0, lifetime - Math.min(REFRESH_LEAD_MS, lifetime * REFRESH_LEAD_FRACTION));
+    this.refreshAfter(Math.max(0, lifetime - Math.min(REFRESH_LEAD_MS, lifetime * REFRESH_LEAD_FRACTION)), expiresAt);
+  }
+
+  private refreshAfter(delay: number, expiresAt: number): void {
     this.cancelRefresh = this.timers.after(delay, () => {
       this.cancelRefresh = null;
       const transport = this.primary;
       if (!transport) return;
       this.withToken(this.generation, (token) => {
-        // If this fails, the server closes with 4401 at expiry and the client asks again then.
         if (token && this.primary === transport) transport.reauth(token);
-      }, () => undefined);
+      }, () => {
+        // The token function failed: ask again while the token has time left. If it runs
+        // out, the server closes with 4401 and the client asks once more then.
+        const left = expiresAt * 1000 - Date.now();
+        if (this.primary === transport && left > REFRESH_RETRY_MIN_LEFT_MS) this.refreshAfter(Math.min(REFRESH_RETRY_MS, left / 2), expiresAt);
+      });
     });
   }
 
