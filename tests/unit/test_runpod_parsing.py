@@ -112,3 +112,17 @@ def test_derived_webhook_secret_is_stable_and_not_the_jwt_secret() -> None:
     assert derive_webhook_secret("x" * 40) == derive_webhook_secret("x" * 40)
     assert derive_webhook_secret("x" * 40) != "x" * 40
     assert derive_webhook_secret(None) is None
+
+
+def test_runpod_bodies_are_parsed_strictly_but_brackets_in_strings_are_just_text() -> None:
+    import pytest
+
+    from phasecast.integrations.runpod import InvalidPayload, load_json
+
+    assert load_json(b'{"id": "a", "output": "' + b"[" * 500 + b'"}')["id"] == "a"
+    for body in (b'{"output": NaN}', b'{"output": "\\ud800"}', b"[" * 10_000 + b"]" * 10_000,
+                 b'{"a": ' * 40 + b"1" + b"}" * 40):
+        with pytest.raises(InvalidPayload):
+            load_json(body)
+    with pytest.raises(ValueError, match="UTF-8"):
+        load_json(b'{"id": "\xff"}')

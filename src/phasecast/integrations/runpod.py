@@ -134,26 +134,15 @@ def load_json(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    _check_depth(text)
-    value = json.loads(text, parse_constant=_refuse_constant)
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidPayload("body", f"nests deeper than {MAX_JSON_DEPTH} levels; flatten it") from None
     try:
         check_json(value, "", level=0)
     except InvalidUpdate as exc:
         raise InvalidPayload(exc.field, exc.problem) from None
     return value
-
-
-def _check_depth(text: str) -> None:
-    # Counted on the text before parsing, so a hostile nesting never reaches the parser's
-    # recursion (brackets inside strings only make the count err on the safe side).
-    depth = 0
-    for char in text:
-        if char in "[{":
-            depth += 1
-            if depth > MAX_JSON_DEPTH + 1:
-                raise InvalidPayload("body", f"nests deeper than {MAX_JSON_DEPTH} levels; flatten it")
-        elif char in "]}":
-            depth -= 1
 
 
 def _optional_int(payload: dict[str, Any], name: str) -> int | None:
