@@ -46,6 +46,7 @@ def server(ws_transport: str, engine_url: str, tmp_path: Path) -> Iterator[Serve
 
 @pytest.mark.redis
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # 10,000 writes one after another: long on a busy machine
 async def test_a_watcher_that_stops_reading_costs_bounded_memory_and_then_gets_the_latest(
     redis_engine_url: str, tmp_path: Path, make_token: Callable[..., str], ws_transport: str
 ) -> None:

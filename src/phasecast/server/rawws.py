@@ -390,7 +390,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
             "type": "websocket",
             "asgi": {"version": "3.0", "spec_version": "2.4"},
             "http_version": "1.1",
-            "scheme": "ws",
+            "scheme": "wss" if self.transport.get_extra_info("sslcontext") else "ws",
             "server": tuple(server[:2]) if server else None,
             "client": tuple(client[:2]) if client else None,
             "root_path": self.config.root_path,
