@@ -588,3 +588,17 @@ async def test_the_api_docs_use_only_local_assets(server: ServerProcess) -> None
                 assert reply.status_code == 200, asset
                 assert len(reply.content) > 100
         assert (await client.get("/openapi.json")).json()["info"]["title"] == "Phasecast"
+
+
+def test_a_client_that_waits_for_100_continue_is_refused_without_sending_its_body(
+    server: ServerProcess,
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 52428800\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401"), answer  # no "100 Continue": the body is never asked for

@@ -82,6 +82,14 @@ def body_pending(scope: Scope) -> bool:
     return chunked or bool(length)
 
 
+def expects_continue(scope: Scope) -> bool:
+    """``Expect: 100-continue``: the client sends its body only once the server asks for
+    it (by reading it), so a refusal before reading costs nothing to drain."""
+    return any(
+        name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ())
+    )
+
+
 def capped(receive: Receive, limit: int, length: int | None = None) -> Receive:
     """``receive`` that raises ``BodyTooLarge`` once more than ``limit`` body bytes came, or
     at the first call if the announced ``length`` (Content-Length) is over the limit."""

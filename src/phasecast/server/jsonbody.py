@@ -30,7 +30,14 @@ from starlette.responses import Response
 from phasecast.errors import InvalidJSON, InvalidUpdate, PhasecastError, UnsupportedMediaType
 from phasecast.model import MAX_JSON_DEPTH, check_json
 from phasecast.server.deps import authenticate, principal, services
-from phasecast.server.guard import PRINCIPAL_STATE_KEY, BodyTooLarge, body_framing, capped, drain
+from phasecast.server.guard import (
+    PRINCIPAL_STATE_KEY,
+    BodyTooLarge,
+    body_framing,
+    capped,
+    drain,
+    expects_continue,
+)
 
 _UNSET: Any = object()
 
@@ -107,8 +114,9 @@ class JSONRoute(APIRoute):
                 try:
                     caller = authenticate(request)
                 except PhasecastError:
-                    with contextlib.suppress(BodyTooLarge):  # the outer cap, while draining
-                        await drain(request.receive)
+                    if not expects_continue(request.scope):
+                        with contextlib.suppress(BodyTooLarge):  # the outer cap, while draining
+                            await drain(request.receive)
                     raise
                 request.scope.setdefault("state", {})[PRINCIPAL_STATE_KEY] = caller
             limit = body_limit(request, name)
