@@ -398,13 +398,15 @@ def wipe_store(engine_url: str) -> None:
         path = engine_url.removeprefix("sqlite:///")
         for suffix in ("", "-wal", "-shm"):
             Path(path + suffix).unlink(missing_ok=True)
-    else:
-        prefix = engine_url.split("prefix=", 1)[1]
-        client = redis.Redis.from_url(engine_url.split("?", 1)[0])
-        keys = list(client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        return
+    base, prefix = engine_url.split("?", 1)[0], engine_url.split("prefix=", 1)[1]
+    single = redis.Redis.from_url(base)
+    clustered = single.info("cluster").get("cluster_enabled") == 1
+    client: Any = redis.RedisCluster.from_url(base) if clustered else single
+    for key in list(client.scan_iter(match=f"{prefix}:*")):
+        client.delete(key)  # one by one: a cluster's keys live in different slots
+    client.close()
+    single.close()
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ from phasecast.server.logs import job_id_var
 from phasecast.server.metrics import Metrics
 from phasecast.server.sse_cursor import Mark, cursor_prefix, entry, parse_cursor
 from phasecast.server.sse_transport import LAST_CHUNK, chunk, detacher
+from phasecast.server.websocket import DeliveryMeter
 from phasecast.tracker import ProgressTracker
 
 router = APIRouter(prefix="/v1", tags=["streams"])
@@ -297,14 +298,12 @@ class EventStream(Response):
         self.initial = []
         changes = self.mailbox.take()
         if changes:
-            sent, latency = _sse_metrics(self.services.metrics)
-            now = time.time()
+            meter = _sse_meter(self.services.metrics)
             for change in changes:
                 if change.job_id not in self.open:
                     continue  # released while pending
                 self._encode(change, parts)
-                sent.inc()
-                latency.observe(max(0.0, now - change.changed_at))
+                meter.sent(change)
                 if change.terminal:
                     self._release(change.job_id)
                     self._ended(change.job_id, None, change.seq)
@@ -437,9 +436,7 @@ class EventStream(Response):
         else:
             transport.write(frames.sse_event_chunk(change))  # the same bytes for every watcher
         self.last_write = time.monotonic()
-        sent, latency = _sse_metrics(self.services.metrics)
-        sent.inc()
-        latency.observe(max(0.0, time.time() - change.changed_at))
+        _sse_meter(self.services.metrics).sent(change)
         if change.terminal:
             # The mailbox marks the change delivered after this returns; leave the job then.
             asyncio.get_running_loop().call_soon(self._delivered_terminal, change.job_id, change.seq)
@@ -599,16 +596,16 @@ _REGISTRIES: weakref.WeakKeyDictionary[ProgressTracker, _FollowRegistry] = (
 )
 
 
-_METRICS: weakref.WeakKeyDictionary[Metrics, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+_METERS: weakref.WeakKeyDictionary[Metrics, DeliveryMeter] = weakref.WeakKeyDictionary()
 
 
-def _sse_metrics(metrics: Metrics) -> tuple[Any, Any]:
-    """The SSE children of the delivered-messages counter and the latency histogram, looked
-    up once per app rather than once per event."""
-    found = _METRICS.get(metrics)
-    if found is None:
-        found = _METRICS[metrics] = (metrics.messages.labels("sse"), metrics.latency.labels("sse"))
-    return found
+def _sse_meter(metrics: Metrics) -> DeliveryMeter:
+    """Delivered SSE messages counted in batches, once per event-loop iteration, as the
+    WebSocket transports do (two Prometheus updates per message cost more than the write)."""
+    meter = _METERS.get(metrics)
+    if meter is None:
+        meter = _METERS[metrics] = DeliveryMeter(metrics, "sse")
+    return meter
 
 
 def _follow_registry(tracker: ProgressTracker) -> _FollowRegistry:
