@@ -144,6 +144,7 @@ class EventStream(Response):
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] | None = None
         self.closed = False
+        self.scanning = False
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -469,7 +470,9 @@ class EventStream(Response):
         if time.time() >= self.caller.expires_at:
             self._finish(_EXPIRED)
             return
-        if self.follow:
+        if self.follow and not self.scanning:
+            # One scan at a time: a slow store does not pile scans up.
+            self.scanning = True
             self._spawn(self._scan_and_flush())
         interval = self.services.settings.ping_interval
         if not self.paused and time.monotonic() - self.last_write >= interval - 0.001:
@@ -526,7 +529,10 @@ class EventStream(Response):
         task.add_done_callback(tasks.discard)
 
     async def _scan_and_flush(self) -> None:
-        await self._scan_quietly()
+        try:
+            await self._scan_quietly()
+        finally:
+            self.scanning = False
         self._flush()
 
     async def _follow_and_flush(self, arrivals: set[str]) -> None:
