@@ -485,8 +485,7 @@ MALFORMED: dict[str, tuple[str, str, bytes, dict[str, str], int, str]] = {
     "trailing-garbage": ("POST", "/v1/jobs", b'{} {}', {"Content-Type": "application/json"}, 400, "invalid_json"),
     "array-body": ("POST", "/v1/jobs", b"[]", {"Content-Type": "application/json"}, 422, "invalid"),
     "string-body": ("POST", "/v1/jobs/{job}/progress", b'"GENERATING"', {"Content-Type": "application/json"}, 422, "invalid"),
-    "null-fail": ("POST", "/v1/jobs/{job}/fail", b"null", {"Content-Type": "application/json"}, 422, "invalid"),
-    "empty-fail": ("POST", "/v1/jobs/{job}/fail", b"", {}, 422, "invalid"),
+    "fail-without-code": ("POST", "/v1/jobs/{job}/fail", b'{"error": {"message": "x"}}', {}, 422, "invalid"),
     "text-plain": ("POST", "/v1/jobs/{job}/complete", b"{}", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
     "form": ("POST", "/v1/jobs", b"owner=alice", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
              "unsupported_media_type"),
@@ -526,12 +525,12 @@ async def test_a_malformed_request_gets_its_documented_status(
         assert (await client.get(f"/v1/jobs/{job_id}")).json() == before
 
 
-async def test_complete_and_cancel_take_an_empty_body_or_one_without_content_type(
+async def test_complete_fail_and_cancel_take_an_empty_body_or_one_without_content_type(
     server: ServerProcess, worker_token: str
 ) -> None:
     auth = {"Authorization": f"Bearer {worker_token}"}
     async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
-        for ending, phase in (("complete", "COMPLETE"), ("cancel", "CANCELLED")):
+        for ending, phase in (("complete", "COMPLETE"), ("fail", "FAILED"), ("cancel", "CANCELLED")):
             for content, headers in ((b"", {}), (b"{}", {}), (b"", {"Content-Type": "application/json"}),
                                      (b"{}", {"Content-Type": "application/json; charset=utf-8"})):
                 job_id = new_id(ending)
@@ -539,6 +538,8 @@ async def test_complete_and_cancel_take_an_empty_body_or_one_without_content_typ
                 reply = await client.post(f"/v1/jobs/{job_id}/{ending}", content=content, headers=headers)
                 assert reply.status_code == 200, (ending, content, headers, reply.text)
                 assert reply.json()["state"]["phase"] == phase
+                if ending == "fail":
+                    assert reply.json()["state"]["error"]["code"] == "unspecified"
         # A message without Content-Type is read as JSON too.
         job_id = new_id("complete")
         assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201

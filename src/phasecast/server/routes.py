@@ -58,6 +58,8 @@ from phasecast.server.openapi import JobReply, JobStateModel, errors, ok
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=JSONRoute, strict_content_type=False)
 
 MAX_BATCH = 500
+# The error of a job failed without one (an empty /fail body).
+UNSPECIFIED_ERROR = ("unspecified", "the worker reported a failure without details")
 
 Caller = Annotated[Principal, Depends(principal)]
 T = TypeVar("T")
@@ -195,7 +197,8 @@ class ErrorInfo(Strict):
 
 
 class FailJob(Strict):
-    error: ErrorInfo
+    error: ErrorInfo | None = Field(None, description="what went wrong; without it the job's error is "
+                                    f"{{code: {UNSPECIFIED_ERROR[0]!r}, message: {UNSPECIFIED_ERROR[1]!r}}}")
     message: Message | None = None
 
 
@@ -382,11 +385,16 @@ async def complete_job(
 
 @router.post("/jobs/{job_id}/fail", response_model=None,
              responses=ok(JobReply) | errors(400, 401, 403, 404, 409, 413, 415, 422, 503))
-async def fail_job(job_id: JobIdPath, body: FailJob, caller: Caller, request: Request) -> dict[str, Any]:
-    """End a job as FAILED with an error (scope jobs:write)."""
+async def fail_job(
+    job_id: JobIdPath, caller: Caller, request: Request, body: FailJob | None = None
+) -> dict[str, Any]:
+    """End a job as FAILED with an error (scope jobs:write). The body is optional."""
     caller.require_write()
+    code, error_message = UNSPECIFIED_ERROR
+    if body is not None and body.error is not None:
+        code, error_message = body.error.code, body.error.message
     outcome = await services(request).tracker.fail(
-        _job_path(job_id), body.error.code, body.error.message, message=body.message
+        _job_path(job_id), code, error_message, message=body.message if body else None
     )
     return _reply(outcome)
 
