@@ -31,6 +31,10 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # Pages a test serves through Playwright's page.route (the npm-package pages) count as
+    # non-local documents, and Chromium's Local Network Access checks would then block their
+    # WebSocket to the loopback server (net::ERR_BLOCKED_BY_LOCAL_NETWORK_ACCESS_CHECKS).
+    "--disable-features=LocalNetworkAccessChecks",
 ]
 # The demo page reads client tuning from its query string: short backoff and probe
 # intervals make recovery quick enough to watch inside one test.

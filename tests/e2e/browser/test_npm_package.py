@@ -20,12 +20,16 @@ import os
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import jwt
 import pytest
 from browser_support import REPO, DemoServer
 from playwright.async_api import Page, Route
+from tests.support.process import TEST_SECRET
 
 WEB = REPO / "web"
 NODE_MODULES_BIN = WEB / "node_modules" / ".bin"
@@ -200,8 +204,29 @@ def test_installed_package_imports_without_react_and_react_entry_with_it(
 PAGE_SCRIPT = """
 import { ProgressClient } from '@phasecast/client';
 
-const log = (window.__reactFree = { states: [], transports: [], jobId: null, error: null });
-try {
+const log = (window.__reactFree = { states: [], transports: [], statuses: [], errors: [], tokens: 0, jobId: null, error: null });
+const query = new URLSearchParams(location.search);
+if (query.has('job')) {
+  // Token refresh mode: watch a given job with a token function that fetches a short-lived
+  // token every time it is asked.
+  const jobId = query.get('job');
+  const client = new ProgressClient({
+    token: async () => {
+      log.tokens += 1;
+      return (await fetch('./token', { cache: 'no-store' })).text();
+    },
+  });
+  client.onConnectionChange(() => {
+    const info = client.getConnection();
+    log.statuses.push(info.status);
+    if (info.error) log.errors.push(info.error.message);
+  });
+  client.subscribe(jobId, () => {
+    const { state } = client.getJob(jobId);
+    if (state) log.states.push({ seq: state.seq, phase: state.phase, transport: client.getConnection().transport });
+  });
+  log.jobId = jobId;
+} else try {
   const config = await (await fetch('/v1/demo/config')).json();
   const created = await fetch('/v1/demo/generations', {
     method: 'POST',
@@ -213,7 +238,7 @@ try {
   client.onConnectionChange(() => log.transports.push(client.getConnection().transport));
   client.subscribe(jobId, () => {
     const { state } = client.getJob(jobId);
-    if (state) log.states.push({ seq: state.seq, phase: state.phase, progress: state.progress });
+    if (state) log.states.push({ seq: state.seq, phase: state.phase, transport: client.getConnection().transport });
     document.body.textContent = `${state?.phase} ${state?.progress}`;
   });
   log.jobId = jobId;
@@ -279,4 +304,84 @@ async def test_react_free_bundle_watches_a_job_in_chromium(
         assert after["seq"] > before["seq"], states
         assert PIPELINE.index(after["phase"]) >= PIPELINE.index(before["phase"]), states
     assert states[-1]["seq"] == demo_server.job(job_id)["seq"]
-    assert "websocket" in await page.evaluate("window.__reactFree.transports")
+    assert {state["transport"] for state in states} == {"websocket"}, states
+
+
+# Every WebSocket the page opens and every frame it sends, recorded in the page.
+RECORD_SOCKETS = """
+(() => {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  window.__sent = [];
+  window.WebSocket = class extends Native {
+    constructor(url, protocols) {
+      super(url, protocols);
+      window.__sockets.push(String(url));
+    }
+    send(data) {
+      window.__sent.push(String(data));
+      super.send(data);
+    }
+  };
+})();
+"""
+
+
+@pytest.mark.browser
+async def test_token_function_refreshes_before_expiry_on_one_socket(
+    page: Page, slow_demo_server: DemoServer, react_free_bundle: dict[str, bytes]
+) -> None:
+    """Tokens that live 5 s, a job that runs longer: the page's token function is asked
+    before each expiry and the fresh token goes over the open socket (`{"op":"auth"}`), so
+    the server never closes it with 4401 and the viewer sees no interruption."""
+    server = slow_demo_server
+    files = react_free_bundle
+    prefix = f"{server.url}/react-free/"
+    minted: list[float] = []
+
+    async def serve(route: Route) -> None:
+        name = route.request.url.removeprefix(prefix).split("?")[0]
+        if name == "token":
+            now = time.time()
+            minted.append(now)
+            claims = {"sub": "demo", "scope": "jobs:read", "iat": int(now), "exp": int(now) + 5}
+            await route.fulfill(body=jwt.encode(claims, TEST_SECRET, "HS256"), content_type="text/plain")
+            return
+        assert name in files, route.request.url
+        kind = "text/javascript" if name.endswith(".js") else "text/html"
+        await route.fulfill(body=files[name], content_type=kind)
+
+    await page.add_init_script(RECORD_SOCKETS)
+    await page.route(f"{prefix}**", serve)
+    async with httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {server.token()}"}) as client:
+        response = await client.post(f"{server.url}/v1/demo/generations", json={"panels": 12})
+    assert response.status_code == 201, response.text
+    job_id = response.json()["job_id"]
+
+    started = time.time()
+    await page.goto(f"{prefix}index.html?job={job_id}")
+    await page.wait_for_function(
+        "() => window.__reactFree.states.some((s) => ['COMPLETE', 'FAILED'].includes(s.phase))",
+        timeout=90_000,
+    )
+    watched = time.time() - started
+    states: list[dict[str, Any]] = await page.evaluate("window.__reactFree.states")
+    statuses: list[str] = await page.evaluate("window.__reactFree.statuses")
+    errors: list[str] = await page.evaluate("window.__reactFree.errors")
+    sockets: list[str] = await page.evaluate("window.__sockets")
+    auth_frames = [frame for frame in await page.evaluate("window.__sent") if '"op":"auth"' in frame]
+    assert states[-1]["seq"] == server.job(job_id)["seq"]
+    for before, after in itertools.pairwise(states):
+        assert after["seq"] > before["seq"], states
+    # The watch outlived the first token ...
+    assert watched > 6, f"the job ended within one token's life ({watched:.1f} s): the test proves nothing"
+    # ... on one socket, each fresh token sent over it before the old one ran out.
+    assert len(sockets) == 1, (
+        f"the page reconnected: {len(sockets)} sockets; statuses {statuses}; errors {errors}"
+    )
+    assert len(auth_frames) == len(minted) - 1 >= 1, (auth_frames, minted)
+    assert "reconnecting" not in statuses and not errors, (statuses, errors)
+    assert {state["transport"] for state in states} == {"websocket"}
+    print(
+        f"token refresh: {len(minted)} 5-s tokens over a {watched:.1f} s watch, {len(auth_frames)} auth frames, 1 socket"
+    )
