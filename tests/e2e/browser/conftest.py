@@ -27,8 +27,9 @@ def chromium_path() -> str:
 
 def _server(tmp_path: Path, speed: float, request: pytest.FixtureRequest) -> Iterator[DemoServer]:
     server = DemoServer(tmp_path, speed=speed)
-    server.start()
     try:
+        # Inside the try: a server that does not get ready in time is still stopped.
+        server.start()
         yield server
     finally:
         server.stop()
