@@ -31,6 +31,7 @@ LABELS = {
     "phasecast-sqlite": "Phasecast (SQLite)",
     "socketio": "python-socketio",
     "redis-floor": "Redis PUBLISH floor (1 subscriber per job)",
+    "raw-floor": "raw-socket floor (uvloop, pre-encoded frames)",
 }
 
 

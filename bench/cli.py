@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report, scenarios, systems
-from bench.common import raise_nofile
+from bench.common import loadavg, raise_nofile
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -61,50 +61,85 @@ def repeated(times: int, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def interleaved(times: int, runs: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each configuration ``times`` times, taking turns (A B C A B C ...), so a change in the
+    machine's load hits every system alike; figures are medians per configuration."""
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
+    for _ in range(times):
+        for name, run in runs.items():
+            found[name].append(run())
+    merged = {}
+    for name, results in found.items():
+        merged[name] = report.median_of(results)
+        if times > 1:
+            merged[name]["runs"] = results
+    return merged
+
+
 def _log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _workers(args: argparse.Namespace) -> list[int]:
+    return [int(n) for n in str(getattr(args, "workers", "1")).split(",")]
+
+
 def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
     systems = {
-        "compare": ["phasecast-redis", "socketio", "redis-floor"],
+        # Phasecast, its peer, the raw-socket floor (same work at the socket floor) and the
+        # Redis floor (no server at all), in one invocation.
+        "compare": ["phasecast-redis", "socketio", "raw-floor", "redis-floor"],
         # A Redis Cluster of three shards next to a single Redis, in one invocation.
         "cluster": ["phasecast-redis", "phasecast-cluster"],
     }.get(args.system, [args.system])
+    runs: dict[str, Callable[[], dict[str, Any]]] = {}
     for name in systems:
-        _log(f"fanout {name}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s, {args.seconds}s")
-        result = repeated(
-            args.repeat,
-            lambda name=name: scenarios.fanout(  # type: ignore[misc]
-                name,
-                watchers=args.watchers,
-                jobs=args.jobs,
-                rate=args.rate,
-                seconds=args.seconds,
-                transport=args.transport,
-                publisher=args.publisher,
-                loadgen_procs=args.loadgen_procs,
-                profile=getattr(args, "profile", None),
-            ),
-        )
+        for workers in _workers(args) if name.startswith("phasecast") else [1]:
+            key = name if workers == 1 else f"{name}/w{workers}"
+
+            def run(name: str = name, workers: int = workers) -> dict[str, Any]:
+                _log(
+                    f"fanout {name} (workers {workers}): {args.watchers} watchers, {args.jobs} jobs, "
+                    f"{args.rate}/s, {args.seconds}s; load {loadavg()}"
+                )
+                result = scenarios.fanout(
+                    name,
+                    watchers=args.watchers,
+                    jobs=args.jobs,
+                    rate=args.rate,
+                    seconds=args.seconds,
+                    transport=args.transport,
+                    publisher=args.publisher,
+                    loadgen_procs=args.loadgen_procs,
+                    profile=getattr(args, "profile", None),
+                    workers=workers,
+                    sources=getattr(args, "sources", 1),
+                )
+                _summary(result)
+                return result
+
+            runs[key] = run
+    for key, result in interleaved(args.repeat, runs).items():
         headline = result["transport"] in ("ws", "sio", "redis") and result["publisher"] in (
             "tracker",
             "sio",
             "redis",
         )
-        if headline and name != "phasecast-sqlite":
-            results.setdefault("fanout", {})[name] = result
+        if headline and result["workers"] == 1 and result["system"] != "phasecast-sqlite":
+            results.setdefault("fanout", {})[key] = result
         else:
             results.setdefault("fanout_other", []).append(result)
-        _summary(result)
 
 
 def run_transports(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """WebSocket, per-job SSE and multiplexed SSE (10 jobs per stream) on the same workload,
+    taking turns."""
+    runs: dict[str, Callable[[], dict[str, Any]]] = {}
     for transport in ("ws", "sse", "ssemux"):
-        _log(f"transports {transport}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s")
-        result = repeated(
-            args.repeat,
-            lambda t=transport: scenarios.fanout(  # type: ignore[misc]
+
+        def run(t: str = transport) -> dict[str, Any]:
+            _log(f"transports {t}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s; load {loadavg()}")
+            result = scenarios.fanout(
                 "phasecast-redis",
                 watchers=args.watchers,
                 jobs=args.jobs,
@@ -113,42 +148,51 @@ def run_transports(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 transport=t,
                 publisher="tracker",
                 loadgen_procs=args.loadgen_procs,
-            ),
-        )
-        results.setdefault("transports", {})[transport] = result
-        _summary(result)
+            )
+            _summary(result)
+            return result
+
+        runs[transport] = run
+    results.setdefault("transports", {}).update(interleaved(args.repeat, runs))
 
 
 def run_ingest(args: argparse.Namespace, results: dict[str, Any]) -> None:
     engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
     modes = ["http", "batch", "tracker"] if args.mode == "all" else [args.mode]
+    runs: dict[str, Callable[[], dict[str, Any]]] = {}
     for engine in engines:
         for mode in modes:
-            # Batching pays off only with many reports in flight at once; one job per writer,
-            # so writers never contend for a job.
-            concurrency = args.concurrency * 8 if mode == "batch" else args.concurrency
-            _log(f"ingest {engine}/{mode}: {args.seconds}s, concurrency {concurrency}")
-            result = repeated(
-                args.repeat,
-                lambda e=engine, m=mode, c=concurrency: scenarios.ingest(  # type: ignore[misc]
-                    f"phasecast-{e}",
-                    mode=m,
-                    seconds=args.seconds,
-                    jobs=max(64, c),
-                    concurrency=c,
-                    profile=getattr(args, "profile", None),
-                ),
-            )
-            results.setdefault("ingest", {})[f"phasecast-{engine}/{mode}"] = result
-            _log(
-                f"  {result['accepted_per_s']:,.0f} accepted/s, {result['server_cpu_us_per_update']} server CPU-µs each"
-            )
+            for workers in _workers(args) if engine == "redis" and mode != "tracker" else [1]:
+                # Batching pays off only with many reports in flight at once; one job per
+                # writer, so writers never contend for a job.
+                concurrency = args.concurrency * 8 if mode == "batch" else args.concurrency
+                key = f"phasecast-{engine}/{mode}" + (f"/w{workers}" if workers > 1 else "")
+
+                def run(e: str = engine, m: str = mode, c: int = concurrency, w: int = workers) -> dict[str, Any]:
+                    _log(f"ingest {e}/{m} (workers {w}): {args.seconds}s, concurrency {c}; load {loadavg()}")
+                    result = scenarios.ingest(
+                        f"phasecast-{e}",
+                        mode=m,
+                        seconds=args.seconds,
+                        jobs=max(64, c),
+                        concurrency=c,
+                        profile=getattr(args, "profile", None),
+                        workers=w,
+                    )
+                    _log(
+                        f"  {result['accepted_per_s']:,.0f} accepted/s, "
+                        f"{result['server_cpu_us_per_update']} server CPU-µs each"
+                    )
+                    return result
+
+                runs[key] = run
+    results.setdefault("ingest", {}).update(interleaved(args.repeat, runs))
 
 
 def run_storm(args: argparse.Namespace, results: dict[str, Any]) -> None:
     engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
     for engine in engines:
-        _log(f"storm {engine}: {args.watchers} watchers over {args.jobs} jobs")
+        _log(f"storm {engine}: {args.watchers} watchers over {args.jobs} jobs; load {loadavg()}")
         result = repeated(
             args.repeat,
             lambda e=engine: scenarios.storm(  # type: ignore[misc]
@@ -253,9 +297,13 @@ def parser() -> argparse.ArgumentParser:
         default="compare",
         choices=[
             "compare", "cluster", "phasecast-redis", "phasecast-cluster", "phasecast-sqlite",
-            "socketio", "redis-floor",
+            "socketio", "raw-floor", "redis-floor",
         ],
     )
+    fan.add_argument(
+        "--workers", default="1", help="phasecast serve --workers; a list (1,2) runs each, taking turns"
+    )
+    fan.add_argument("--sources", type=int, default=1, help="client source addresses 127.0.0.2...")
     fan.add_argument("--transport", default="ws", choices=["ws", "sse", "ssemux"])
     fan.add_argument("--publisher", default="tracker", choices=["tracker", "http"])
     fan.add_argument("--profile", help="record the server with py-spy into this directory")
@@ -273,6 +321,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ing.add_argument("--seconds", type=float, default=8)
     ing.add_argument("--concurrency", type=int, default=32)
+    ing.add_argument(
+        "--workers", default="1", help="phasecast serve --workers (Redis, HTTP); a list (1,2) runs each"
+    )
     ing.add_argument("--profile", help="record the server with py-spy into this directory")
 
     st = sub.add_parser("storm", help="reconnect storm after a server restart")

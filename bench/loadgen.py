@@ -56,6 +56,7 @@ class Watcher:
         "client",
         "first_seq",
         "gen",
+        "index",
         "job",
         "last_seq",
         "ready",
@@ -73,6 +74,7 @@ class Watcher:
         self.ready = False
         self.synced = False
         self.attempts = 0
+        self.index = 0
         self.stopping = False
         self.client: WebSocketClient | SSEClient | None = None
 
@@ -132,6 +134,9 @@ class LoadGen:
         jobs: list[str] = config["jobs"]
         offset: int = config.get("offset", 0)
         self.watchers = [Watcher(self, jobs[(offset + i) % len(jobs)]) for i in range(config["watchers"])]
+        for i, watcher in enumerate(self.watchers):
+            watcher.index = i
+        self.source_addresses: list[str] = config.get("source_addresses") or []
         # "ssemux": consecutive watchers (distinct jobs) share one multiplexed stream, opened
         # by the first of them; the others are its followers.
         self.groups: dict[Watcher, list[Watcher]] = {}
@@ -172,7 +177,9 @@ class LoadGen:
                 client = SSEClient(
                     authority, path, {}, lambda text: self._sse_text(watcher, text), watcher.on_close
                 )
-            await loop.create_connection(lambda: client, self.host, self.port)
+            sources = self.source_addresses
+            local = (sources[watcher.index % len(sources)], 0) if sources else None
+            await loop.create_connection(lambda: client, self.host, self.port, local_addr=local)
             watcher.client = client
             await asyncio.wait_for(client.open, 30)
         if self.transport == "ws":

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import CpuMeter, merge_histograms, percentiles, rss_kb, token
+from bench.common import CpuMeter, loadavg, merge_histograms, percentiles, rss_kb, token
 from bench.control import Child, child_argv
 from bench.systems import (
     System,
     create_jobs,
     phasecast,
     private_redis,
+    raw_floor_server,
     redis_cluster,
     redis_floor,
     socketio_server,
@@ -31,21 +32,25 @@ DRAIN_SECONDS = 1.5
 
 
 @contextlib.contextmanager
-def system_for(name: str, env: dict[str, str] | None = None) -> Iterator[System]:
-    """``phasecast-redis``, ``phasecast-sqlite``, ``socketio`` or ``redis-floor``, each on a
-    private redis-server of its own (so Redis CPU is measurable and nothing is shared)."""
+def system_for(name: str, env: dict[str, str] | None = None, workers: int = 1) -> Iterator[System]:
+    """``phasecast-redis``, ``phasecast-cluster``, ``phasecast-sqlite``, ``socketio``,
+    ``raw-floor`` or ``redis-floor``, each on a private redis-server of its own (so Redis CPU
+    is measurable and nothing is shared)."""
     with private_redis() as redis:
         if name == "phasecast-redis":
-            with phasecast("redis", redis, env) as system:
+            with phasecast("redis", redis, env, workers=workers) as system:
                 yield system
         elif name == "phasecast-cluster":
-            with redis_cluster() as cluster, phasecast("redis", redis, env, cluster) as system:
+            with redis_cluster() as cluster, phasecast("redis", redis, env, cluster, workers) as system:
                 yield system
         elif name == "phasecast-sqlite":
             with phasecast("sqlite", None, env) as system:
                 yield system
         elif name == "socketio":
             with socketio_server(redis) as system:
+                yield system
+        elif name == "raw-floor":
+            with raw_floor_server(redis) as system:
                 yield system
         elif name == "redis-floor":
             yield redis_floor(redis)
@@ -54,7 +59,7 @@ def system_for(name: str, env: dict[str, str] | None = None) -> Iterator[System]
 
 
 def _loadgens(
-    system: System, transport: str, watchers: int, procs: int, reconnect: bool = False
+    system: System, transport: str, watchers: int, procs: int, reconnect: bool = False, sources: int = 1
 ) -> list[Child]:
     viewer = token(["jobs:read"])
     children = []
@@ -73,6 +78,9 @@ def _loadgens(
             "reconnect": reconnect,
             "redis_url": system.redis_url,
             "channel": system.channel,
+            # Source addresses 127.0.0.2, 127.0.0.3, ... (``sources`` of them, round robin over
+            # the watchers): more than one address's worth of ephemeral ports.
+            "source_addresses": [f"127.0.0.{2 + j}" for j in range(sources)] if sources > 1 else [],
         }
         children.append(Child(child_argv("bench.loadgen", config), f"loadgen{k}"))
     return children
@@ -164,16 +172,22 @@ def fanout(
     loadgen_procs: int = 1,
     concurrency: int = 64,
     profile: str | None = None,
+    workers: int = 1,
+    sources: int = 1,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """N watchers over M jobs, K updates/s for S seconds: latency, delivery, losses, CPU, RSS."""
+    uptime_before = loadavg()
     if system_name == "socketio":
         transport, publisher = "sio", "sio"
+    elif system_name == "raw-floor":
+        transport, publisher = "ws", "redis"
     elif system_name == "redis-floor":
         transport, publisher, watchers = "redis", "redis", jobs
-    with system_for(system_name) as system:
+    with system_for(system_name, env, workers) as system:
         ids = create_jobs(system, jobs, uuid.uuid4().hex[:6])
         rss_before = rss_kb(system.pid)
-        loadgens = _loadgens(system, transport, watchers, loadgen_procs)
+        loadgens = _loadgens(system, transport, watchers, loadgen_procs, sources=sources)
         try:
             ready = [g.expect("ready", 60 + watchers / 50) for g in loadgens]
             time.sleep(IDLE_SETTLE_SECONDS)
@@ -224,6 +238,11 @@ def fanout(
         "jobs": jobs,
         "rate": rate,
         "seconds": seconds,
+        "workers": workers,
+        "loadgen_procs": len(loadgens),
+        "source_addresses": sources,
+        "server_env": env or {},
+        "uptime_before": uptime_before,
         "connected": sum(r["ready"] for r in ready),
         "connect_failures": sum(r["failed"] for r in ready),
         "connect_seconds": max(r["ready_seconds"] for r in ready),
@@ -240,6 +259,8 @@ def fanout(
         "gaps": gaps,
         "tail_missing": tail,
         "out_of_order": sum(r["out_of_order"] for r in received),
+        "watchers_behind_at_end": sum(r["watchers_behind"] for r in received),
+        "watchers_open_at_end": sum(r["open"] for r in received),
         "ws_errors": dict(sum((Counter(r["errors"]) for r in received), Counter())),
         "latency_ms": latency,
         "publish_to_receipt_ms": e2e,
@@ -259,6 +280,10 @@ def fanout(
         "rss_kb_per_watcher": round((rss_after - rss_before) / watchers, 2)
         if system_name != "redis-floor"
         else None,
+        # ssemux: one stream carries 10 watchers (jobs); per stream is what a browser holds.
+        "rss_kb_per_stream": round((rss_after - rss_before) / -(-watchers // 10), 2)
+        if transport == "ssemux"
+        else None,
     }
 
 
@@ -270,9 +295,11 @@ def ingest(
     jobs: int = 64,
     concurrency: int = 32,
     profile: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Accepted updates/s, as fast as the server (or the in-process tracker) takes them."""
-    with system_for(system_name) as system:
+    uptime_before = loadavg()
+    with system_for(system_name, workers=workers) as system:
         ids = create_jobs(system, jobs, uuid.uuid4().hex[:6])
         pub = _publisher(system, mode, ids, None, seconds, concurrency)
         try:
@@ -294,6 +321,8 @@ def ingest(
     return {
         "system": system_name,
         "mode": mode,
+        "workers": workers,
+        "uptime_before": uptime_before,
         "seconds": seconds,
         "jobs": jobs,
         "concurrency": concurrency,
@@ -315,6 +344,7 @@ def storm(
 ) -> dict[str, Any]:
     """Every watcher dropped at once (SIGKILL of the server), each job changed while the
     server is down, server started again: seconds until every watcher has the new state."""
+    uptime_before = loadavg()
     with system_for(system_name) as system:
         ids = create_jobs(system, jobs, uuid.uuid4().hex[:6])
         loadgens = _loadgens(system, "ws", watchers, loadgen_procs, reconnect=True)
@@ -352,6 +382,7 @@ def storm(
         "system": system_name,
         "watchers": watchers,
         "jobs": jobs,
+        "uptime_before": uptime_before,
         "connected": sum(r["ready"] for r in ready),
         "resynced": sum(s["synced"] for s in synced),
         "seconds_from_restart": round(all_done - spawned, 3) if all_done else None,

@@ -28,7 +28,7 @@ SERVER_ENV: dict[str, str] = {}
 class System:
     """A running server under test: what the load generator and publisher need to know."""
 
-    kind: str  # phasecast | socketio | redis-floor
+    kind: str  # phasecast | socketio | raw-floor | redis-floor
     engine: str  # redis | sqlite
     port: int
     pid: int
@@ -65,8 +65,10 @@ def phasecast(
     redis: PrivateRedis | None,
     env: dict[str, str] | None = None,
     cluster: RedisClusterProcesses | None = None,
+    workers: int = 1,
 ) -> Iterator[System]:
-    """``phasecast serve`` via ``ServerProcess`` (the real command, TEST_SECRET set)."""
+    """``phasecast serve`` via ``ServerProcess`` (the real command, TEST_SECRET set);
+    ``workers`` > 1 runs ``serve --workers N`` (metered as the whole process tree)."""
     workdir = Path(tempfile.mkdtemp(prefix="phasecast-bench-"))
     if cluster is not None:
         engine_url = f"{cluster.url}?prefix=bench-{uuid.uuid4().hex[:8]}"
@@ -77,6 +79,7 @@ def phasecast(
         engine_url = f"sqlite:///{workdir / 'bench.db'}"
     server = ServerProcess(
         engine_url,
+        args=["--workers", str(workers)] if workers > 1 else [],
         env={"PHASECAST_LOG_LEVEL": "warning", **SERVER_ENV, **(env or {})},
         log_path=workdir / "server.log",
     )
@@ -114,6 +117,37 @@ def socketio_server(redis: PrivateRedis) -> Iterator[System]:
         wait_for_port(port, 30, process)
         yield System(
             "socketio",
+            "redis",
+            port,
+            process.pid,
+            redis_url=redis.url,
+            redis_pid=redis.process.pid if redis.process else None,
+            channel=channel,
+        )
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+@contextlib.contextmanager
+def raw_floor_server(redis: PrivateRedis) -> Iterator[System]:
+    """``bench.floor_server``: uvloop, pre-encoded frames, ``transport.write`` (the floor row)."""
+    port = free_port()
+    channel = f"bench-rawfloor-{uuid.uuid4().hex[:8]}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor_server", str(port), redis.url, channel],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
+    )
+    try:
+        wait_for_port(port, 30, process)
+        yield System(
+            "raw-floor",
             "redis",
             port,
             process.pid,

@@ -55,6 +55,32 @@ def test_socketio_baseline_and_report_table() -> None:
 
 
 @pytest.mark.redis
+def test_raw_socket_floor_delivers_everything_and_sits_in_the_table() -> None:
+    """The floor row: the raw uvloop server fed by Redis pub/sub, read by the same WebSocket
+    load generator as Phasecast, in the same report."""
+    ours = scenarios.fanout("phasecast-redis", watchers=10, jobs=2, rate=10, seconds=1)
+    floor = scenarios.fanout("raw-floor", watchers=10, jobs=2, rate=10, seconds=1)
+    _well_formed_fanout(floor, 10)
+    assert floor["transport"] == "ws"
+    assert floor["publisher"] == "redis"
+    assert floor["uptime_before"].count(" ") == 2
+    table = report.markdown({"fanout": {"phasecast-redis": ours, "raw-floor": floor}})
+    assert "| raw-socket floor |" in table
+    assert "1.5x the raw-socket floor" in table
+
+
+@pytest.mark.redis
+def test_fanout_with_two_workers_and_several_source_addresses() -> None:
+    """``serve --workers 2`` metered as a process tree; watchers from 127.0.0.2 and .3."""
+    result = scenarios.fanout(
+        "phasecast-redis", watchers=12, jobs=3, rate=12, seconds=1, workers=2, sources=2, loadgen_procs=2
+    )
+    _well_formed_fanout(result, 12)
+    assert result["workers"] == 2
+    assert result["server_cpu_s"] > 0
+
+
+@pytest.mark.redis
 def test_ingest_reports_accepted_updates() -> None:
     result = scenarios.ingest("phasecast-redis", mode="http", seconds=1, jobs=4, concurrency=4)
     assert result["applied"] > 0
