@@ -49,11 +49,11 @@ class RedisArchiveOutbox:
                          "ack": client.register_script(_ACK_STATES)}
 
     async def _guard(self, work: Any) -> Any:
-        from redis.exceptions import RedisError
+        from phasecast.engines.redis import REDIS_ERRORS
 
         try:
             return await work
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"the archive outbox in Redis is unreachable: {exc}") from exc
 
     async def put(self, states: list[tuple[str, int, str]], events: list[tuple[str, str]]) -> None:
@@ -65,23 +65,25 @@ class RedisArchiveOutbox:
         for key, event_json in events:
             await self._guard(self._engine.client.hsetnx(self._keys.archive_events(), key, event_json))
 
-    async def states(self, limit: int) -> list[tuple[str, int, str]]:
-        found: list[tuple[str, int, str]] = []
-        client = self._engine.client
-        async for job_id, raw in client.hscan_iter(self._keys.archive_states(), count=SCAN_COUNT):
-            seq, _, state_json = str(raw).partition("|")
-            found.append((str(job_id), int(seq), state_json))
+    async def _scan(self, key: str, limit: int) -> list[tuple[str, str]]:
+        """Up to ``limit`` fields of the hash ``key``, as (field, value)."""
+        found: list[tuple[str, str]] = []
+        async for field, raw in self._engine.client.hscan_iter(key, count=SCAN_COUNT):
+            found.append((str(field), str(raw)))
             if len(found) >= limit:
                 break
         return found
 
+    async def states(self, limit: int) -> list[tuple[str, int, str]]:
+        rows: list[tuple[str, str]] = await self._guard(self._scan(self._keys.archive_states(), limit))
+        found: list[tuple[str, int, str]] = []
+        for job_id, raw in rows:
+            seq, _, state_json = raw.partition("|")
+            found.append((job_id, int(seq), state_json))
+        return found
+
     async def events(self, limit: int) -> list[tuple[str, str]]:
-        found: list[tuple[str, str]] = []
-        client = self._engine.client
-        async for key, raw in client.hscan_iter(self._keys.archive_events(), count=SCAN_COUNT):
-            found.append((str(key), str(raw)))
-            if len(found) >= limit:
-                break
+        found: list[tuple[str, str]] = await self._guard(self._scan(self._keys.archive_events(), limit))
         return found
 
     async def state(self, job_id: str) -> str | None:

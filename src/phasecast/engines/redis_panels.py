@@ -9,6 +9,7 @@ on Redis Cluster: the job's hash and the cross-job index are written by separate
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from phasecast.engines.redis_keys import RedisKeys
@@ -71,20 +72,25 @@ class RedisPanelRecords:
             "release": client.register_script(_RELEASE),
         }
 
-    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import RedisError
+    async def _guard(self, work: Awaitable[Any]) -> Any:
+        """Await one Redis call; anything redis-py raises for a store it cannot use right now
+        (cluster errors during a failover included) becomes ``EngineUnavailable``."""
+        from phasecast.engines.redis import REDIS_ERRORS
 
         try:
-            return await self._scripts[name](keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise EngineUnavailable(f"cannot write RunPod panel records to Redis: {exc}") from exc
+            return await work
+        except REDIS_ERRORS as exc:
+            raise EngineUnavailable(f"cannot use the RunPod panel records in Redis: {exc}") from exc
+
+    async def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._guard(self._scripts[name](keys=keys, args=args))
 
     async def get(self, job_id: str, step: str) -> str | None:
-        raw = await self._engine.client.hget(self.keys.runpod_panels(job_id), step)
+        raw = await self._guard(self._engine.client.hget(self.keys.runpod_panels(job_id), step))
         return None if raw is None else str(raw)
 
     async def all(self, job_id: str) -> list[str]:
-        rows = await self._engine.client.hgetall(self.keys.runpod_panels(job_id))
+        rows = await self._guard(self._engine.client.hgetall(self.keys.runpod_panels(job_id)))
         return [str(raw) for raw in rows.values()]
 
     async def swap(
@@ -92,24 +98,26 @@ class RedisPanelRecords:
     ) -> bool:
         client = self._engine.client
         if active:
-            await client.zadd(self.keys.runpod_inflight(), {member(job_id, step): next_poll})
+            await self._guard(client.zadd(self.keys.runpod_inflight(), {member(job_id, step): next_poll}))
         stored = await self._call("swap", [self.keys.runpod_panels(job_id)],
                                   [step, "" if old is None else old, new, RECORD_TTL_SECONDS])
         if stored == 1 and not active:
-            await client.zrem(self.keys.runpod_inflight(), member(job_id, step))
+            await self._guard(client.zrem(self.keys.runpod_inflight(), member(job_id, step)))
         return bool(stored == 1)
 
     async def schedule(self, job_id: str, step: str, at: float) -> None:
         # XX: only a panel still indexed; a finished one was removed and stays removed.
-        await self._engine.client.zadd(self.keys.runpod_inflight(), {member(job_id, step): at}, xx=True)
+        await self._guard(
+            self._engine.client.zadd(self.keys.runpod_inflight(), {member(job_id, step): at}, xx=True)
+        )
 
     async def unindex(self, job_id: str, step: str) -> None:
-        await self._engine.client.zrem(self.keys.runpod_inflight(), member(job_id, step))
+        await self._guard(self._engine.client.zrem(self.keys.runpod_inflight(), member(job_id, step)))
 
     async def due(self, now: float, limit: int) -> list[tuple[str, str]]:
-        members = await self._engine.client.zrangebyscore(
+        members = await self._guard(self._engine.client.zrangebyscore(
             self.keys.runpod_inflight(), "-inf", now, start=0, num=limit
-        )
+        ))
         found: list[tuple[str, str]] = []
         for raw in members:
             job_id, _, step = str(raw).partition("/")
