@@ -71,6 +71,8 @@ def points(documents: Iterable[dict[str, Any]]) -> list[Point]:
             latency = result.get("latency_ms") or {}
             if not {"p50", "p90", "p99"} <= latency.keys() or not result.get("watchers"):
                 continue
+            if any(latency[q] is None for q in ("p50", "p90", "p99")):  # nothing delivered
+                continue
             grouped.setdefault((series_name(result), int(result["watchers"])), []).append(result)
     found = []
     for (series, watchers), runs in sorted(grouped.items()):

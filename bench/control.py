@@ -41,10 +41,10 @@ def command_queue() -> asyncio.Queue[dict[str, Any]]:
 class Child:
     """Orchestrator side: a child process speaking the control protocol."""
 
-    def __init__(self, argv: list[str], name: str) -> None:
+    def __init__(self, argv: list[str], name: str, source: str | None = None) -> None:
         self.name = name
         self.process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=child_env()
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=child_env(source)
         )
         self._events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"bench-{name}")
@@ -99,9 +99,13 @@ class Child:
             self.process.stdout.close()
 
 
-def child_env() -> dict[str, str]:
-    """Children import ``bench`` from this checkout, whatever the current directory."""
+def child_env(source: str | None = None) -> dict[str, str]:
+    """Children import ``bench`` from this checkout, whatever the current directory;
+    ``source``: a ``src`` directory whose ``phasecast`` they import instead of the installed one
+    (the in-process publisher of an A/B run must write as the server under test reads)."""
     root = str(Path(__file__).resolve().parent.parent)
+    if source:
+        root = f"{root}{os.pathsep}{source}"
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{path}" if path else root}
 

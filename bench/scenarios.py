@@ -17,6 +17,7 @@ from typing import Any
 from bench.common import CpuMeter, loadavg, merge_histograms, percentiles, rss_kb, token
 from bench.control import Child, child_argv
 from bench.systems import (
+    SERVER_ENV,
     System,
     create_jobs,
     phasecast,
@@ -101,7 +102,10 @@ def _publisher(
         "seconds": seconds,
         "concurrency": concurrency,
     }
-    return Child(child_argv("bench.publisher", config), "publisher")
+    # ``--server-src``: an in-process tracker writes with that checkout's engine (key layout,
+    # pub/sub codec), as the server under test expects.
+    source = SERVER_ENV.get("PYTHONPATH") if mode == "tracker" and system.kind == "phasecast" else None
+    return Child(child_argv("bench.publisher", config), "publisher", source)
 
 
 def _profile(pid: int, seconds: float, where: str | None) -> subprocess.Popen[bytes] | None:

@@ -107,12 +107,14 @@ def phasecast(
 def socketio_server(redis: PrivateRedis) -> Iterator[System]:
     port = free_port()
     channel = f"bench-sio-{uuid.uuid4().hex[:8]}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.sio_server", str(port), redis.url, channel],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=child_env(),
-    )
+    # Its log stays in the temporary directory for post-mortems.
+    with Path(tempfile.mkstemp(prefix="bench-sio-", suffix=".log")[1]).open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.sio_server", str(port), redis.url, channel],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+        )
     try:
         wait_for_port(port, 30, process)
         yield System(
