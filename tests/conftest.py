@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from tests.support.process import TEST_SECRET, ServerProcess
-from tests.support.redis_servers import RedisClusterProcesses
+from tests.support.redis_servers import RedisClusterProcesses, delete_prefix
 
 from phasecast.config import Settings
 from phasecast.engines import Engine, open_engine
@@ -61,11 +61,7 @@ def private_prefix() -> Iterator[str]:
     try:
         yield prefix
     finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_prefix(REDIS_URL, prefix)
 
 
 @pytest.fixture
@@ -94,9 +90,12 @@ def redis_cluster() -> Iterator[RedisClusterProcesses]:
 
 
 @pytest.fixture
-def cluster_engine_url(redis_cluster: RedisClusterProcesses) -> str:
-    """The URL of one node of the shared cluster; the engine finds the others."""
-    return f"{redis_cluster.url}?prefix=pctest-{uuid.uuid4().hex[:12]}"
+def cluster_engine_url(redis_cluster: RedisClusterProcesses) -> Iterator[str]:
+    """The URL of one node of the shared cluster (the engine finds the others), with a key
+    prefix of its own whose keys are deleted afterwards from every primary."""
+    prefix = f"pctest-{uuid.uuid4().hex[:12]}"
+    yield f"{redis_cluster.url}?prefix={prefix}"
+    delete_prefix(redis_cluster.url, prefix)
 
 
 ENGINE_URL_FIXTURES = {

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from tests.support.process import ServerProcess, free_port
+from tests.support.redis_servers import wipe_store
 
 from phasecast.client import (
     AuthenticationError,
@@ -26,6 +27,8 @@ from phasecast.client import (
     PhasecastClient,
     RetryPolicy,
 )
+from phasecast.client.links import LinkDown, Outcome, SSELink
+from phasecast.client.tokens import Token
 from phasecast.engines import open_engine
 from phasecast.model import Phase, ProgressUpdate
 from phasecast.tracker import ProgressTracker
@@ -209,6 +212,61 @@ async def test_watch_resumes_after_the_server_is_killed_and_restarted(
     assert states[-1].phase is Phase.COMPLETE
     assert client.stats.reconnects >= 1
     assert client.stats.links[transport] >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_job_made_again_after_a_store_loss_ends_the_watch_with_its_terminal_state(
+    server: ServerProcess, engine_url: str, transport: Any, make_token: Callable[..., str], worker_token: str
+) -> None:
+    """The store is lost while a watch has seq 3; the job is made again (a new epoch) and
+    ends at that very seq, so the reconnect's resume point has nothing after it. SSE answers
+    204 No Content: the watch must end with the job's terminal state, fetched with GET (not
+    fail with "the server answered 204"). The WebSocket resumes with the epoch it has, so
+    the server sends the new epoch's state in full."""
+    job = new_id()
+    async with writer(server.url, worker_token) as api:
+        await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})
+        await progress(api, job, 10, "ANALYZING")
+        assert await progress(api, job, 20, "ANALYZING") == 3
+    async with PhasecastClient(server.url, token=make_token("alice"), transports=(transport,), retry=FAST) as client:
+        watching = Watching(client, job)
+        await watching.seq(3)
+        server.kill()
+        wipe_store(engine_url)
+        async with ProgressTracker(open_engine(engine_url)) as tracker:
+            await tracker.create(owner="alice", job_id=job)
+            await tracker.report(job, Phase.ANALYZING, 50)
+            remade = (await tracker.complete(job, "made again")).state
+        assert remade.seq == 3
+        await asyncio.to_thread(server.start)
+        states = await watching.end()
+        # wait() on the same job now: one link, the terminal state at once (since=0).
+        assert (await asyncio.wait_for(client.wait(job), 10)).to_dict() == remade.to_dict()
+    assert [s.seq for s in states] == [3, 3]
+    assert states[0].epoch != remade.epoch
+    assert states[-1].to_dict() == remade.to_dict()
+    assert client.stats.reconnects >= 1
+
+
+async def test_sse_resume_point_at_the_terminal_state_ends_the_watch_not_an_error(
+    module_server: ServerProcess, make_token: Callable[..., str], worker_token: str
+) -> None:
+    """The per-job SSE link resumed at the terminal seq gets 204 from the server: the link
+    reports the watch ended (``Outcome.ENDED``), not a rejection the policy turns into an
+    error."""
+    job = new_id()
+    async with writer(module_server.url, worker_token) as api:
+        await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})
+        final = (await api.post(f"/v1/jobs/{job}/complete", json={})).json()["state"]["seq"]
+        async with httpx.AsyncClient(base_url=module_server.url) as http:
+            link = SSELink(http, job, final, Token(make_token("alice"), time.time(), None), open_timeout=5, idle_timeout=10)
+            with pytest.raises(LinkDown) as ended:
+                async for _ in link.events():
+                    pass
+            await link.close()
+    assert ended.value.outcome is Outcome.ENDED
+    assert ended.value.status == 204
 
 
 # --- tokens -------------------------------------------------------------------------------------

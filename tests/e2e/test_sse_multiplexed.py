@@ -15,10 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from tests.conftest import REDIS_URL, private_prefix
 from tests.support.clients import SSEEvent, sse_events
 from tests.support.process import ServerProcess
+from tests.support.redis_servers import wipe_store
 
 TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
 
@@ -391,22 +391,6 @@ async def test_a_resume_point_beyond_the_current_seq_gets_the_full_state_and_end
     final = await finish(api, job_id)
     await stream.wait_end()  # ends after the terminal state, as any stream
     assert stream.seqs(job_id) == [2, seq, final]
-
-
-def wipe_store(engine_url: str) -> None:
-    if engine_url.startswith("sqlite"):
-        path = engine_url.removeprefix("sqlite:///")
-        for suffix in ("", "-wal", "-shm"):
-            Path(path + suffix).unlink(missing_ok=True)
-        return
-    base, prefix = engine_url.split("?", 1)[0], engine_url.split("prefix=", 1)[1]
-    single = redis.Redis.from_url(base)
-    clustered = single.info("cluster").get("cluster_enabled") == 1
-    client: Any = redis.RedisCluster.from_url(base) if clustered else single
-    for key in list(client.scan_iter(match=f"{prefix}:*")):
-        client.delete(key)  # one by one: a cluster's keys live in different slots
-    client.close()
-    single.close()
 
 
 @pytest.fixture

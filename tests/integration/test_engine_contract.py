@@ -539,26 +539,31 @@ async def test_a_cluster_node_with_another_database_is_refused(cluster_engine_ur
 
 
 @pytest.mark.redis
-async def test_writes_go_on_after_redis_forgets_its_scripts(redis_engine_url: str) -> None:
+async def test_writes_go_on_after_redis_forgets_its_scripts() -> None:
     """A restarted Redis, or a replica promoted on a cluster, has no scripts loaded: the
-    pipelined write gets NOSCRIPT and is sent again on its own, loading the script."""
+    pipelined write gets NOSCRIPT and is sent again on its own, loading the script.
+
+    SCRIPT FLUSH empties the script cache of the whole server, so this runs on a private
+    redis-server: on the shared one it would break every other process's scripted writes."""
     import redis.asyncio as aioredis
 
-    engine = open_engine(redis_engine_url)
-    await engine.start()
-    admin = aioredis.Redis.from_url(redis_engine_url.split("?")[0])
-    try:
-        state = make("forgetful")
-        await engine.insert(state)
-        new = step(state, 10)
-        assert await engine.replace(new, expected_seq=1)
-        await admin.script_flush()
-        newer = step(new, 20)
-        assert await engine.replace(newer, expected_seq=2)
-        await admin.script_flush()
-        await asyncio.gather(*(engine.insert(make(f"forgetful-{i}")) for i in range(5)))
-        assert await engine.load("forgetful") == newer
-        assert [s.seq for s in await engine.list_jobs("alice", active_only=False, limit=10)] == [1] * 5 + [3]
-    finally:
-        await admin.aclose()
-        await engine.stop()
+    with PrivateRedis() as server:
+        engine = open_engine(f"{server.url}?prefix=forgetful")
+        await engine.start()
+        admin = aioredis.Redis.from_url(server.url)
+        try:
+            state = make("forgetful")
+            await engine.insert(state)
+            new = step(state, 10)
+            assert await engine.replace(new, expected_seq=1)
+            await admin.script_flush()
+            newer = step(new, 20)
+            assert await engine.replace(newer, expected_seq=2)
+            await admin.script_flush()
+            await asyncio.gather(*(engine.insert(make(f"forgetful-{i}")) for i in range(5)))
+            assert await engine.load("forgetful") == newer
+            listed = await engine.list_jobs("alice", active_only=False, limit=10)
+            assert [s.seq for s in listed] == [1] * 5 + [3]
+        finally:
+            await admin.aclose()
+            await engine.stop()

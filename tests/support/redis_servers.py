@@ -45,6 +45,52 @@ def _binary(name: str) -> str:
     return found
 
 
+def primaries(url: str) -> list[tuple[str, int]]:
+    """Host and port of every primary behind ``url``: the node itself for a plain Redis, each
+    primary that serves slots for a cluster node."""
+    with redis.Redis.from_url(url) as first:
+        if first.info("cluster").get("cluster_enabled") != 1:
+            host = first.connection_pool.connection_kwargs.get("host", "127.0.0.1")
+            return [(str(host), int(first.connection_pool.connection_kwargs.get("port", 6379)))]
+        found = set()
+        for _start, _end, primary, *_ in first.execute_command("CLUSTER", "SLOTS"):
+            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            found.add((host, int(primary[1])))
+        return sorted(found)
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``<prefix>:`` on the Redis behind ``url``. On a cluster, SCAN on
+    one node sees only that node's keys, so every primary is scanned; keys are deleted one by
+    one, each on the primary that holds it (a DEL of keys in different slots is refused).
+    Raises if a key is left (a wipe that silently missed keys makes tests fail later, far
+    from the cause)."""
+    pattern = f"{prefix}:*"
+    for host, port in primaries(url):
+        with redis.Redis(host=host, port=port) as node:
+            for key in list(node.scan_iter(match=pattern, count=1000)):
+                node.delete(key)
+    left = []
+    for host, port in primaries(url):
+        with redis.Redis(host=host, port=port) as node:
+            if next(iter(node.scan_iter(match=pattern, count=1000)), None) is not None:
+                left.append(f"{host}:{port}")
+    if left:
+        raise RuntimeError(f"keys under {prefix}: are left on {left} after deleting them")
+
+
+def wipe_store(engine_url: str) -> None:
+    """Lose a store, as in a disaster: the SQLite files, or every key of the URL's prefix
+    (on every primary of a cluster). Stop the servers using it first."""
+    if engine_url.startswith("sqlite"):
+        path = engine_url.removeprefix("sqlite:///")
+        for suffix in ("", "-wal", "-shm"):
+            Path(path + suffix).unlink(missing_ok=True)
+        return
+    base, prefix = engine_url.split("?", 1)[0], engine_url.split("prefix=", 1)[1]
+    delete_prefix(base, prefix)
+
+
 class RedisNode:
     """One ``redis-server`` process; with ``aof`` every acknowledged write is in its
     append-only file (fsync always), so a restart on the same directory keeps them."""

@@ -143,7 +143,10 @@ class PhasecastClient:
         final: JobState | None = None
         async for state in self.watch(job_id):
             final = state
-        assert final is not None  # watch only ends after the terminal state
+        if final is None or not final.terminal:
+            # watch ends after the terminal state; should it ever end otherwise, the server
+            # has the answer.
+            final = await self.get(job_id)
         return final
 
     # --- watching ---------------------------------------------------------------------------
@@ -152,11 +155,14 @@ class PhasecastClient:
         """Yield each new state of the job, ``seq`` strictly increasing, ending after the
         terminal state. Reconnects (resuming after the last ``seq``) across dropped links and
         server restarts; a consumer slower than the job gets the newest state, skipping
-        intermediate ones, never the terminal one. Raises a ``ClientError`` subclass when
+        intermediate ones, never the terminal one. After a store loss the job's states start
+        again under a new ``epoch``: the first state of a new epoch is yielded whatever its
+        ``seq``, and ``seq`` increases from there. Raises a ``ClientError`` subclass when
         retrying cannot help (refused token, no such job, server unreachable for too long)."""
         _check_job_id(job_id)
         attempts = Attempts(self.retry, refreshable_token=self._tokens.refreshable, url=self.base_url)
         last_seq = 0
+        last_epoch: str | None = None
         first = True
         prefetched: list[Token] = []  # a fresh token the SSE refresh obtained for the next link
         while True:
@@ -166,14 +172,25 @@ class PhasecastClient:
             first = False
             token = prefetched.pop() if prefetched else await self._tokens.get()
             try:
-                async for state in self._follow(transport, job_id, last_seq, token, attempts, prefetched):
-                    if state.seq <= last_seq:
+                following = self._follow(transport, job_id, last_seq, last_epoch, token, attempts, prefetched)
+                async for state in following:
+                    if state.seq <= last_seq and state.epoch == last_epoch:
                         continue
-                    last_seq = state.seq
+                    last_seq, last_epoch = state.seq, state.epoch
                     yield state
                     if state.terminal:
                         return
             except LinkDown as down:
+                if down.outcome is Outcome.ENDED:
+                    # SSE's 204: the job reached its terminal state at or before the resume
+                    # point. Yield that state unless this watch already has it (it never
+                    # does when seqs are of one epoch: the terminal state ends the watch).
+                    final = await self.get(job_id)
+                    if final.terminal:
+                        if final.seq > last_seq or final.epoch != last_epoch:
+                            yield final
+                        return
+                    # Moved on since the 204 (made again after a store loss): follow it.
                 step = attempts.decide(down)  # raises when the watch cannot go on
                 if down.outcome is Outcome.REFRESH:
                     self.stats.token_refreshes += 1
@@ -199,6 +216,7 @@ class PhasecastClient:
         transport: Transport,
         job_id: str,
         since: int,
+        epoch: str | None,
         token: Token | None,
         attempts: Attempts,
         prefetched: list[Token],
@@ -207,7 +225,8 @@ class PhasecastClient:
         self.stats.links[transport] += 1
         link: WebSocketLink | SSELink
         if transport == "websocket":
-            link = WebSocketLink(self.base_url, job_id, since, token, open_timeout=self.open_timeout)
+            link = WebSocketLink(self.base_url, job_id, since, token, open_timeout=self.open_timeout,
+                                 epoch=epoch)
         else:
             link = SSELink(self.http, job_id, since, token, open_timeout=self.open_timeout,
                            idle_timeout=self.idle_timeout)

@@ -39,6 +39,9 @@ class Outcome(StrEnum):
     EXPIRED = "expired"  # the server ended the link because the token expired
     REFRESH = "refresh"  # the client ended the link to carry on with a fresh token
     JOB_ERROR = "job_error"  # the server refused to stream this job (an ``error`` frame or event)
+    # The server has nothing after the resume point: the job already reached its terminal state
+    # at or before it (SSE answers 204 No Content). The watch is over, not refused.
+    ENDED = "ended"
 
 
 class LinkDown(Exception):
@@ -114,11 +117,12 @@ class WebSocketLink:
     transport: Transport = "websocket"
 
     def __init__(self, base_url: str, job_id: str, since: int, token: Token | None, *,
-                 open_timeout: float) -> None:
+                 open_timeout: float, epoch: str | None = None) -> None:
         scheme, _, rest = base_url.partition("://")
         self.url = ("wss" if scheme == "https" else "ws") + "://" + rest + "/v1/ws"
         self.job_id = job_id
         self.since = since
+        self.epoch = epoch  # of the state at ``since``: a job made again after a store loss is sent in full
         self.token = token
         self.open_timeout = open_timeout
         self._socket: ClientConnection | None = None
@@ -147,7 +151,10 @@ class WebSocketLink:
             # The token goes in the first message, not the URL, so no proxy or access log sees it.
             if self.token is not None:
                 await socket.send(json.dumps({"op": "auth", "token": self.token.value}))
-            await socket.send(json.dumps({"op": "subscribe", "job_id": self.job_id, "since": self.since}))
+            subscribe: dict[str, Any] = {"op": "subscribe", "job_id": self.job_id, "since": self.since}
+            if self.epoch is not None:
+                subscribe["epoch"] = self.epoch
+            await socket.send(json.dumps(subscribe))
             async for raw in socket:
                 try:
                     message = json.loads(raw)
@@ -220,6 +227,9 @@ class SSELink:
                 self.http, "GET", url, params={"since": self.since}, headers=headers, timeout=self.timeout,
             ) as source:
                 self._response = source.response
+                if source.response.status_code == 204:
+                    raise self._down(Outcome.ENDED, False, status=204,
+                                     message="nothing after the resume point: the job has ended")
                 if source.response.status_code != 200:
                     code, message = _error_body(await source.response.aread())
                     raise self._down(Outcome.REJECTED, False, status=source.response.status_code,
