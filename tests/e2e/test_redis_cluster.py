@@ -155,10 +155,10 @@ async def two_instances(
 
 
 async def test_watchers_on_two_instances_see_every_job_on_every_shard(
-    redis_cluster: RedisClusterProcesses, tmp_path: Path,
+    redis_cluster: RedisClusterProcesses, cluster_engine_url: str, tmp_path: Path,
     make_token: Callable[..., str], worker_token: str,
 ) -> None:
-    url = f"{redis_cluster.url}?prefix=pctest-spread-{time.time_ns()}"
+    url = cluster_engine_url  # a prefix of its own, its keys deleted from every primary afterwards
     jobs = ids_on_every_shard(redis_cluster, 4, "spread")
     with (
         ServerProcess(url, log_path=tmp_path / "a.log") as first,
