@@ -278,7 +278,10 @@ async def test_jobs_that_cannot_be_watched_get_error_events_and_the_rest_goes_on
         ({"follow": "everything"}, {}, 422, "follow"),
         ({"job": "a"}, {"Last-Event-ID": "17"}, 422, "Last-Event-ID"),
         ({"job": "a"}, {"Last-Event-ID": "1,,a~e~x"}, 422, "Last-Event-ID"),
-        ({"job": "a", "last_event_id": "1,,a~e~1,a~e~2"}, {}, 422, "last_event_id"),
+        ({"job": "a", "last_event_id": "null"}, {}, 422, "last_event_id"),
+        ({"job": "a"}, {"Last-Event-ID": "null"}, 422, "Last-Event-ID"),
+        # Both resume points are checked, though the header wins.
+        ({"job": "a", "last_event_id": "1,,a~e~x"}, {"Last-Event-ID": "1,,a~e~1"}, 422, "last_event_id"),
         ({"job": "a", "last_event_id": "2,,a~e~1"}, {}, 422, "last_event_id"),
     ],
 )
@@ -294,6 +297,37 @@ async def test_malformed_requests_get_their_documented_4xx(
     error = reply.json()["error"]
     assert error["code"] == "invalid"
     assert field in error.get("field", ""), error
+
+
+@pytest.mark.parametrize("route", ["multiplexed", "per-job"])
+@pytest.mark.parametrize("where", ["header", "query"])
+async def test_an_empty_resume_point_is_none_and_a_malformed_one_is_refused(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream], route: str, where: str,
+) -> None:
+    job_id = await new_job(api)
+    await report(api, job_id, 0.5)
+    last = await finish(api, job_id)
+    token = make_token("alice")
+    path = f"/v1/events?job={job_id}" if route == "multiplexed" else f"/v1/jobs/{job_id}/events?x=1"
+    name = "Last-Event-ID" if where == "header" else "last_event_id"
+
+    def resume(value: str) -> tuple[str, dict[str, str]]:
+        if where == "header":
+            return f"{path}&access_token={token}", {"Last-Event-ID": value}
+        return f"{path}&access_token={token}&last_event_id={value}", {}
+
+    # Empty: the stream starts from the current state (here the terminal one) and ends.
+    stream = streams(server.url, *resume(""))
+    await stream.wait_end()
+    assert stream.seqs(job_id) == [last]
+    # Not a resume point of this route (schema pattern): 422 naming where it came from.
+    for bad in ("null", "-1", "1,,a~e~1" if route == "per-job" else "7"):
+        url, headers = resume(bad)
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            reply = await client.get(url, headers=headers)
+        assert reply.status_code == 422, (bad, reply.text)
+        assert reply.json()["error"]["field"] == name
 
 
 async def test_refusals_before_the_stream_starts(

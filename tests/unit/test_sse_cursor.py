@@ -7,6 +7,7 @@ import pytest
 from phasecast.errors import InvalidUpdate
 from phasecast.model import JobState, new_job, utc_now
 from phasecast.server.sse_cursor import (
+    CURSOR_PATTERN,
     Mark,
     cursor_prefix,
     entry,
@@ -24,6 +25,25 @@ def test_a_cursor_reads_back_what_was_written() -> None:
     assert "\n" not in text and "\r" not in text
     empty = parse_cursor(format_cursor(0, []), field="x", max_jobs=1)
     assert empty.marks == {} and empty.watermark == 0
+
+
+def test_a_job_named_twice_counts_its_last_entry() -> None:
+    # The server never writes this; a cursor that matches the published pattern is read.
+    cursor = parse_cursor("1,,a~e~1,a~f~2", field="x", max_jobs=1)
+    assert cursor.marks == {"a": Mark("f", 2)}
+
+
+def test_the_published_pattern_is_what_the_parser_accepts() -> None:
+    written = format_cursor(1764400000, [entry("a", "9f3a", 3), entry("b.c:d-e_f", "0c1d", 12)])
+    assert CURSOR_PATTERN.fullmatch(written) and CURSOR_PATTERN.fullmatch(format_cursor(0, []))
+    for text in ("", "1", "1,x", "1,,a~e", "1,,a~e~1\n", "1,,,a~e~1,"):
+        accepted = CURSOR_PATTERN.fullmatch(text) is not None
+        try:
+            parse_cursor(text, field="x", max_jobs=5)
+        except InvalidUpdate:
+            assert not accepted, text
+        else:
+            assert accepted, text
 
 
 def test_the_epoch_is_read_from_the_top_level_of_a_state() -> None:
@@ -49,7 +69,6 @@ def test_the_epoch_is_read_from_the_top_level_of_a_state() -> None:
         "1,,bad id~e~1",
         "1,,a\n~e~1",
         "1,,a~e!~1",
-        "1,,a~e~1,a~f~2",
         "1,," + ",".join(entry(f"j{i}", "e", 1) for i in range(3)),
         "1,," + "a" * 100_000,
         "1,,a~e~\u0661",  # a digit, but not an ASCII one

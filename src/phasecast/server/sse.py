@@ -37,21 +37,22 @@ import weakref
 from collections.abc import Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import StringConstraints
+from pydantic import WithJsonSchema
 from starlette.types import Receive, Scope, Send
 
 from phasecast.engines.base import Change
 from phasecast.errors import EngineUnavailable, InvalidUpdate, PhasecastError
 from phasecast.fanout import Mailbox
-from phasecast.model import JOB_ID_PATTERN, JobState, parse_time, validate_job_id
+from phasecast.model import JOB_ID_PATTERN, JOB_ID_RULE, JobState, parse_time, validate_job_id
 from phasecast.server import frames
 from phasecast.server.auth import Forbidden, Principal
 from phasecast.server.deps import Services, authenticate, services
 from phasecast.server.logs import job_id_var
 from phasecast.server.metrics import Metrics
-from phasecast.server.sse_cursor import Mark, cursor_prefix, entry, parse_cursor
+from phasecast.server.openapi import ERROR_DESCRIPTIONS
+from phasecast.server.sse_cursor import CURSOR_PATTERN, Mark, cursor_prefix, entry, parse_cursor
 from phasecast.server.sse_transport import LAST_CHUNK, chunk, detacher
 from phasecast.server.websocket import DeliveryMeter
 from phasecast.tracker import ProgressTracker
@@ -61,39 +62,101 @@ log = logging.getLogger("phasecast.sse")
 
 HEARTBEAT = frames.SSE_HEARTBEAT
 FOLLOW_SLACK_SECONDS = 5  # clock skew between instances that a follow watermark allows for
-_SEQ = re.compile(r"[0-9]{1,18}")
 
-_ERROR_SCHEMA: dict[str, Any] = {
+def _event_schema(event: str, data: dict[str, Any], *, with_id: bool) -> dict[str, Any]:
+    """One kind of event, as schemathesis and other OpenAPI 3.1 tools read a
+    ``text/event-stream`` response whose ``schema`` describes each event: ``data`` is the
+    text of one JSON document (``contentSchema``), ``id`` the resume point."""
+    properties: dict[str, Any] = {
+        "event": {"const": event},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+    }
+    if with_id:
+        properties["id"] = {"type": "string"}
+    return {
+        "type": "object",
+        "required": ["event", "data", *(["id"] if with_id else [])],
+        "properties": properties,
+    }
+
+
+_CONTROL_DATA: dict[str, Any] = {
     "type": "object",
-    "required": ["error"],
+    "required": ["message"],
+    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+}
+_JOB_ERROR_DATA: dict[str, Any] = {
+    "type": "object",
+    "required": ["job_id", "code", "message"],
     "properties": {
-        "error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {
-                "code": {"type": "string"},
-                "message": {"type": "string"},
-                "field": {"type": "string"},
-            },
+        "job_id": {"type": "string"},
+        "code": {"type": "string"},
+        "message": {"type": "string"},
+    },
+}
+_STATE_DATA: dict[str, Any] = {"$ref": "#/components/schemas/JobStateModel"}
+
+
+def _stream_ok(*kinds: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": "A stream of server-sent events (docs/protocol.md); the schema describes "
+        "one event. Heartbeats are comments; the first chunk sets `retry:`.",
+        "content": {"text/event-stream": {"schema": {"type": "object", "oneOf": list(kinds)}}},
+    }
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Refusals are JSON (our error body), not events: stated per status, or FastAPI would
+    give them the route's media type."""
+    return {
+        status: {
+            "description": ERROR_DESCRIPTIONS[status],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
         }
-    },
+        for status in statuses
+    }
+
+
+_EXPIRED_EVENT = _event_schema("expired", _CONTROL_DATA, with_id=False)
+_NOTHING_LEFT: dict[str, Any] = {
+    "description": "Resumed with nothing left to send: the client already has the terminal "
+    "state of every job of the stream (an EventSource stops reconnecting on 204)"
+}
+_JOB_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _stream_ok(_event_schema("state", _STATE_DATA, with_id=True), _EXPIRED_EVENT),
+    204: _NOTHING_LEFT,
+    **_errors(401, 403, 404, 422, 503),
+}
+_EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: _stream_ok(
+        _event_schema("state", _STATE_DATA, with_id=True),
+        _event_schema("error", _JOB_ERROR_DATA, with_id=False),
+        _event_schema("end", _CONTROL_DATA, with_id=False),
+        _EXPIRED_EVENT,
+    ),
+    204: _NOTHING_LEFT,
+    **_errors(401, 403, 422, 503),
 }
 
+# What a resume point may be, published in the schema and checked with the same pattern.
+# Empty means "no resume point" (start from the current state), as if it were left out.
+SEQ_RESUME_PATTERN = re.compile(r"[0-9]{0,18}")
+MAX_SEQ = 10**18 - 1  # a seq has at most 18 digits, as in an event id
 
-def _error_response(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+
+def _anchored(pattern: re.Pattern[str]) -> str:
+    """The schema's form of a pattern the server applies with ``fullmatch``, empty
+    allowed (an empty resume point is none)."""
+    return f"^(?:{pattern.pattern})?$" if not pattern.fullmatch("") else f"^(?:{pattern.pattern})$"
 
 
-_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "A stream of server-sent events (see docs/protocol.md)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    },
-    204: {"description": "Resumed with nothing left to send: every job already ended"},
-    401: _error_response("No token, or the token is not valid or has expired"),
-    403: _error_response("The token may not watch jobs (or, per job, this job)"),
-    422: _error_response("A malformed job id, Last-Event-ID, cursor or query"),
-}
+_SEQ_RESUME_DOC = (
+    "the id of the last event received: a state's seq (digits); empty means no resume point"
+)
+_CURSOR_DOC = (
+    "the id of the last event received on this route, unchanged (an opaque cursor); "
+    "empty means no resume point"
+)
 
 
 # --- wire bytes: server/frames.py encodes them, once per change where they are shared ------
@@ -627,32 +690,51 @@ def _follow_registry(tracker: ProgressTracker) -> _FollowRegistry:
 def _seq_resume_point(
     header: str | None, query: str | None, since: int | None
 ) -> int | None:
+    """Both resume points are checked (a malformed one is refused even when the other
+    wins); ``Last-Event-ID`` wins over ``last_event_id``, which wins over ``since``."""
+    found: int | None = None
     for name, raw in (("Last-Event-ID", header), ("last_event_id", query)):
-        if raw is None or raw == "":
+        if raw is None:
             continue
-        if not _SEQ.fullmatch(raw):
+        if not SEQ_RESUME_PATTERN.fullmatch(raw):
             raise InvalidUpdate(
-                name, "must be the id of an event of this stream: the integer seq of a state"
+                name, "must be the id of an event of this stream: the integer seq of a state "
+                "(or empty for no resume point)"
             )
-        return int(raw)
-    return since
+        if raw and found is None:
+            found = int(raw)
+    return since if found is None else found
+
+
+# Optional strings described as plain strings with the pattern the route checks itself (so
+# a refusal says how to fix it); left out means no resume point.
+_SeqResume = Annotated[
+    str | None, WithJsonSchema({"type": "string", "pattern": _anchored(SEQ_RESUME_PATTERN)})
+]
+_CursorResume = Annotated[
+    str | None, WithJsonSchema({"type": "string", "pattern": _anchored(CURSOR_PATTERN)})
+]
+_JobParam = Annotated[
+    str,
+    Path(description=JOB_ID_RULE, json_schema_extra={"pattern": JOB_ID_PATTERN.pattern}),
+]
 
 
 @router.get(
     "/jobs/{job_id}/events",
     response_class=EventStream,
     status_code=200,
-    responses=_STREAM_RESPONSES | {404: _error_response("No such job")},
+    responses=_JOB_STREAM_RESPONSES,
     summary="Stream one job's states as server-sent events",
 )
 async def job_events(
-    job_id: str,
+    job_id: _JobParam,
     request: Request,
-    since: Annotated[int | None, Query(ge=0, description="resume after this seq")] = None,
-    last_event_id: Annotated[
-        str | None, Query(description="the id of the last event received (resume point)")
+    since: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="resume after this seq")] = None,
+    last_event_id: Annotated[_SeqResume, Query(description=_SEQ_RESUME_DOC)] = None,
+    last_event_id_header: Annotated[
+        _SeqResume, Header(alias="Last-Event-ID", description=_SEQ_RESUME_DOC)
     ] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     job_id_var.set(job_id)
     validate_job_id(job_id)
@@ -670,23 +752,26 @@ async def job_events(
     "/events",
     response_class=EventStream,
     status_code=200,
-    responses=_STREAM_RESPONSES,
+    responses=_EVENTS_RESPONSES,
     summary="Stream many jobs' states on one connection (server-sent events)",
+    description="Name the jobs with `job` (repeat it) or use `follow=active`: one of the two, "
+    "not both (422 otherwise). docs/protocol.md describes the events and the cursor.",
 )
 async def events(
     request: Request,
     job: Annotated[
-        list[Annotated[str, StringConstraints(pattern=JOB_ID_PATTERN.pattern)]] | None,
+        list[str] | None,
+        WithJsonSchema({"type": "array", "items": {"type": "string", "pattern": JOB_ID_PATTERN.pattern}}),
         Query(description="a job to watch (repeat for more); or use follow=active"),
     ] = None,
     follow: Annotated[
         Literal["active"] | None,
         Query(description="watch the caller's active jobs, and those it creates later"),
     ] = None,
-    last_event_id: Annotated[
-        str | None, Query(description="the id of the last event received (resume point)")
+    last_event_id: Annotated[_CursorResume, Query(description=_CURSOR_DOC)] = None,
+    last_event_id_header: Annotated[
+        _CursorResume, Header(alias="Last-Event-ID", description=_CURSOR_DOC)
     ] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     found = services(request)
     limit = found.settings.max_subscriptions
@@ -698,22 +783,20 @@ async def events(
     if len(wanted) > limit:
         raise InvalidUpdate("job", f"a stream may watch at most {limit} jobs; open another stream")
     for job_id in wanted:
-        if not JOB_ID_PATTERN.fullmatch(job_id):
-            raise InvalidUpdate(
-                "job",
-                f"{job_id[:40]!r} is not a job id: 1-128 letters, digits, '.', '_', ':' or '-', "
-                "starting with a letter or digit",
-            )
+        validate_job_id(job_id, "job")
     caller = authenticate(request, allow_query=True)
     if not caller.can_watch:
         raise Forbidden("the token has no scope that allows watching jobs (jobs:read)")
     marks: dict[str, Mark] = {}
     watermark = 0
-    for name, raw in (("Last-Event-ID", last_event_id_header), ("last_event_id", last_event_id)):
-        if raw:
-            cursor = parse_cursor(raw, field=name, max_jobs=limit)
-            marks, watermark = cursor.marks, cursor.watermark
-            break
+    # Both are checked; the header wins. Empty means no resume point.
+    cursors = [
+        parse_cursor(raw, field=name, max_jobs=limit)
+        for name, raw in (("Last-Event-ID", last_event_id_header), ("last_event_id", last_event_id))
+        if raw
+    ]
+    if cursors:
+        marks, watermark = cursors[0].marks, cursors[0].watermark
     stream = EventStream(found, caller, multiplexed=True, follow=follow is not None)
     try:
         if follow is None:

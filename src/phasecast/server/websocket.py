@@ -29,9 +29,9 @@ from typing import Any, Protocol
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from phasecast.engines.base import Change
-from phasecast.errors import PhasecastError
+from phasecast.errors import InvalidUpdate, PhasecastError
 from phasecast.fanout import Mailbox
-from phasecast.model import JOB_ID_PATTERN, JobState
+from phasecast.model import JobState, validate_job_id
 from phasecast.server import frames
 from phasecast.server.auth import Forbidden, Principal, Unauthorized
 from phasecast.server.deps import Services
@@ -296,14 +296,15 @@ class Session:
     async def _subscribe(self, message: dict[str, Any]) -> None:
         principal = self.principal
         assert principal is not None
-        job_id = message.get("job_id")
+        raw_id = message.get("job_id")
         since = message.get("since", 0)
         epoch = message.get("epoch")
-        if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        try:
+            job_id = validate_job_id(raw_id)
+        except InvalidUpdate as problem:
             self.say(frames.error(
-                job_id if isinstance(job_id, str) and len(job_id) <= 128 else None, "invalid",
-                "job_id must be a string of 1-128 letters, digits, '.', '_', ':' or '-', "
-                "starting with a letter or digit",
+                raw_id if isinstance(raw_id, str) and len(raw_id) <= 128 else None, "invalid",
+                problem.message,
             ))
             return
         if since is None:
