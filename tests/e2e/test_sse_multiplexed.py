@@ -328,6 +328,14 @@ async def test_an_empty_resume_point_is_none_and_a_malformed_one_is_refused(
             reply = await client.get(url, headers=headers)
         assert reply.status_code == 422, (bad, reply.text)
         assert reply.json()["error"]["field"] == name
+    # Both are checked, though the header wins: a malformed query is refused beside a good header.
+    good = "1" if route == "per-job" else "1,,"
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        reply = await client.get(
+            f"{path}&access_token={token}&last_event_id=null", headers={"Last-Event-ID": good}
+        )
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error"]["field"] == "last_event_id"
 
 
 async def test_refusals_before_the_stream_starts(
