@@ -421,6 +421,9 @@ def new_job(
 
 
 def _enter_phase(state: JobState, phase: Phase, stamp: str) -> None:
+    """Close the current phase and open ``phase`` with nothing carried over: its progress,
+    its steps and its message start afresh (the message is the phase's default until the
+    report, or the ending, brings its own)."""
     current = state.phases.get(state.phase.value)
     if current is not None and current.get("finished_at") is None:
         current["finished_at"] = stamp
@@ -432,6 +435,7 @@ def _enter_phase(state: JobState, phase: Phase, stamp: str) -> None:
     state.phase_progress = 100.0 if phase is Phase.COMPLETE else 0.0
     state.steps = {}
     state.steps_total = None
+    state.message = DEFAULT_MESSAGE[phase]
 
 
 def _apply_step(state: JobState, update: ProgressUpdate) -> None:
@@ -548,11 +552,25 @@ DEFAULT_END_MESSAGE = {
     Phase.FAILED: "Failed",
     Phase.CANCELLED: "Cancelled",
 }
+# The message a job shows on entering a phase when the report (or ending) that moves it
+# there brings none: the previous phase's message never carries over. The Redis script
+# (engines/lua/apply.lua) holds the same table; tests/vectors keeps them in agreement.
+DEFAULT_MESSAGE: dict[Phase, str] = {
+    Phase.QUEUED: "Queued",
+    Phase.ANALYZING: "Analyzing",
+    Phase.GENERATING: "Generating",
+    Phase.POST_PROCESSING: "Post-processing",
+} | DEFAULT_END_MESSAGE
+
+# Only a COMPLETE job is at 100 %: a working job's overall progress stops here even when
+# every phase reports 100 (the last phase done, the ending not yet reported).
+MAX_WORKING_PROGRESS = 99.9
 
 
 def overall_progress(phase: Phase, phase_progress: float, weights: dict[Phase, float]) -> float:
     """Weighted sum over the working phases: every earlier phase counts in full, the current
-    one by its own progress. Rounded to 0.001 so repeated reports compare equal."""
+    one by its own progress. Rounded to 0.001 so repeated reports compare equal. Only
+    COMPLETE is 100: a working phase stops at ``MAX_WORKING_PROGRESS``."""
     if phase is Phase.COMPLETE:
         return 100.0
     total = sum(weights.get(p, 0.0) for p in WORKING_PHASES)
@@ -562,7 +580,7 @@ def overall_progress(phase: Phase, phase_progress: float, weights: dict[Phase, f
         raise ValueError("overall progress of a failed or cancelled job is where it stopped")
     done = sum(weights.get(p, 0.0) for p in WORKING_PHASES if p.rank < phase.rank)
     current = weights.get(phase, 0.0) * phase_progress / 100.0
-    return round(min(100.0, 100.0 * (done + current) / total), 3)
+    return round(min(MAX_WORKING_PROGRESS, 100.0 * (done + current) / total), 3)
 
 
 def _same_content(old: JobState, new: JobState) -> bool:

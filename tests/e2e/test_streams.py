@@ -106,5 +106,12 @@ async def test_websocket_and_sse_watchers_receive_the_same_states(
         progress = [s["progress"] for s in ws_states]
         assert progress == sorted(progress)
         assert ws_states[-1]["progress"] == 100.0
+        # Only COMPLETE is 100: POST_PROCESSING at 100 stops just below.
+        assert [s["progress"] for s in ws_states if s["phase"] == "POST_PROCESSING"] == [90.0, 99.9]
+        assert all(s["progress"] < 100 for s in ws_states[:-1])
+        # Entering a phase without a message shows the phase's default, not the last message.
+        messages = {s["phase"]: s["message"] for s in reversed(ws_states)}  # first per phase
+        assert messages["GENERATING"] == "Generating"
+        assert messages["POST_PROCESSING"] == "Lettering"
         assert ws_states[4]["steps"]["panel-1"] == {"progress": 100.0, "status": "done"}
         await ws.close()

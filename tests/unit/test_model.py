@@ -8,6 +8,8 @@ import pytest
 
 from phasecast.errors import InvalidUpdate, JobTerminal
 from phasecast.model import (
+    DEFAULT_MESSAGE,
+    MAX_WORKING_PROGRESS,
     JobError,
     JobState,
     Phase,
@@ -52,8 +54,77 @@ def test_overall_progress_is_the_weighted_sum() -> None:
     assert overall_progress(Phase.QUEUED, 50, COMIC_WEIGHTS) == 0.0
     assert overall_progress(Phase.ANALYZING, 50, COMIC_WEIGHTS) == 5.0
     assert overall_progress(Phase.GENERATING, 50, COMIC_WEIGHTS) == 45.0
-    assert overall_progress(Phase.POST_PROCESSING, 100, COMIC_WEIGHTS) == 100.0
+    assert overall_progress(Phase.POST_PROCESSING, 50, COMIC_WEIGHTS) == 90.0
     assert overall_progress(Phase.COMPLETE, 0, COMIC_WEIGHTS) == 100.0
+
+
+@pytest.mark.parametrize(
+    ("phase", "weights"),
+    [
+        (Phase.POST_PROCESSING, COMIC_WEIGHTS),
+        (Phase.GENERATING, {Phase.GENERATING: 3.0, Phase.POST_PROCESSING: 0.0}),
+        (Phase.ANALYZING, {Phase.ANALYZING: 1.0}),
+        (Phase.QUEUED, {Phase.QUEUED: 1.0}),
+    ],
+)
+def test_only_complete_is_100_overall(phase: Phase, weights: dict[Phase, float]) -> None:
+    assert overall_progress(phase, 100, weights) == MAX_WORKING_PROGRESS < 100
+    assert overall_progress(phase, 99.99999, weights) == MAX_WORKING_PROGRESS
+
+
+def test_the_last_phase_done_stays_below_100_until_complete() -> None:
+    state = advance(job(), ProgressUpdate(Phase.POST_PROCESSING, phase_progress=70, message="Assembling"))
+    packed = advance(state, ProgressUpdate(Phase.POST_PROCESSING, phase_progress=100, message="Packaging"))
+    assert (packed.phase_progress, packed.progress) == (100.0, MAX_WORKING_PROGRESS)
+    complete = apply_terminal(packed, Phase.COMPLETE, T0 + timedelta(seconds=3)).state
+    assert (complete.phase_progress, complete.progress) == (100.0, 100.0)
+    for ending in (Phase.FAILED, Phase.CANCELLED):
+        stopped = apply_terminal(packed, ending, T0 + timedelta(seconds=3)).state
+        assert (stopped.phase_progress, stopped.progress) == (100.0, MAX_WORKING_PROGRESS)
+
+
+def test_every_step_done_with_nothing_weighed_after_stays_below_100() -> None:
+    weights = {Phase.GENERATING: 1.0}
+    state = job()
+    for n in range(3):
+        outcome = apply_progress(state, ProgressUpdate(Phase.GENERATING, step=f"panel-{n}", step_status="done",
+                                                       steps_total=3), T0, weights)
+        state = outcome.state
+    assert all(step["status"] == "done" for step in state.steps.values())
+    assert (state.phase_progress, state.progress) == (100.0, MAX_WORKING_PROGRESS)
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        ProgressUpdate(Phase.GENERATING),
+        ProgressUpdate(Phase.GENERATING, phase_progress=5),
+        ProgressUpdate(Phase.GENERATING, step="panel-1", step_progress=10, steps_total=6),
+        ProgressUpdate(Phase.GENERATING, steps_total=6),
+        ProgressUpdate(Phase.POST_PROCESSING, phase_progress=30),
+    ],
+)
+def test_entering_a_phase_without_a_message_shows_its_default(update: ProgressUpdate) -> None:
+    state = advance(job(), ProgressUpdate(Phase.ANALYZING, phase_progress=60, message="Finding the characters"))
+    entered = advance(state, update)
+    assert entered.message == DEFAULT_MESSAGE[update.phase] != state.message
+    # Within the phase, a report without a message keeps the current one.
+    later = advance(entered, ProgressUpdate(update.phase, step="panel-9", step_progress=50))
+    assert later.message == entered.message
+
+
+def test_default_messages_name_each_phase() -> None:
+    assert [DEFAULT_MESSAGE[p] for p in Phase] == [
+        "Queued", "Analyzing", "Generating", "Post-processing", "Complete", "Failed", "Cancelled",
+    ]
+    assert job().message == DEFAULT_MESSAGE[Phase.QUEUED]
+
+
+def test_entering_a_phase_with_its_own_message_keeps_it() -> None:
+    state = advance(job(), ProgressUpdate(Phase.ANALYZING, phase_progress=60, message="Finding the characters"))
+    for message in ("All 6 panels drawn", ""):
+        entered = advance(state, ProgressUpdate(Phase.POST_PROCESSING, phase_progress=0, message=message))
+        assert entered.message == message
 
 
 def test_entering_a_phase_closes_the_previous_one_in_the_timeline() -> None:

@@ -246,6 +246,59 @@ def _special(rng: random.Random) -> list[dict[str, Any]]:
         vectors.append(_vector(f"eta after {micros} us at {progress}", base, ProgressUpdate(
             Phase.QUEUED, phase_progress=progress), now + timedelta(microseconds=micros),
             rng.choice(WEIGHTS), rng.choice(STATS)))
+
+    # Entering a phase without a message shows that phase's default, never the previous
+    # phase's message; a message of its own (even "") is kept.
+    analysing = apply_progress(base, ProgressUpdate(Phase.ANALYZING, phase_progress=60.0,
+                                                    message="Finding the characters"),
+                               now, COMIC_WEIGHTS).state
+    later = now + timedelta(seconds=7)
+    for name, update in [
+        ("phase only", ProgressUpdate(Phase.GENERATING)),
+        ("phase progress", ProgressUpdate(Phase.GENERATING, phase_progress=5.0)),
+        ("a step", ProgressUpdate(Phase.GENERATING, step="panel-1", step_progress=10.0, steps_total=6)),
+        ("steps total only", ProgressUpdate(Phase.GENERATING, steps_total=6)),
+        ("skipping a phase", ProgressUpdate(Phase.POST_PROCESSING, phase_progress=30.0)),
+        ("own message", ProgressUpdate(Phase.POST_PROCESSING, phase_progress=0.0, message="Lettering")),
+        ("empty message", ProgressUpdate(Phase.GENERATING, message="")),
+        ("same phase", ProgressUpdate(Phase.ANALYZING, phase_progress=80.0)),
+    ]:
+        vectors.append(_vector(f"entering without a message: {name}", analysing, update, later,
+                               weights, stats))
+    vectors.append(_vector("entering without a message from QUEUED", base,
+                           ProgressUpdate(Phase.ANALYZING, phase_progress=1.0), later, weights, stats))
+
+    # Only COMPLETE is 100: the last phase done, or a phase done with nothing weighed after
+    # it, stops below; the endings keep the progress where it stopped.
+    packaging = apply_progress(base, ProgressUpdate(Phase.POST_PROCESSING, phase_progress=70.0,
+                                                    message="Assembling pages"), now, COMIC_WEIGHTS).state
+    all_done = many.copy()
+    all_done.steps = {step: {"progress": 100.0, "status": "done"} for step in many.steps}
+    all_done.steps_total = None
+    done_cases: list[tuple[str, JobState, ProgressUpdate, dict[str, float]]] = [
+        ("last phase at 100", packaging,
+         ProgressUpdate(Phase.POST_PROCESSING, phase_progress=100.0, message="Packaging"), WEIGHTS[0]),
+        ("entering the last phase at 100", base,
+         ProgressUpdate(Phase.POST_PROCESSING, phase_progress=100.0), WEIGHTS[1]),
+        ("generating done, nothing weighed after", base,
+         ProgressUpdate(Phase.GENERATING, phase_progress=100.0), WEIGHTS[3]),
+        ("every step done, nothing weighed after", all_done,
+         ProgressUpdate(Phase.GENERATING, steps_total=len(all_done.steps)), WEIGHTS[2]),
+    ]
+    for name, prior, update, case_weights in done_cases:
+        vector = _vector(f"below 100 before COMPLETE: {name}", prior, update, later, case_weights, stats)
+        vectors.append(vector)
+        stopped = JobState.from_json(vector["expected"]["state"])
+        for end in (Phase.FAILED, Phase.CANCELLED, Phase.COMPLETE):
+            vectors.append(_vector(f"below 100 before COMPLETE: {name}, then {end.value}", stopped,
+                                   Ending(end), later + timedelta(seconds=1), case_weights, stats))
+    vectors.append(_vector("below 100 before COMPLETE: the last step done", all_done, ProgressUpdate(
+        Phase.GENERATING, step="last", step_status="done"), later, WEIGHTS[3], stats))
+    # A state stored at 100 by an earlier version stays there: progress never goes back.
+    legacy = packaging.copy()
+    legacy.phase_progress, legacy.progress = 100.0, 100.0
+    vectors.append(_vector("stored at 100 before COMPLETE stays", legacy, ProgressUpdate(
+        Phase.POST_PROCESSING, message="Still packaging"), later, weights, stats))
     return vectors
 
 

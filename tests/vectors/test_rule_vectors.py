@@ -16,7 +16,7 @@ from phasecast.engines import Engine
 from phasecast.engines.base import Decided, Ending, OtherJob, RuleInputs, history_entry
 from phasecast.engines.redis import RedisEngine
 from phasecast.errors import InvalidUpdate, JobNotFound, JobTerminal
-from phasecast.model import JobState, Phase, ProgressUpdate
+from phasecast.model import DEFAULT_MESSAGE, MAX_WORKING_PROGRESS, JobState, Phase, ProgressUpdate
 
 ERRORS: dict[str, type[Exception]] = {
     "JobTerminal": JobTerminal,
@@ -53,6 +53,40 @@ def test_the_model_gives_every_answer_of_the_vectors() -> None:
 
 def test_the_vectors_file_is_what_the_generator_writes() -> None:
     assert generate() == load_vectors(), "regenerate: python -m tests.vectors.generate"
+
+
+def test_no_vector_reaches_100_before_complete() -> None:
+    """Every answer the engines are held to: a job that has not completed is below 100 overall
+    (unless it was stored at 100 before this rule: progress never goes back), and
+    COMPLETE is 100."""
+    seen = {"capped": 0, "complete": 0}
+    for vector in load_vectors():
+        if "state" not in vector["expected"] or not vector["expected"]["applied"]:
+            continue
+        prior, state = json.loads(vector["prior"]), json.loads(vector["expected"]["state"])
+        if state["phase"] == "COMPLETE":
+            assert state["progress"] == 100.0, vector["name"]
+            seen["complete"] += 1
+        elif prior["progress"] < 100:
+            assert state["progress"] <= MAX_WORKING_PROGRESS, vector["name"]
+            seen["capped"] += state["progress"] == MAX_WORKING_PROGRESS
+    assert seen["capped"] >= 5 and seen["complete"] >= 5, seen
+
+
+def test_entering_a_phase_never_carries_the_last_message_over() -> None:
+    """Every vector that moves a job into a new working phase: the message is the report's
+    own, or the phase's default."""
+    entered = 0
+    for vector in load_vectors():
+        if "end" in vector["update"] or not vector["expected"].get("applied"):
+            continue
+        prior, state = json.loads(vector["prior"]), json.loads(vector["expected"]["state"])
+        if state["phase"] == prior["phase"]:
+            continue
+        want = vector["update"].get("message", DEFAULT_MESSAGE[Phase(state["phase"])])
+        assert state["message"] == want, vector["name"]
+        entered += "message" not in vector["update"]
+    assert entered >= 10, entered
 
 
 def _renamed(text: str, old: str, new: str) -> str:

@@ -28,6 +28,11 @@ local PHASES = {'QUEUED', 'ANALYZING', 'GENERATING', 'POST_PROCESSING',
 local RANK = {QUEUED = 0, ANALYZING = 1, GENERATING = 2, POST_PROCESSING = 3,
               COMPLETE = 4, FAILED = 4, CANCELLED = 4}
 local MAX_STEPS = 1000
+-- model.MAX_WORKING_PROGRESS: only COMPLETE is 100
+local MAX_WORKING_PROGRESS = 99.9
+-- model.DEFAULT_MESSAGE for the working phases, as JSON strings
+local DEFAULT_MESSAGE = {QUEUED = '"Queued"', ANALYZING = '"Analyzing"',
+                         GENERATING = '"Generating"', POST_PROCESSING = '"Post-processing"'}
 local null = cjson.null
 
 -- --- JSON exactly as Python's json.dumps(separators=(',', ':'), ensure_ascii=False) ------
@@ -158,7 +163,7 @@ local function overall_progress(phase, phase_progress, weights)
   local done = 0
   for i = 1, RANK[phase] do done = done + weights[i] end
   local current = weights[RANK[phase] + 1] * phase_progress / 100.0
-  return round(math.min(100.0, 100.0 * (done + current) / total), 3)
+  return round(math.min(MAX_WORKING_PROGRESS, 100.0 * (done + current) / total), 3)
 end
 
 local function steps_mean(steps, order, steps_total)
@@ -356,6 +361,7 @@ if RANK[phase] > RANK[st.phase] then
   st.phase_progress = 0.0
   st.steps, order = {}, {}
   st.steps_total = nil
+  message_json = DEFAULT_MESSAGE[phase]  -- the previous phase's message does not carry over
 end
 if steps_total ~= nil then
   st.steps_total = math.max(st.steps_total or 0, steps_total)
