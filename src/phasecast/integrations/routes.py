@@ -23,6 +23,7 @@ from phasecast.integrations.store import FailurePolicy
 from phasecast.model import JOB_ID_PATTERN, STEP_ID_PATTERN, validate_job_id
 from phasecast.server.auth import Principal
 from phasecast.server.deps import error_body, principal, services
+from phasecast.server.guard import DRAIN_BYTES, drain
 from phasecast.server.jsonbody import JSONRoute
 
 log = logging.getLogger("phasecast.integrations.runpod")
@@ -86,12 +87,16 @@ async def _bounded_body(request: Request, limit: int) -> bytes | None:
     while it streams in): never more than ``limit`` bytes are held."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        # Read a body only a little over the cap to its end, so the sender reads the 413
+        # rather than a reset (as the request guard does).
+        await drain(request.receive, int(declared) if int(declared) <= limit + DRAIN_BYTES else DRAIN_BYTES)
         return None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
+            await drain(request.receive)
             return None
         chunks.append(chunk)
     return b"".join(chunks)

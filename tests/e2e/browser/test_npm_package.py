@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -44,7 +45,10 @@ def run(args: list[str], cwd: Path, timeout: float = 90) -> subprocess.Completed
         "npm_config_update_notifier": "false",
         "npm_config_fund": "false",
         "npm_config_audit": "false",
+        # CI=true makes the build tools colour their output; keep it plain so it can be read.
+        "NO_COLOR": "1",
     }
+    env.pop("FORCE_COLOR", None)
     return subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -64,7 +68,10 @@ def tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("pack")
     # `prepack` builds the library first, so the tarball is what `npm publish` would upload.
     out = ok(run(["npm", "pack", "--json", "--pack-destination", str(folder)], cwd=WEB, timeout=120))
-    name = json.loads(out[out.index("[") :])[0]["filename"]
+    # `npm pack --json` prints its JSON array last, after whatever `prepack` printed.
+    start = re.search(r"^\[", out, re.MULTILINE)
+    assert start is not None, f"no JSON from npm pack:\n{out}"
+    name = json.loads(out[start.start() :])[0]["filename"]
     path = folder / Path(name).name
     assert path.exists(), f"npm pack did not write {path}"
     return path
