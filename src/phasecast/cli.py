@@ -463,9 +463,12 @@ async def _watch(
 
 
 def _eta_text(state: Any) -> str:
-    """Time left while the job runs; nothing once it has ended (never "~0s left" on COMPLETE)."""
+    """Time left while the job runs; nothing once it has ended (never "~0s left" on COMPLETE),
+    and "finishing" while a job whose last phase is done waits for its completion."""
     if state.terminal or state.eta_seconds is None:
         return ""
+    if state.eta_seconds < 0.5:
+        return "finishing…"
     return f"~{state.eta_seconds:.0f}s left"
 
 
