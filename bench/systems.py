@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from tests.support.process import PrivateRedis, ServerProcess, free_port, wait_for_port
@@ -104,21 +105,23 @@ def phasecast(
 
 
 @contextlib.contextmanager
-def socketio_server(redis: PrivateRedis) -> Iterator[System]:
+def _pubsub_fed_server(name: str, module: str, redis: PrivateRedis, log: Path | None) -> Iterator[System]:
+    """A server process ``python -m <module> <port> <redis url> <channel>`` fed through Redis
+    pub/sub by the bench publisher; its output goes to ``log`` (or nowhere)."""
     port = free_port()
-    channel = f"bench-sio-{uuid.uuid4().hex[:8]}"
-    # Its log stays in the temporary directory for post-mortems.
-    with Path(tempfile.mkstemp(prefix="bench-sio-", suffix=".log")[1]).open("ab") as log:
+    channel = f"bench-{name}-{uuid.uuid4().hex[:8]}"
+    with contextlib.ExitStack() as stack:
+        output: Any = stack.enter_context(log.open("ab")) if log is not None else subprocess.DEVNULL
         process = subprocess.Popen(
-            [sys.executable, "-m", "bench.sio_server", str(port), redis.url, channel],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            [sys.executable, "-m", module, str(port), redis.url, channel],
+            stdout=output,
+            stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
             env=child_env(),
         )
     try:
         wait_for_port(port, 30, process)
         yield System(
-            "socketio",
+            name,
             "redis",
             port,
             process.pid,
@@ -136,34 +139,18 @@ def socketio_server(redis: PrivateRedis) -> Iterator[System]:
 
 
 @contextlib.contextmanager
+def socketio_server(redis: PrivateRedis) -> Iterator[System]:
+    # Its log stays in the temporary directory for post-mortems.
+    log = Path(tempfile.mkstemp(prefix="bench-sio-", suffix=".log")[1])
+    with _pubsub_fed_server("socketio", "bench.sio_server", redis, log) as system:
+        yield system
+
+
+@contextlib.contextmanager
 def raw_floor_server(redis: PrivateRedis) -> Iterator[System]:
     """``bench.floor_server``: uvloop, pre-encoded frames, ``transport.write`` (the floor row)."""
-    port = free_port()
-    channel = f"bench-rawfloor-{uuid.uuid4().hex[:8]}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.floor_server", str(port), redis.url, channel],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=child_env(),
-    )
-    try:
-        wait_for_port(port, 30, process)
-        yield System(
-            "raw-floor",
-            "redis",
-            port,
-            process.pid,
-            redis_url=redis.url,
-            redis_pid=redis.process.pid if redis.process else None,
-            channel=channel,
-        )
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with _pubsub_fed_server("raw-floor", "bench.floor_server", redis, None) as system:
+        yield system
 
 
 def redis_floor(redis: PrivateRedis) -> System:
