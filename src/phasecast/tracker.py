@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -202,6 +202,71 @@ class ProgressTracker:
         transport that only passes the state on."""
         decided, _ = await self._decide(job_id, update)
         return decided
+
+    async def update_many_json(
+        self, reports: Sequence[tuple[str, ProgressUpdate]]
+    ) -> builtins.list[Decided | PhasecastError]:
+        """``update_json`` for each ``(job_id, update)``: one answer per report, in order,
+        a ``PhasecastError`` returned (not raised) for a report refused or not stored.
+        Reports of one job are applied in the order given, each atomically on its own; the
+        valid ones go to the engine together (``Engine.apply_many``: one round trip on
+        Redis)."""
+        results: builtins.list[Decided | PhasecastError | None] = [None] * len(reports)
+        todo: builtins.list[int] = []
+        for i, (job_id, update) in enumerate(reports):
+            try:
+                validate_update(update)
+            except PhasecastError as exc:
+                self._rejected(job_id, exc)
+                results[i] = exc
+                continue
+            todo.append(i)
+        if todo:
+            items = []
+            for i in todo:
+                job_id, update = reports[i]
+                kind, owner = self._known.get(job_id) or (self._usual_kind, "")
+                inputs = RuleInputs(
+                    kind, owner, self.weights.for_kind(kind), await self._phase_stats(kind)
+                )
+                items.append((job_id, update, inputs))
+            answers = await self.engine.apply_many(items, self._clock())
+            # Decided again one by one (in order, after the rest): the reports of a job
+            # asked with another kind or owner than its own, or not found while an
+            # archive may bring it back. Neither stored anything.
+            again: dict[str, builtins.list[int]] = {}
+            for i, answer in zip(todo, answers, strict=True):
+                job_id = reports[i][0]
+                if job_id in again:
+                    again[job_id].append(i)
+                elif isinstance(answer, OtherJob):
+                    self._note(job_id, answer.kind, answer.owner)
+                    again[job_id] = [i]
+                elif isinstance(answer, JobNotFound) and self.archive is not None:
+                    again[job_id] = [i]
+                elif isinstance(answer, PhasecastError):
+                    if not isinstance(answer, EngineUnavailable | JobExists):
+                        self._rejected(job_id, answer)
+                    results[i] = answer
+                else:
+                    results[i] = answer
+                    if not answer.applied:
+                        self.count_update("ignored")
+                        continue
+                    self.count_update("applied")
+                    if self._observers or self.archive is not None:
+                        self._after_write(JobState.from_json(answer.state_json))
+            for job_id, indices in again.items():
+                for i in indices:
+                    try:
+                        results[i], _ = await self._decide(job_id, reports[i][1])
+                    except PhasecastError as exc:
+                        results[i] = exc
+        done: builtins.list[Decided | PhasecastError] = []
+        for result in results:
+            assert result is not None
+            done.append(result)
+        return done
 
     async def _decide(
         self, job_id: str, change: ProgressUpdate | Ending

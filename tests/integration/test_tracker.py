@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from phasecast.engines import open_engine
+from phasecast.engines.base import Decided
 from phasecast.errors import InvalidUpdate, JobExists, JobNotFound, JobTerminal
-from phasecast.model import JobState, Phase
+from phasecast.model import JobState, Phase, ProgressUpdate
 from phasecast.tracker import ProgressTracker
 
 
@@ -115,3 +117,74 @@ async def test_eta_is_learned_from_finished_jobs(tracker: ProgressTracker) -> No
     assert Phase.ANALYZING in stats and Phase.GENERATING in stats
     second = await tracker.create(owner="alice", job_id="second")
     assert second.eta_seconds is not None
+
+
+async def test_a_batch_answers_each_report_in_order_as_one_by_one_would(
+    tracker: ProgressTracker,
+) -> None:
+    """``update_many_json``: reports of one job apply in the order given, each on its own; a
+    refused report is answered with its error, in its place, and stores nothing; the other
+    reports (of that job too) still apply."""
+    await tracker.create(owner="alice", job_id="b1")
+    await tracker.create(owner="alice", job_id="b2")
+    await tracker.create(owner="alice", job_id="b3")
+    await tracker.cancel("b3")
+    reports = [
+        ("b1", ProgressUpdate(Phase.ANALYZING, phase_progress=10)),
+        ("b2", ProgressUpdate(Phase.GENERATING, step="p1", step_progress=50, steps_total=2)),
+        ("b1", ProgressUpdate(Phase.ANALYZING, phase_progress=150)),  # invalid
+        ("b1", ProgressUpdate(Phase.ANALYZING, phase_progress=40, message="more")),
+        ("nope", ProgressUpdate(Phase.ANALYZING, phase_progress=10)),
+        ("b1", ProgressUpdate(Phase.ANALYZING, phase_progress=20)),  # late: not applied
+        ("b3", ProgressUpdate(Phase.ANALYZING, phase_progress=10)),  # ended
+        ("b2", ProgressUpdate(Phase.GENERATING, step="p2", step_status="done")),
+        ("b1", ProgressUpdate(Phase.GENERATING, phase_progress=5)),
+    ]
+    results = await tracker.update_many_json(reports)
+    assert len(results) == len(reports)
+    assert isinstance(results[2], InvalidUpdate)
+    assert isinstance(results[4], JobNotFound)
+    assert isinstance(results[6], JobTerminal)
+    decided = {i: r for i, r in enumerate(results) if isinstance(r, Decided)}
+    assert sorted(decided) == [0, 1, 3, 5, 7, 8]
+    assert [decided[i].applied for i in (0, 1, 3, 5, 7, 8)] == [True, True, True, False, True, True]
+    states = {i: JobState.from_json(d.state_json) for i, d in decided.items()}
+    assert [states[i].seq for i in (0, 3, 5, 8)] == [2, 3, 3, 4]
+    assert states[3].message == "more" and states[3].phase_progress == 40
+    assert states[5] == states[3]  # the late report answers with the stored state
+    assert states[8].phase is Phase.GENERATING
+    assert states[7].steps["p2"]["status"] == "done" and states[7].seq == 3
+    for i, d in decided.items():
+        assert d.summary() == (states[i].seq, states[i].phase.value, states[i].progress)
+    assert await tracker.get("b1") == states[8]
+    assert await tracker.get("b2") == states[7]
+    history = await tracker.history("b1")
+    assert [e["seq"] for e in history] == [1, 2, 3, 4]
+
+    # The same reports one by one, on jobs in the same starting states, end the same way.
+    for job_id in ("c1", "c2", "c3"):
+        await tracker.create(owner="alice", job_id=job_id)
+    await tracker.cancel("c3")
+    renamed = {"b1": "c1", "b2": "c2", "b3": "c3", "nope": "nope"}
+    for job_id, update in reports:
+        with contextlib.suppress(InvalidUpdate, JobNotFound, JobTerminal):
+            await tracker.update_json(renamed[job_id], update)
+    for b, c in (("b1", "c1"), ("b2", "c2")):
+        one, other = await tracker.get(b), await tracker.get(c)
+        assert (one.seq, one.phase, one.phase_progress, one.progress, one.message, one.steps) == (
+            other.seq, other.phase, other.phase_progress, other.progress, other.message, other.steps
+        )
+
+
+async def test_a_batch_learns_the_kind_of_jobs_it_did_not_know(tracker: ProgressTracker) -> None:
+    """A report decided with another kind's weights is decided again with the job's own."""
+    await tracker.create("video", owner="bob", job_id="v1")
+    other = ProgressTracker(tracker.engine)  # knows nothing of v1
+    results = await other.update_many_json([
+        ("v1", ProgressUpdate(Phase.ANALYZING, phase_progress=50)),
+        ("v1", ProgressUpdate(Phase.ANALYZING, phase_progress=60)),
+    ])
+    assert all(isinstance(r, Decided) and r.applied for r in results)
+    stored = await tracker.get("v1")
+    assert stored.seq == 3 and stored.phase_progress == 60
+    assert stored == JobState.from_json(results[1].state_json)  # type: ignore[union-attr]

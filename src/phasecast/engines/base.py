@@ -10,12 +10,13 @@ exactly the state it was computed from.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from phasecast.errors import ConfigurationError, JobNotFound
+from phasecast.errors import ConfigurationError, JobNotFound, PhasecastError
 from phasecast.model import (
     DEFAULT_END_MESSAGE,
     JobError,
@@ -92,10 +93,24 @@ class Ending:
 @dataclass(slots=True, frozen=True)
 class Decided:
     """A report decided and, if ``applied``, stored: ``state_json`` is the stored state
-    after the step (the unchanged one for a late or repeated report)."""
+    after the step (the unchanged one for a late or repeated report).
+
+    An engine that knows them without parsing the state also fills ``seq``, ``phase`` and
+    ``progress`` of that state (they do not take part in comparisons); ``summary()`` gives
+    them either way."""
 
     applied: bool
     state_json: str
+    seq: int | None = field(default=None, compare=False)
+    phase: str | None = field(default=None, compare=False)
+    progress: float | None = field(default=None, compare=False)
+
+    def summary(self) -> tuple[int, str, float]:
+        """``(seq, phase, progress)`` of the state: what a batch reply carries."""
+        if self.seq is not None and self.phase is not None and self.progress is not None:
+            return self.seq, self.phase, self.progress
+        state = json.loads(self.state_json)
+        return int(state["seq"]), str(state["phase"]), float(state["progress"])
 
 
 @dataclass(slots=True, frozen=True)
@@ -161,6 +176,22 @@ class JobStore(abc.ABC):
         if it changed anything, store it, append it to the history and publish it. Raise
         ``JobNotFound``, ``JobTerminal`` or ``InvalidUpdate`` as the rules do. The caller
         validates ``update`` first (``model.validate_update``)."""
+
+    async def apply_many(
+        self, items: Sequence[tuple[str, ProgressUpdate, RuleInputs]], now: datetime
+    ) -> list[Decided | OtherJob | PhasecastError]:
+        """``apply`` for each ``(job_id, update, inputs)`` at ``now``, in the given order
+        (reports of one job are applied in that order), each atomic on its own; one answer
+        per item, in order, a ``PhasecastError`` returned in place of the one raised. This
+        default applies them one after another; an engine overrides it to share round
+        trips. The caller validates every update first."""
+        results: list[Decided | OtherJob | PhasecastError] = []
+        for job_id, update, inputs in items:
+            try:
+                results.append(await self.apply(job_id, update, now, inputs))
+            except PhasecastError as exc:
+                results.append(exc)
+        return results
 
     async def apply_by_compare_and_set(
         self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
