@@ -1,9 +1,11 @@
 """Private Redis servers for tests that restart, kill or reshard Redis: one ``redis-server``
-with its append-only file (restartable on the same port and data), and a Redis Cluster of
-three primaries with one replica each, on free ports, torn down by pid."""
+with its append-only file (restartable on the same port and data), a Redis Cluster of
+three primaries with one replica each, a Sentinel deployment (a primary, a replica and
+sentinels), on free ports, torn down by pid; and a proxy that loses one reply."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import shutil
@@ -14,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 from redis.crc import key_slot
@@ -303,3 +306,103 @@ class RedisClusterProcesses:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy in front of one Redis that forwards both ways, except once: the reply to
+    the first command whose bytes contain ``marker`` is swallowed and the client's
+    connection cut, as when a network drops a connection after the server ran the command
+    but before its reply arrived. Runs on the test's event loop."""
+
+    def __init__(self, upstream_port: int, marker: bytes) -> None:
+        self.upstream_port = upstream_port
+        self.marker = marker
+        self.port = 0
+        self.dropped: list[bytes] = []  # replies swallowed
+        self._armed = True
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> ReplyDroppingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _accept(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        self._writers.add(client_out)
+        server_in, server_out = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.add(server_out)
+        drop = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await client_in.read(65536):
+                if self._armed and self.marker in data:
+                    self._armed = False
+                    drop.set()
+                server_out.write(data)
+                await server_out.drain()
+
+        async def downstream() -> None:
+            while data := await server_in.read(65536):
+                if drop.is_set():
+                    self.dropped.append(data)
+                    client_out.transport.abort()
+                    server_out.close()
+                    return
+                client_out.write(data)
+                await client_out.drain()
+
+        tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await task
+            for writer in (client_out, server_out):
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                self._writers.discard(writer)
+            self._handlers.discard(handler)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> ReplyDroppingProxy:
+        return await self.start()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+def serve_all_slots(node: RedisNode, announce_port: int | None = None, timeout: float = 10.0) -> None:
+    """Make a lone cluster-enabled node a cluster of one that serves every slot; with
+    ``announce_port`` it tells clients to reach it there (a proxy in front of it)."""
+    with node.client() as client:
+        if announce_port is not None:
+            client.config_set("cluster-announce-port", announce_port)
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        deadline = time.monotonic() + timeout
+        while "cluster_state:ok" not in str(client.execute_command("CLUSTER", "INFO")):
+            if time.monotonic() > deadline:
+                raise TimeoutError("a one-node cluster did not become ok")
+            time.sleep(0.02)

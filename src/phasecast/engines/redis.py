@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -91,9 +92,11 @@ POOL_SIZE = 64
 POOL_WAIT_SECONDS = 10.0
 SINGLE_NODE = "redis"
 
-# A pooled connection idle for a second is checked with a PING before it is used, and that
-# PING (only it: commands are never sent twice) may reconnect once: after a Redis restart,
-# the first write does not fail on a connection the old server closed.
+# A pooled connection idle for a second is checked with a PING before it is used, and may
+# reconnect once: after a Redis restart, the first write does not fail on a connection the
+# old server closed. That retry also sends a command again once when its connection failed
+# before the reply arrived (so the command may have run): a create recognises its own
+# earlier run by its fingerprint (insert.lua).
 STALE_CONNECTION_CHECK: dict[str, Any] = {"health_check_interval": 1, "retry": Retry(NoBackoff(), 1)}
 
 # Everything redis-py raises for a store it cannot use right now.
@@ -354,6 +357,12 @@ class RedisEngine(Engine):
                     encode_change(Change.of(state, state_json)),
                     int(state.terminal),
                     self._publish,
+                    # This call's fingerprint: redis-py sends a command again when its reply
+                    # was lost to a dropped connection (the cluster client after re-reading
+                    # the slot map, the single client once), and the create may have run
+                    # the first time. The second run recognises its own create (answer 2)
+                    # instead of reporting the id taken by someone else.
+                    secrets.token_hex(8),
                 ],
             )
             if created_new == 0:
