@@ -28,6 +28,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ from phasecast.errors import (
     JobExists,
     JobNotFound,
     JobTerminal,
+    PhasecastError,
 )
 from phasecast.model import (
     MAX_STEPS,
@@ -112,6 +114,19 @@ def _number(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
+def _report_fields(update: ProgressUpdate) -> list[Any]:
+    """A report as apply.lua's ARGV 8-14."""
+    return [
+        update.phase.value,
+        _number(update.phase_progress),
+        update.step or "",
+        _number(update.step_progress),
+        update.step_status or "",
+        "" if update.steps_total is None else update.steps_total,
+        "" if update.message is None else json.dumps(update.message, ensure_ascii=False),
+    ]
+
+
 def _script(name: str) -> str:
     return resources.files("phasecast.engines").joinpath("lua", name).read_text()
 
@@ -146,6 +161,8 @@ class RedisEngine(Engine):
         self._index_touched: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._idle_tags: dict[str, str] = {}
+        self._expected: dict[tuple[str, str], str] = {}
+        self._numbers: dict[tuple[int, int], tuple[object, object, str, str]] = {}
         self.subscribe_timeout = SUBSCRIBE_TIMEOUT_SECONDS
 
     @property
@@ -177,7 +194,7 @@ class RedisEngine(Engine):
         self._insert = self._client.register_script(_script("insert.lua"))
         self._replace = self._client.register_script(_script("replace.lua"))
         self._learn = self._client.register_script(_script("learn.lua"))
-        self._apply = self._client.register_script(_script("apply.lua"))
+        self._apply = self._client.register_script(self._apply_source())
         await self.ping()
         if on_change is not None:
             self._feed = self._make_feed()
@@ -449,11 +466,17 @@ class RedisEngine(Engine):
         script = script or self._replace
         if self.clustered:
             return await script(keys=keys, args=args)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return await self._queue_script(keys, args, script)
+
+    def _queue_script(self, keys: list[str], args: list[Any], script: Any) -> asyncio.Future[Any]:
+        """Queue one script for the next pipeline (single Redis); the future is its reply,
+        or the exception it raised."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._replace_queue.append((script, keys, args, future))
         if self._replace_flusher is None or self._replace_flusher.done():
-            self._replace_flusher = asyncio.create_task(self._flush_replaces())
-        return await future
+            self._replace_flusher = loop.create_task(self._flush_replaces())
+        return future
 
     async def _flush_replaces(self) -> None:
         while self._replace_queue:
@@ -503,22 +526,66 @@ class RedisEngine(Engine):
 
     # --- one report, one round trip (apply.lua) ---------------------------------------
 
+    def _apply_source(self) -> str:
+        """apply.lua with this engine's constants written in: they do not travel with every
+        call. The TTL is set again at most once per hundredth of it (the job then expires
+        between 99% and 100% of the TTL after its last change)."""
+        return (
+            _script("apply.lua")
+            .replace("__TTL__", str(int(self.ttl_seconds)))
+            .replace("__REFRESH_MS__", str(int(self.ttl_seconds) * 10))
+            .replace("__HISTORY__", str(int(self.history_limit)))
+            .replace("__PUBLISH__", self._publish)
+        )
+
     async def apply(
         self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
     ) -> Decided | OtherJob:
-        fields: list[Any] = [
-            update.phase.value,
-            _number(update.phase_progress),
-            update.step or "",
-            _number(update.step_progress),
-            update.step_status or "",
-            "" if update.steps_total is None else update.steps_total,
-            "" if update.message is None else json.dumps(update.message, ensure_ascii=False),
-        ]
-        decided = await self._step(job_id, now, inputs, fields)
+        keys, args = self._step_args(job_id, now, inputs, _report_fields(update))
+        decided = await self._step(
+            job_id, inputs, self._batched_replace(keys, args, self._apply)
+        )
         if decided is None:
             return await self.apply_by_compare_and_set(job_id, update, now, inputs)
         return decided
+
+    async def apply_many(
+        self, items: Sequence[tuple[str, ProgressUpdate, RuleInputs]], now: datetime
+    ) -> list[Decided | OtherJob | PhasecastError]:
+        """Every report's script queued at once, so that they share one pipeline (single
+        Redis), in the given order; each script still runs atomically on its own."""
+        waiting: list[asyncio.Future[Any]] = []
+        last: dict[str, asyncio.Future[Any]] = {}
+        for job_id, update, inputs in items:
+            keys, args = self._step_args(job_id, now, inputs, _report_fields(update))
+            if self.clustered:
+                # Concurrent scripts on a cluster overlap on several connections: the
+                # reports of one job wait for each other to keep their order.
+                queued: asyncio.Future[Any] = asyncio.ensure_future(
+                    self._after(last.get(job_id), keys, args)
+                )
+                last[job_id] = queued
+            else:
+                queued = self._queue_script(keys, args, self._apply)
+            waiting.append(queued)
+        results: list[Decided | OtherJob | PhasecastError] = []
+        for (job_id, update, inputs), reply in zip(items, waiting, strict=True):
+            try:
+                decided = await self._step(job_id, inputs, reply)
+                if decided is None:
+                    decided = await self.apply_by_compare_and_set(job_id, update, now, inputs)
+                results.append(decided)
+            except PhasecastError as exc:
+                results.append(exc)
+        return results
+
+    async def _after(
+        self, previous: asyncio.Future[Any] | None, keys: list[str], args: list[Any]
+    ) -> Any:
+        if previous is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(previous)
+        return await self._apply(keys=keys, args=args)
 
     async def end(
         self, job_id: str, ending: Ending, now: datetime, inputs: RuleInputs
@@ -527,40 +594,72 @@ class RedisEngine(Engine):
         fields: list[Any] = [
             ending.phase.value, "", "", "", "", "",
             json.dumps(ending.text, ensure_ascii=False),
-            "" if error is None else json.dumps(error.to_dict(), separators=(",", ":"), ensure_ascii=False),
         ]
-        decided = await self._step(job_id, now, inputs, fields)
+        if error is not None:
+            fields.append(json.dumps(error.to_dict(), separators=(",", ":"), ensure_ascii=False))
+        keys, args = self._step_args(job_id, now, inputs, fields)
+        decided = await self._step(
+            job_id, inputs, self._batched_replace(keys, args, self._apply)
+        )
         if decided is None:
             return await self.end_by_compare_and_set(job_id, ending, now, inputs)
         return decided
 
-    async def _step(
+    def _step_args(
         self, job_id: str, now: datetime, inputs: RuleInputs, fields: list[Any]
-    ) -> Decided | OtherJob | None:
-        """Run apply.lua; None when the stored state needs the Python rules instead."""
+    ) -> tuple[list[str], list[Any]]:
+        """apply.lua's KEYS and ARGV (see the script)."""
         micros = (now - _EPOCH) // _MICROSECOND
         millis = micros // 1000
+        expected = self._expected.get((inputs.kind, inputs.owner))
+        if expected is None:
+            if len(self._expected) > 4096:
+                self._expected.clear()
+            expected = self._expected[(inputs.kind, inputs.owner)] = (
+                ',"owner":' + json.dumps(inputs.owner, ensure_ascii=False)
+                + ',"kind":' + json.dumps(inputs.kind, ensure_ascii=False) + ',"phase":"'
+            )
+        weights, means = self._rule_numbers(inputs)
         args: list[Any] = [
             micros,
             format_time(now),
-            f"{millis // 1000}.{millis % 1000:03d}",  # as Change.encode writes changed_at
-            self.ttl_seconds,
-            self.history_limit,
+            # as encode_change writes changed_at and the job id
+            f"|{millis // 1000}.{millis % 1000:03d}|{job_id}|",
             self.keys.channel(job_id),
-            inputs.kind,
-            inputs.owner,
-            ",".join(repr(float(inputs.weights.get(p, 0.0))) for p in WORKING_PHASES),
-            ",".join(
-                repr(stat.mean_seconds) if (stat := inputs.stats.get(p)) is not None else ""
-                for p in WORKING_PHASES
-            ),
+            expected,
+            weights,
+            means,
             *fields,
-            *[""] * (8 - len(fields)),  # ARGV 18 (an ending's error) is '' for a report
-            self._publish,
         ]
-        keys = [self.keys.job(job_id), self.keys.history(job_id)]
+        while args[-1] == "":  # the script reads a missing trailing argument as ''
+            args.pop()
+        return [self.keys.job(job_id), self.keys.history(job_id)], args
+
+    def _rule_numbers(self, inputs: RuleInputs) -> tuple[str, str]:
+        """The weights and learned means as the script reads them, remembered per (weights,
+        stats) pair: the tracker hands the same objects again and again."""
+        key = (id(inputs.weights), id(inputs.stats))
+        known = self._numbers.get(key)
+        if known is not None and known[0] is inputs.weights and known[1] is inputs.stats:
+            return known[2], known[3]
+        weights = ",".join(repr(float(inputs.weights.get(p, 0.0))) for p in WORKING_PHASES)
+        means = ",".join(
+            repr(stat.mean_seconds) if (stat := inputs.stats.get(p)) is not None else ""
+            for p in WORKING_PHASES
+        )
+        if len(self._numbers) > 256:
+            self._numbers.clear()
+        # The objects are kept with their text, so their ids cannot be reused meanwhile.
+        self._numbers[key] = (inputs.weights, inputs.stats, weights, means)
+        return weights, means
+
+    async def _step(
+        self, job_id: str, inputs: RuleInputs, reply: Awaitable[Any]
+    ) -> Decided | OtherJob | None:
+        """apply.lua's ``reply`` as an answer; None when the stored state needs the Python
+        rules instead."""
         try:
-            result = await self._batched_replace(keys, args, self._apply)
+            result = await reply
             code = int(result[0])
             if code == 1:
                 if result[2] == "0":
@@ -569,7 +668,7 @@ class RedisEngine(Engine):
         except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot update job {job_id!r} in Redis: {exc}") from exc
         if code >= 0:
-            return Decided(code == 1, str(result[1]))
+            return Decided(code == 1, result[1], int(result[3]), result[4], float(result[5]))
         if code == -1:
             raise JobNotFound(job_id)
         if code == -2:

@@ -1,52 +1,77 @@
 -- Decide and store one report in one atomic step: the rules of
 -- phasecast.model.apply_progress (and, for an ending, apply_terminal) and the ETA of
--- phasecast.progress.estimate_eta, ported line by line (the Python model is the specification; tests/vectors/rules.json holds
--- both to the same answers). No clock is read here: the time comes in ARGV.
+-- phasecast.progress.estimate_eta, ported line by line (the Python model is the
+-- specification; tests/vectors/rules.json holds both to the same answers). No clock is read
+-- here: the time comes in ARGV.
 --
--- The stored state JSON must stay byte-for-byte what Python's JobState.to_json writes, so
--- it is re-encoded here field by field, numbers as Python's repr writes floats. The part
--- this report never touches ("error" and "metadata") is kept verbatim. A stored state
--- whose encoding this script would not reproduce exactly is left alone (-5): the caller
--- then takes the Python path.
+-- The stored state JSON stays byte for byte what Python's JobState.to_json writes (every
+-- reader parses it as it is). Two ways to get there:
+-- * the common report (same working phase, no steps, phase_progress and/or message) edits
+--   the stored text in place: the few fields it changes all come before "phases", and each
+--   top-level key before "phases" is found by plain search (a JSON string cannot hold an
+--   unescaped quote, so the first ',"<key>":' is the field itself). Nothing is decoded.
+-- * anything else decodes the part before "error", applies the rules and re-encodes it
+--   field by field, numbers as Python's repr writes floats; "error" (null while the job
+--   runs) and "metadata" are kept verbatim. A stored state whose encoding this would not
+--   reproduce exactly is left alone (-5): the caller then takes the Python path.
+--
+-- Per-engine constants are written into the script text by the engine (redis.py) before
+-- it is loaded: TTL seconds, TTL refresh interval in ms, history maxlen, PUBLISH/SPUBLISH.
+-- The job's TTL (and its history's) is set again when the last setting, kept in the hash
+-- field x (Unix ms), is older than the refresh interval (or unknown).
 --
 -- KEYS: 1 state hash, 2 history stream (both tagged with the job id: one cluster slot)
--- ARGV: 1 now (integer microseconds since the epoch), 2 now as RFC 3339 (ms), 3 now as
---       Unix seconds with 3 decimals (pub/sub header), 4 ttl seconds, 5 history maxlen,
---       6 channel, 7 kind the caller's weights are for, 8 owner the caller expects,
---       9 weights of QUEUED,ANALYZING,GENERATING,POST_PROCESSING, 10 learned mean seconds
---       of the same four ('' where none), 11 phase, 12 phase_progress, 13 step,
---       14 step_progress, 15 step_status, 16 steps_total, 17 message as a JSON string
---       (ARGV 12-17: '' for none); for an ending (ARGV 11 COMPLETE, FAILED or CANCELLED):
---       17 the message as a JSON string, 18 the error as a JSON object or '';
---       19 PUBLISH or SPUBLISH (on a cluster)
--- Returns {1, state, ix} applied (ix '0': the job's index entries are still to be
---         written); {0, state} late or repeated; {-1} no such job; {-2, phase} ended; {-3, kind, owner} other kind or owner than expected (nothing
---         decided: ask again with theirs); {-4} too many steps; {-5} not reproducible.
+-- ARGV: 1 now (integer microseconds since the epoch), 2 now as RFC 3339 (ms),
+--       3 '|<now as Unix seconds with 3 decimals>|<job id>|' (the pub/sub header's tail),
+--       4 channel, 5 ',"owner":<owner>,"kind":<kind>,"phase":"' as JSON the caller expects
+--       (the kind its weights are for), 6 weights of QUEUED,ANALYZING,GENERATING,
+--       POST_PROCESSING, 7 learned mean seconds of the same four ('' where none), 8 phase,
+--       9 phase_progress, 10 step, 11 step_progress, 12 step_status, 13 steps_total,
+--       14 message as a JSON string (ARGV 9-14: '' for none); for an ending (ARGV 8
+--       COMPLETE, FAILED or CANCELLED): 14 the message as a JSON string, 15 the error as a
+--       JSON object or ''. Trailing '' arguments may be left off.
+-- Returns {1, state, ix, seq, phase, progress} applied (ix '0': the job's index entries
+--         are still to be written); {0, state, ix, seq, phase, progress} late or repeated;
+--         {-1} no such job; {-2, phase} ended; {-3, kind, owner} other kind or owner than
+--         expected (nothing decided: ask again with theirs); {-4} too many steps; {-5} not
+--         reproducible. (seq and progress as the state's JSON writes them.)
 
-local PHASES = {'QUEUED', 'ANALYZING', 'GENERATING', 'POST_PROCESSING',
-                'COMPLETE', 'FAILED', 'CANCELLED'}
+local TTL, REFRESH_MS, HISTORY, PUBLISH = __TTL__, __REFRESH_MS__, __HISTORY__, '__PUBLISH__'
+
+local found = redis.call('HMGET', KEYS[1], 'state', 'ix', 'x')
+local raw = found[1]
+if not raw then
+  return {-1}
+end
+local ix = found[2] or '1'
+local now_us, stamp = tonumber(ARGV[1]), ARGV[2]
+local phase = ARGV[8]
 local RANK = {QUEUED = 0, ANALYZING = 1, GENERATING = 2, POST_PROCESSING = 3,
               COMPLETE = 4, FAILED = 4, CANCELLED = 4}
-local MAX_STEPS = 1000
--- model.MAX_WORKING_PROGRESS: only COMPLETE is 100
-local MAX_WORKING_PROGRESS = 99.9
--- model.DEFAULT_MESSAGE for the working phases, as JSON strings
-local DEFAULT_MESSAGE = {QUEUED = '"Queued"', ANALYZING = '"Analyzing"',
-                         GENERATING = '"Generating"', POST_PROCESSING = '"Post-processing"'}
 local null = cjson.null
 
--- --- JSON exactly as Python's json.dumps(separators=(',', ':'), ensure_ascii=False) ------
-
-local ESCAPES = {['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
-                 ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
-local function escape(c)
-  return ESCAPES[c] or string.format('\\u%04x', string.byte(c))
-end
-local function str(s)
-  if not string.find(s, '[%z\1-\31"\\]') then
-    return '"' .. s .. '"'
+local function store(state, seq, terminal, entry)
+  local set_at = tonumber(found[3])
+  local now_ms = math.floor(now_us / 1000)
+  if set_at == nil or now_ms - set_at >= REFRESH_MS or now_ms < set_at then
+    redis.call('HSET', KEYS[1], 'state', state, 'seq', seq, 'terminal', terminal, 'x', now_ms)
+    redis.call('EXPIRE', KEYS[1], TTL)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', HISTORY, '*', 'e', entry)
+    redis.call('EXPIRE', KEYS[2], TTL)
+  else
+    if terminal == '0' then
+      redis.call('HSET', KEYS[1], 'state', state, 'seq', seq)  -- terminal was '0' already
+    else
+      redis.call('HSET', KEYS[1], 'state', state, 'seq', seq, 'terminal', terminal)
+    end
+    if not redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', HISTORY, '*', 'e', entry) then
+      -- The history is gone while the job is not (deleted by hand): start it again.
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', HISTORY, '*', 'e', entry)
+      redis.call('EXPIRE', KEYS[2], TTL)
+    end
   end
-  return '"' .. (string.gsub(s, '[%z\1-\31"\\]', escape)) .. '"'
+  -- The pub/sub payload: redis_feed.encode_change's form (seq|terminal|changed_at|job_id|state).
+  redis.call(PUBLISH, ARGV[4], seq .. '|' .. terminal .. ARGV[3] .. state)
 end
 
 -- repr(float): the shortest digits that read back as the same double. Lua's tostring
@@ -76,17 +101,207 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- Python's round(x, n): correctly rounded, ties to even on the exact binary value, which
+-- is what C's printf does too.
+local function round(x, decimals)
+  return tonumber(string.format('%.' .. decimals .. 'f', x))
+end
+
+local function numbers(csv, allow_missing)
+  local out = {}
+  local i = 0
+  for item in string.gmatch(csv .. ',', '([^,]*),') do
+    i = i + 1
+    if item ~= '' then
+      out[i] = tonumber(item)
+    elseif not allow_missing then
+      out[i] = 0.0
+    end
+  end
+  return out
+end
+
+-- --- time ---------------------------------------------------------------------------------
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+-- '2026-11-29T04:10:00.123Z' -> integer microseconds since the epoch
+local function micros(stamp)
+  local y, mo, d, h, mi, s, ms = string.match(stamp,
+    '^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.(%d%d%d)Z$')
+  if not y then
+    return nil
+  end
+  local days = days_from_civil(tonumber(y), tonumber(mo), tonumber(d))
+  local seconds = ((days * 24 + tonumber(h)) * 60 + tonumber(mi)) * 60 + tonumber(s)
+  return (seconds * 1000 + tonumber(ms)) * 1000
+end
+
+-- --- the rules (model.py) -----------------------------------------------------------------
+
+-- model.MAX_WORKING_PROGRESS: only COMPLETE is 100
+local MAX_WORKING_PROGRESS = 99.9
+
+local function overall_progress(rank, phase_progress, weights)
+  local total = 0
+  for i = 1, 4 do total = total + weights[i] end
+  if total <= 0 then
+    return 0.0
+  end
+  local done = 0
+  for i = 1, rank do done = done + weights[i] end
+  local current = weights[rank + 1] * phase_progress / 100.0
+  return round(math.min(MAX_WORKING_PROGRESS, 100.0 * (done + current) / total), 3)
+end
+
+-- progress.estimate_eta for a working phase of rank ``rank`` started at ``started`` (RFC
+-- 3339, or nil)
+local function estimate_eta(rank, phase_progress, started, weights, means)
+  local elapsed = 0.0
+  if started ~= nil then
+    elapsed = math.max(0.0, (now_us - micros(started)) / 1000000)
+  end
+  local pace, rate_remaining = nil, nil
+  local fraction = phase_progress / 100.0
+  if fraction > 0 and elapsed > 0 then
+    local phase_total = elapsed / fraction
+    rate_remaining = phase_total - elapsed
+    local weight = weights[rank + 1]
+    if weight > 0 then
+      pace = phase_total / weight
+    end
+  end
+  local typical = means[rank + 1]
+  local typical_remaining = nil
+  if typical ~= nil then
+    typical_remaining = math.max(0.0, typical - elapsed)
+  end
+  local current
+  if rate_remaining ~= nil and typical_remaining ~= nil then
+    current = fraction * rate_remaining + (1 - fraction) * typical_remaining
+  elseif rate_remaining ~= nil then
+    current = rate_remaining
+  elseif typical_remaining ~= nil then
+    current = typical_remaining
+  else
+    return nil
+  end
+  local later = 0.0
+  for i = rank + 2, 4 do
+    if means[i] ~= nil then
+      later = later + means[i]
+    elseif weights[i] == 0 then
+      -- a phase of no weight adds nothing
+    elseif pace ~= nil then
+      later = later + pace * weights[i]
+    else
+      return nil
+    end
+  end
+  return round(current + later, 1)
+end
+
+-- --- the common report, by editing the stored text ---------------------------------------
+
+local OWNER_KEY, PHASE_PROGRESS_KEY = ',"owner":', '","phase_progress":'
+local PROGRESS_KEY, MESSAGE_KEY, ETA_KEY = ',"progress":', ',"message":', ',"eta_seconds":'
+local SEQ_KEY, EPOCH_KEY, UPDATED_KEY = ',"seq":', ',"epoch":', ',"updated_at":'
+local PHASES_KEY, STEPS_KEY = '","phases":{', ',"steps":'
+local NO_STEPS = ',"steps":{},"steps_total":null,"error":null,"metadata":'
+
+local rank = RANK[phase]
+local owner_at = string.find(raw, OWNER_KEY, 11, true)
+if rank ~= nil and rank < 4 and (ARGV[10] or '') == '' and (ARGV[13] or '') == '' and owner_at ~= nil
+    and string.sub(raw, owner_at, owner_at + #ARGV[5] - 1) == ARGV[5] then
+  local phase_at = owner_at + #ARGV[5]
+  local pp_at = phase_at + #phase + #PHASE_PROGRESS_KEY
+  local progress_key = string.sub(raw, phase_at, pp_at - 1) == phase .. PHASE_PROGRESS_KEY
+    and string.find(raw, PROGRESS_KEY, pp_at, true)
+  local message_key = progress_key and string.find(raw, MESSAGE_KEY, progress_key, true)
+  local eta_key = message_key and string.find(raw, ETA_KEY, message_key, true)
+  local seq_key = eta_key and string.find(raw, SEQ_KEY, eta_key, true)
+  local epoch_key = seq_key and string.find(raw, EPOCH_KEY, seq_key, true)
+  local updated_key = epoch_key and string.find(raw, UPDATED_KEY, epoch_key, true)
+  local phases_key = updated_key and string.find(raw, PHASES_KEY, updated_key, true)
+  local steps_key = phases_key and string.find(raw, STEPS_KEY, phases_key, true)
+  if steps_key and string.sub(raw, steps_key, steps_key + #NO_STEPS - 1) == NO_STEPS then
+    local old_pp_text = string.sub(raw, pp_at, progress_key - 1)
+    local old_progress_text = string.sub(raw, progress_key + #PROGRESS_KEY, message_key - 1)
+    local old_message = string.sub(raw, message_key + #MESSAGE_KEY, eta_key - 1)
+    local old_seq_text = string.sub(raw, seq_key + #SEQ_KEY, epoch_key - 1)
+    local old_pp = tonumber(old_pp_text)
+    local pp, pp_text = old_pp, old_pp_text
+    if (ARGV[9] or '') ~= '' then
+      pp = tonumber(ARGV[9])
+      if pp < old_pp then
+        return {0, raw, ix, old_seq_text, phase, old_progress_text}
+      end
+      pp_text = ARGV[9]  -- as Python's repr wrote it
+    end
+    local message = (ARGV[14] or '') ~= '' and ARGV[14] or old_message
+    if pp == old_pp and message == old_message then
+      return {0, raw, ix, old_seq_text, phase, old_progress_text}
+    end
+    local weights = numbers(ARGV[6], false)
+    local progress_text = float(math.max(tonumber(old_progress_text),
+                                         overall_progress(rank, pp, weights)))
+    -- The current phase's start, if it is in "phases" (which ends where "steps" begins).
+    local span_key = '"' .. phase .. '":{"started_at":"'
+    local span_at = string.find(raw, span_key, phases_key, true)
+    local started = nil
+    if span_at ~= nil and span_at < steps_key then
+      local from = span_at + #span_key
+      started = string.sub(raw, from, string.find(raw, '"', from, true) - 1)
+    end
+    local eta = estimate_eta(rank, pp, started, weights, numbers(ARGV[7] or '', true))
+    local seq_text = int(tonumber(old_seq_text) + 1)
+    local state = string.sub(raw, 1, pp_at - 1) .. pp_text .. PROGRESS_KEY .. progress_text
+      .. MESSAGE_KEY .. message .. ETA_KEY .. (eta == nil and 'null' or float(eta))
+      .. SEQ_KEY .. seq_text .. string.sub(raw, epoch_key, updated_key + #UPDATED_KEY - 1)
+      .. '"' .. stamp .. string.sub(raw, phases_key)
+    store(state, seq_text, '0', '{"seq":' .. seq_text .. ',"at":"' .. stamp .. '","phase":"'
+      .. phase .. '","phase_progress":' .. pp_text .. ',"progress":' .. progress_text
+      .. ',"message":' .. message .. '}')
+    return {1, state, ix, seq_text, phase, progress_text}
+  end
+end
+
+-- --- anything else: decode, decide, encode ---------------------------------------------------
+
+local PHASES = {'QUEUED', 'ANALYZING', 'GENERATING', 'POST_PROCESSING',
+                'COMPLETE', 'FAILED', 'CANCELLED'}
+local MAX_STEPS = 1000
+-- model.DEFAULT_MESSAGE for the working phases, as JSON strings
+local DEFAULT_MESSAGE = {QUEUED = '"Queued"', ANALYZING = '"Analyzing"',
+                         GENERATING = '"Generating"', POST_PROCESSING = '"Post-processing"'}
+
+-- JSON strings exactly as Python's json.dumps(ensure_ascii=False) writes them
+
+local ESCAPES = {['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
+                 ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
+local function escape(c)
+  return ESCAPES[c] or string.format('\\u%04x', string.byte(c))
+end
+local function str(s)
+  if not string.find(s, '[%z\1-\31"\\]') then
+    return '"' .. s .. '"'
+  end
+  return '"' .. (string.gsub(s, '[%z\1-\31"\\]', escape)) .. '"'
+end
+
 local function opt(value, encode)
   if value == nil or value == null then
     return 'null'
   end
   return encode(value)
-end
-
--- Python's round(x, n): correctly rounded, ties to even on the exact binary value, which
--- is what C's printf does too.
-local function round(x, decimals)
-  return tonumber(string.format('%.' .. decimals .. 'f', x))
 end
 
 -- --- the stored state ---------------------------------------------------------------------
@@ -128,44 +343,6 @@ local function encode_head(st, order, message_json)
     .. ',"steps_total":' .. opt(st.steps_total, int)
 end
 
--- --- time ---------------------------------------------------------------------------------
-
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-
--- '2026-11-29T04:10:00.123Z' -> integer microseconds since the epoch
-local function micros(stamp)
-  local y, mo, d, h, mi, s, ms = string.match(stamp,
-    '^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.(%d%d%d)Z$')
-  if not y then
-    return nil
-  end
-  local days = days_from_civil(tonumber(y), tonumber(mo), tonumber(d))
-  local seconds = ((days * 24 + tonumber(h)) * 60 + tonumber(mi)) * 60 + tonumber(s)
-  return (seconds * 1000 + tonumber(ms)) * 1000
-end
-
--- --- the rules (model.py) -----------------------------------------------------------------
-
-local function overall_progress(phase, phase_progress, weights)
-  local total = 0
-  for i = 1, 4 do total = total + weights[i] end
-  if total <= 0 then
-    return 0.0
-  end
-  local done = 0
-  for i = 1, RANK[phase] do done = done + weights[i] end
-  local current = weights[RANK[phase] + 1] * phase_progress / 100.0
-  return round(math.min(MAX_WORKING_PROGRESS, 100.0 * (done + current) / total), 3)
-end
-
 local function steps_mean(steps, order, steps_total)
   local count = math.max(#order, steps_total or 0)
   if count == 0 then
@@ -176,79 +353,10 @@ local function steps_mean(steps, order, steps_total)
   return sum / count
 end
 
--- progress.estimate_eta for a working phase
-local function estimate_eta(st, now_us, weights, means)
-  local rank = RANK[st.phase]
-  local span = st.phases[st.phase]
-  local elapsed = 0.0
-  if span ~= nil and span.started_at ~= nil and span.started_at ~= null then
-    elapsed = math.max(0.0, (now_us - micros(span.started_at)) / 1000000)
-  end
-  local pace, rate_remaining = nil, nil
-  local fraction = st.phase_progress / 100.0
-  if fraction > 0 and elapsed > 0 then
-    local phase_total = elapsed / fraction
-    rate_remaining = phase_total - elapsed
-    local weight = weights[rank + 1]
-    if weight > 0 then
-      pace = phase_total / weight
-    end
-  end
-  local typical = means[rank + 1]
-  local typical_remaining = nil
-  if typical ~= nil then
-    typical_remaining = math.max(0.0, typical - elapsed)
-  end
-  local current
-  if rate_remaining ~= nil and typical_remaining ~= nil then
-    current = fraction * rate_remaining + (1 - fraction) * typical_remaining
-  elseif rate_remaining ~= nil then
-    current = rate_remaining
-  elseif typical_remaining ~= nil then
-    current = typical_remaining
-  else
-    return nil
-  end
-  local later = 0.0
-  for i = rank + 2, 4 do
-    if means[i] ~= nil then
-      later = later + means[i]
-    elseif weights[i] == 0 then
-      -- a phase of no weight adds nothing
-    elseif pace ~= nil then
-      later = later + pace * weights[i]
-    else
-      return nil
-    end
-  end
-  return round(current + later, 1)
-end
-
-local function numbers(csv, allow_missing)
-  local out = {}
-  local i = 0
-  for item in string.gmatch(csv .. ',', '([^,]*),') do
-    i = i + 1
-    if item ~= '' then
-      out[i] = tonumber(item)
-    elseif not allow_missing then
-      out[i] = 0.0
-    end
-  end
-  return out
-end
-
 local function count_keys(t)
   local n = 0
   for _ in pairs(t) do n = n + 1 end
   return n
-end
-
--- --- the step -----------------------------------------------------------------------------
-
-local raw = redis.call('HGET', KEYS[1], 'state')
-if not raw then
-  return {-1}
 end
 
 -- The stored JSON ends with the parts a report never changes: "error" (null while the job
@@ -262,13 +370,15 @@ local tail_at = string.find(raw, ',"error":', cut, true)
 local head_raw, tail = string.sub(raw, 1, tail_at - 1), string.sub(raw, tail_at)
 local st = cjson.decode(head_raw .. '}')
 
-if st.kind ~= ARGV[7] or st.owner ~= ARGV[8] then
+if type(st.kind) ~= 'string' or type(st.owner) ~= 'string' then
+  return {-5}
+end
+if OWNER_KEY .. str(st.owner) .. ',"kind":' .. str(st.kind) .. ',"phase":"' ~= ARGV[5] then
   return {-3, st.kind, st.owner}
 end
-local phase = ARGV[11]
 if RANK[st.phase] == 4 then
   if phase == st.phase then
-    return {0, raw}  -- the same ending again
+    return {0, raw, ix, int(st.seq), st.phase, float(st.progress)}  -- the same ending again
   end
   return {-2, st.phase}
 end
@@ -286,7 +396,7 @@ for id in string.gmatch(steps_raw, '"([^"]*)":{') do
 end
 local message_json = str(st.message)
 -- Anything but the shape JobState.to_json writes goes to the Python rules.
-if type(st.job_id) ~= 'string' or type(st.owner) ~= 'string' or type(st.epoch) ~= 'string'
+if type(st.job_id) ~= 'string' or type(st.epoch) ~= 'string'
     or type(st.created_at) ~= 'string' or type(st.updated_at) ~= 'string'
     or type(st.seq) ~= 'number' or type(st.progress) ~= 'number'
     or type(st.phase_progress) ~= 'number' or type(st.phases) ~= 'table'
@@ -295,21 +405,14 @@ if type(st.job_id) ~= 'string' or type(st.owner) ~= 'string' or type(st.epoch) ~
   return {-5}
 end
 
-local now_us, stamp = tonumber(ARGV[1]), ARGV[2]
-
-local function store(state, entry, terminal)
-  redis.call('HSET', KEYS[1], 'state', state, 'seq', st.seq, 'terminal', terminal)
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', entry)
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  -- The pub/sub payload: redis_feed.encode_change's form (seq|terminal|changed_at|job_id|state).
-  redis.call(ARGV[19], ARGV[6], int(st.seq) .. '|' .. terminal .. '|' .. ARGV[3] .. '|' .. st.job_id .. '|' .. state)
-end
-
 local function history_entry(message)
   return '{"seq":' .. int(st.seq) .. ',"at":' .. str(stamp) .. ',"phase":' .. str(st.phase)
     .. ',"phase_progress":' .. float(st.phase_progress) .. ',"progress":' .. float(st.progress)
     .. ',"message":' .. message .. '}'
+end
+
+local function reply(state)
+  return {1, state, ix, int(st.seq), st.phase, float(st.progress)}
 end
 
 if RANK[phase] == 4 then
@@ -328,28 +431,31 @@ if RANK[phase] == 4 then
   st.phase = phase
   st.seq = st.seq + 1
   st.updated_at = stamp
-  local error_json = ARGV[18] ~= '' and ARGV[18] or 'null'
-  local state = encode_head(st, order, ARGV[17]) .. ',"error":' .. error_json
+  local error_json = (ARGV[15] or '') ~= '' and ARGV[15] or 'null'
+  local state = encode_head(st, order, ARGV[14]) .. ',"error":' .. error_json
     .. string.sub(tail, 14)  -- ,"metadata":… after ',"error":null'
-  store(state, history_entry(ARGV[17]), '1')
-  return {1, state, redis.call('HGET', KEYS[1], 'ix') or '1'}
+  store(state, int(st.seq), '1', history_entry(ARGV[14]))
+  return reply(state)
 end
 
-local weights, means = numbers(ARGV[9], false), numbers(ARGV[10], true)
-local phase_progress = tonumber(ARGV[12])
-local step_id = ARGV[13] ~= '' and ARGV[13] or nil
-local step_progress = tonumber(ARGV[14])
-local step_status = ARGV[15] ~= '' and ARGV[15] or nil
-local steps_total = tonumber(ARGV[16])
-local new_message = ARGV[17] ~= '' and ARGV[17] or nil
+local weights, means = numbers(ARGV[6], false), numbers(ARGV[7] or '', true)
+local phase_progress = tonumber(ARGV[9] or '')
+local step_id = (ARGV[10] or '') ~= '' and ARGV[10] or nil
+local step_progress = tonumber(ARGV[11] or '')
+local step_status = (ARGV[12] or '') ~= '' and ARGV[12] or nil
+local steps_total = tonumber(ARGV[13] or '')
+local new_message = (ARGV[14] or '') ~= '' and ARGV[14] or nil
 
 if RANK[phase] < RANK[st.phase] then
-  return {0, raw}
+  return {0, raw, ix, int(st.seq), st.phase, float(st.progress)}
 end
 
 local old = {phase = st.phase, phase_progress = st.phase_progress, message = message_json,
              steps = steps_raw, steps_total = st.steps_total,
-             progress = st.progress}
+             progress = st.progress, seq = st.seq}
+local function unchanged()
+  return {0, raw, ix, int(old.seq), old.phase, float(old.progress)}
+end
 
 if RANK[phase] > RANK[st.phase] then
   local current = st.phases[st.phase]
@@ -398,24 +504,29 @@ if #order > 0 then
   st.phase_progress = math.max(st.phase_progress, round(steps_mean(st.steps, order, st.steps_total), 3))
 elseif phase_progress ~= nil then
   if phase_progress < st.phase_progress then
-    return {0, raw}
+    return unchanged()
   end
   st.phase_progress = phase_progress
 end
 if new_message ~= nil then
   message_json = new_message
 end
-st.progress = math.max(old.progress, overall_progress(st.phase, st.phase_progress, weights))
+st.progress = math.max(old.progress, overall_progress(RANK[st.phase], st.phase_progress, weights))
 
 local steps_json = encode_steps(st.steps, order)
 if st.phase == old.phase and st.phase_progress == old.phase_progress
     and message_json == old.message and steps_json == old.steps
     and st.steps_total == old.steps_total then
-  return {0, raw}
+  return unchanged()
 end
 st.seq = st.seq + 1
 st.updated_at = stamp
-st.eta_seconds = estimate_eta(st, now_us, weights, means)
+local span = st.phases[st.phase]
+local started = nil
+if span ~= nil and span.started_at ~= nil and span.started_at ~= null then
+  started = span.started_at
+end
+st.eta_seconds = estimate_eta(RANK[st.phase], st.phase_progress, started, weights, means)
 local state = encode_head(st, order, message_json) .. tail
-store(state, history_entry(message_json), '0')
-return {1, state, redis.call('HGET', KEYS[1], 'ix') or '1'}
+store(state, int(st.seq), '0', history_entry(message_json))
+return reply(state)
