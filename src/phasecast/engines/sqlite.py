@@ -1,21 +1,30 @@
 """Embedded engine: one SQLite file in WAL mode, one server process, in-process fan-out.
 
-All access goes through one writer thread that owns the connection. Operations queued while
-a transaction commits are run together in the next one (group commit), so the cost of the
-fsync that makes each write durable is shared by everything that arrived meanwhile. Each
-operation runs inside its own savepoint: one that fails leaves the others intact.
+All access goes through one writer thread that owns the connection. Requests queued while
+a transaction commits are run together in the next one (group commit), so the fsync that
+makes each write durable is shared by everything that arrived meanwhile, and the event loop
+is woken once per transaction to publish its changes and answer its requests.
+
+Reports and endings (``apply``, ``end``) are decided in the writer thread with the Python
+rules, against the decoded states the thread keeps of the jobs it wrote last; their rows are
+written together just before the commit. A report the rules refuse has written nothing, so
+these need no savepoint. Every other operation runs inside a savepoint of its own, so one
+that fails leaves the others intact. A failing SQLite statement fails the whole transaction:
+nothing of it is stored and every request in it is answered ``EngineUnavailable``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import queue
 import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
+from json import loads
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -30,7 +39,6 @@ from phasecast.engines.base import (
     OtherJob,
     RuleInputs,
     check_successor,
-    history_entry,
 )
 from phasecast.errors import (
     ConfigurationError,
@@ -54,6 +62,7 @@ if TYPE_CHECKING:
     from phasecast.engines.sqlite_panels import SQLitePanelRecords
 
 T = TypeVar("T")
+log = logging.getLogger("phasecast.engines.sqlite")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -84,13 +93,44 @@ CREATE TABLE IF NOT EXISTS phase_stats (
 ) WITHOUT ROWID;
 """
 
-_BATCH_LIMIT = 256
-# Parsed states kept by the writer thread, so a report skips reading and parsing its row.
-# This process is the only writer of the file, so what it wrote last is what is stored.
+_BATCH_LIMIT = 256  # requests per transaction
+# Decoded states kept by the writer thread, so a report skips reading and parsing its row.
+# The stored JSON stays the authority: a commit by any other connection to the file empties
+# this (``PRAGMA data_version``), and each row is written only over the seq it was decided
+# from.
 _STATE_CACHE = 4096
 _SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
 
+_UPDATE_STATE = (
+    "UPDATE jobs SET phase = ?, terminal = ?, seq = ?, updated_at = ?, state = ? "
+    "WHERE job_id = ? AND seq = ?"
+)
+_INSERT_EVENT = "INSERT OR REPLACE INTO job_events VALUES (?, ?, ?)"
+_TRIM_EVENTS = "DELETE FROM job_events WHERE job_id = ? AND seq <= ?"
+
 Operation = Callable[[sqlite3.Connection], tuple[Any, Change | None]]
+Rule = Callable[[JobState], Outcome]
+Step = tuple[str, RuleInputs, Rule]  # a report or an ending of one job, to be decided
+StepResult = Decided | OtherJob | Exception
+
+
+class _Steps:
+    """Reports to decide, in order, in the writer thread; answered as one list (``many``)
+    or as the single result (raised if it is an error)."""
+
+    __slots__ = ("many", "steps")
+
+    def __init__(self, steps: list[Step], many: bool) -> None:
+        self.steps = steps
+        self.many = many
+
+
+Request = tuple[Operation | _Steps, "asyncio.Future[Any]"]
+Answer = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+class _Diverged(Exception):
+    """A row was not at the seq its report was decided from: the kept state was stale."""
 
 
 def path_from_url(url: str) -> tuple[Path, str]:
@@ -112,17 +152,67 @@ def path_from_url(url: str) -> tuple[Path, str]:
     return Path(raw), _SYNC_MODES[sync]
 
 
+def history_json(state: JobState) -> str:
+    """``json.dumps(base.history_entry(state))``, written by hand: it is built once per
+    report, and the general encoder costs ~5x more (measured: 5.3 against 0.9 µs).
+    tests/integration/test_sqlite_engine.py holds the two to the same text."""
+    return (
+        f'{{"seq":{int(state.seq)},"at":{encode_basestring_ascii(state.updated_at)},'
+        f'"phase":{encode_basestring_ascii(state.phase.value)},'
+        f'"phase_progress":{float(state.phase_progress)!r},"progress":{float(state.progress)!r},'
+        f'"message":{encode_basestring_ascii(state.message)}}}'
+    )
+
+
+class _Writes:
+    """The rows of the reports decided in this transaction: one state row per job (its
+    newest), every history entry. Written together (``executemany``) before anything else
+    reads the tables and before the commit."""
+
+    __slots__ = ("events", "limit", "rows")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # job id -> (phase, terminal, seq, updated_at, state, job id, stored seq)
+        self.rows: dict[str, tuple[str, int, int, str, str, str, int]] = {}
+        self.events: list[tuple[str, int, str]] = []
+
+    def add(self, base_seq: int, new: JobState, new_json: str, entry: str) -> None:
+        earlier = self.rows.get(new.job_id)
+        stored_seq = base_seq if earlier is None else earlier[6]
+        self.rows[new.job_id] = (
+            new.phase.value, int(new.terminal), new.seq, new.updated_at, new_json, new.job_id,
+            stored_seq,
+        )
+        self.events.append((new.job_id, new.seq, entry))
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        if not self.rows:
+            return
+        rows = list(self.rows.values())
+        updated = conn.executemany(_UPDATE_STATE, rows).rowcount
+        if updated != len(rows):
+            raise _Diverged(f"{len(rows) - updated} of {len(rows)} job rows were not at the seq "
+                            "their reports were decided from")
+        conn.executemany(_INSERT_EVENT, self.events)
+        trims = [(row[5], row[2] - self.limit) for row in rows if row[2] > self.limit]
+        if trims:
+            conn.executemany(_TRIM_EVENTS, trims)
+        self.rows.clear()
+        self.events.clear()
+
+
 class SQLiteEngine(Engine):
     def __init__(self, url: str, *, history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
         super().__init__(url)
         self.path, self._synchronous = path_from_url(url)
         self.history_limit = history_limit
-        self._queue: queue.SimpleQueue[tuple[Operation, asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._states: OrderedDict[str, tuple[JobState, str]] = OrderedDict()  # writer thread only
+        # Writer thread only: job id -> (state, its JSON), the newest first at the end.
+        self._states: OrderedDict[str, tuple[JobState, str]] = OrderedDict()
+        self._data_version = 0  # writer thread only
 
     async def start(self, on_change: ChangeHandler | None = None) -> None:
         self._on_change = on_change
@@ -150,6 +240,7 @@ class SQLiteEngine(Engine):
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         return conn
 
     def _run(self, ready: asyncio.Future[None]) -> None:
@@ -177,60 +268,118 @@ class SQLiteEngine(Engine):
                     stopping = True
                     break
                 batch.append(item)
-            self._run_batch(conn, batch)
+            changes, answers = self._run_batch(conn, batch)
+            # One wake-up of the event loop for the whole transaction.
+            loop.call_soon_threadsafe(self._finish, changes, answers)
         conn.close()
 
     def _run_batch(
-        self, conn: sqlite3.Connection, batch: list[tuple[Operation, asyncio.Future[Any]]]
-    ) -> None:
-        assert self._loop is not None
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None, Change | None]] = []
+        self, conn: sqlite3.Connection, batch: list[Request]
+    ) -> tuple[list[Change], list[Answer]]:
+        changes: list[Change] = []
+        answers: list[Answer] = []
+        writes = _Writes(self.history_limit)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for operation, future in batch:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:
+                # Another connection committed to the file since our last transaction.
+                self._states.clear()
+                self._data_version = version
+            for work, future in batch:
+                if type(work) is _Steps:
+                    results = [self._decide(conn, step, writes, changes) for step in work.steps]
+                    if work.many:
+                        answers.append((future, results, None))
+                    elif isinstance(results[0], Exception):
+                        answers.append((future, None, results[0]))
+                    else:
+                        answers.append((future, results[0], None))
+                    continue
+                assert not isinstance(work, _Steps)
+                writes.flush(conn)  # what the operation reads includes every report before it
                 conn.execute("SAVEPOINT op")
                 try:
-                    value, change = operation(conn)
+                    value, change = work(conn)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((future, None, exc, None))
+                    answers.append((future, None, exc))
                 else:
                     conn.execute("RELEASE op")
-                    results.append((future, value, None, change))
+                    answers.append((future, value, None))
+                    if change is not None:
+                        changes.append(change)
+            writes.flush(conn)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, _Diverged) as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._states.clear()  # it may hold states that were never committed
+            self._states.clear()  # it holds states that were never committed
             failure = EngineUnavailable(f"SQLite transaction failed: {exc}")
-            results = [(future, None, failure, None) for _, future in batch]
-        for future, value, error, change in results:
-            self._loop.call_soon_threadsafe(self._finish, future, value, error, change)
+            return [], [(future, None, failure) for _, future in batch]
+        while len(self._states) > _STATE_CACHE:
+            self._states.popitem(last=False)
+        return changes, answers
 
-    def _finish(
-        self,
-        future: asyncio.Future[Any],
-        value: Any,
-        error: BaseException | None,
-        change: Change | None,
-    ) -> None:
-        # Publish before resolving, so a caller that awaits the write sees its change delivered
-        # no later than its own reply.
-        if change is not None:
-            self._emit(change)
-        _settle(future, value, error)
+    def _decide(
+        self, conn: sqlite3.Connection, step: Step, writes: _Writes, changes: list[Change]
+    ) -> StepResult:
+        """One report or ending, decided against the job's newest state in this transaction
+        (kept, or read). Its rows go to ``writes``; a SQLite error fails the transaction."""
+        job_id, inputs, rule = step
+        try:
+            known = self._states.get(job_id)
+            if known is None:
+                row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                if row is None:
+                    return JobNotFound(job_id)
+                known = (JobState.from_json(row[0]), row[0])
+                self._states[job_id] = known
+            state, state_json = known
+            if state.kind != inputs.kind or state.owner != inputs.owner:
+                return OtherJob(state.kind, state.owner)
+            outcome = rule(state)
+            if not outcome.applied:
+                return Decided(False, state_json)
+            new = outcome.state
+            new_json = new.to_json()
+            change = Change.of(new, new_json)
+            entry = history_json(new)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:
+            return exc
+        writes.add(state.seq, new, new_json, entry)
+        # Kept until the transaction ends even past the cache's size: a later report of
+        # this job in the same transaction must be decided from it, not from the old row.
+        self._states[job_id] = (new, new_json)
+        self._states.move_to_end(job_id)
+        changes.append(change)
+        return Decided(True, new_json)
 
-    async def _submit(self, operation: Operation) -> Any:
+    def _finish(self, changes: list[Change], answers: list[Answer]) -> None:
+        # Publish before answering, so a caller that awaits the write sees its change
+        # delivered no later than its own reply.
+        for change in changes:
+            try:
+                self._emit(change)
+            except Exception:
+                log.exception("change handler failed", extra={"job_id": change.job_id})
+        for future, value, error in answers:
+            _settle(future, value, error)
+
+    async def _submit(self, work: Operation | _Steps) -> Any:
         if self._thread is None or self._loop is None:
             raise EngineUnavailable("the SQLite engine is not started")
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((operation, future))
+        self._queue.put((work, future))
         return await future
 
     async def execute(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on the engine's connection, in the writer thread, inside a transaction
-        of its own (a savepoint): for plugins that keep tables in this file."""
+        of its own (a savepoint): for plugins that keep tables in this file. It must not
+        write the engine's own tables (jobs, job_events, phase_stats)."""
         result: T = await self._submit(lambda conn: (work(conn), None))
         return result
 
@@ -309,6 +458,7 @@ class SQLiteEngine(Engine):
                     expected_seq,
                 ),
             )
+            # The caller keeps ``state`` and may change it: the next report reads the row.
             self._states.pop(state.job_id, None)
             if cursor.rowcount != 1:
                 row = conn.execute(
@@ -326,76 +476,23 @@ class SQLiteEngine(Engine):
     async def apply(
         self, job_id: str, update: ProgressUpdate, now: datetime, inputs: RuleInputs
     ) -> Decided | OtherJob:
-        def rule(state: JobState) -> Outcome:
-            # The rules themselves (model.py), run on the writer thread inside this
-            # transaction: nothing can come between the read and the write.
-            outcome = apply_progress(state, update, now, inputs.weights)
-            if outcome.applied:
-                outcome.state.eta_seconds = estimate_eta(
-                    outcome.state, now, inputs.stats, inputs.weights
-                )
-            return outcome
-
-        return await self._step(job_id, inputs, rule)
+        result: Decided | OtherJob = await self._submit(
+            _Steps([(job_id, inputs, _progress_rule(update, now, inputs))], many=False)
+        )
+        return result
 
     async def end(
         self, job_id: str, ending: Ending, now: datetime, inputs: RuleInputs
     ) -> Decided | OtherJob:
-        return await self._step(
-            job_id,
-            inputs,
-            lambda state: apply_terminal(
-                state, ending.phase, now, message=ending.message, error=ending.error
-            ),
+        result: Decided | OtherJob = await self._submit(
+            _Steps([(job_id, inputs, _ending_rule(ending, now))], many=False)
         )
-
-    async def _step(
-        self, job_id: str, inputs: RuleInputs, rule: Callable[[JobState], Outcome]
-    ) -> Decided | OtherJob:
-        def op(conn: sqlite3.Connection) -> tuple[Decided | OtherJob, Change | None]:
-            known = self._states.pop(job_id, None)
-            if known is None:
-                row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-                if row is None:
-                    raise JobNotFound(job_id)
-                known = (JobState.from_json(row[0]), row[0])
-            state, state_json = known
-            if state.kind != inputs.kind or state.owner != inputs.owner:
-                self._keep(state, state_json)
-                return OtherJob(state.kind, state.owner), None
-            outcome = rule(state)
-            if not outcome.applied:
-                self._keep(state, state_json)
-                return Decided(False, state_json), None
-            new = outcome.state
-            new_json = new.to_json()
-            conn.execute(
-                "UPDATE jobs SET phase = ?, terminal = ?, seq = ?, updated_at = ?, state = ? "
-                "WHERE job_id = ?",
-                (new.phase.value, int(new.terminal), new.seq, new.updated_at, new_json, job_id),
-            )
-            self._append_history(conn, new)
-            self._keep(new, new_json)
-            return Decided(True, new_json), Change.of(new, new_json)
-
-        result: Decided | OtherJob = await self._submit(op)
         return result
 
-    def _keep(self, state: JobState, state_json: str) -> None:
-        self._states[state.job_id] = (state, state_json)
-        if len(self._states) > _STATE_CACHE:
-            self._states.popitem(last=False)
-
     def _append_history(self, conn: sqlite3.Connection, state: JobState) -> None:
-        conn.execute(
-            "INSERT OR REPLACE INTO job_events VALUES (?, ?, ?)",
-            (state.job_id, state.seq, json.dumps(history_entry(state), separators=(",", ":"))),
-        )
+        conn.execute(_INSERT_EVENT, (state.job_id, state.seq, history_json(state)))
         if state.seq > self.history_limit:
-            conn.execute(
-                "DELETE FROM job_events WHERE job_id = ? AND seq <= ?",
-                (state.job_id, state.seq - self.history_limit),
-            )
+            conn.execute(_TRIM_EVENTS, (state.job_id, state.seq - self.history_limit))
 
     async def list_jobs(
         self, owner: str | None, *, active_only: bool, limit: int
@@ -422,7 +519,7 @@ class SQLiteEngine(Engine):
                 "SELECT entry FROM job_events WHERE job_id = ? ORDER BY seq DESC LIMIT ?",
                 (job_id, limit),
             ).fetchall()
-            return [json.loads(r[0]) for r in reversed(rows)], None
+            return [loads(r[0]) for r in reversed(rows)], None
 
         entries: list[dict[str, Any]] = await self._submit(op)
         return entries
@@ -461,3 +558,22 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
         future.set_exception(error)
     else:
         future.set_result(value)
+
+
+def _progress_rule(update: ProgressUpdate, now: datetime, inputs: RuleInputs) -> Rule:
+    def rule(state: JobState) -> Outcome:
+        # The rules themselves (model.py), run in the writer thread inside the transaction:
+        # nothing can come between the read and the write.
+        outcome = apply_progress(state, update, now, inputs.weights)
+        if outcome.applied:
+            outcome.state.eta_seconds = estimate_eta(outcome.state, now, inputs.stats, inputs.weights)
+        return outcome
+
+    return rule
+
+
+def _ending_rule(ending: Ending, now: datetime) -> Rule:
+    def rule(state: JobState) -> Outcome:
+        return apply_terminal(state, ending.phase, now, message=ending.message, error=ending.error)
+
+    return rule

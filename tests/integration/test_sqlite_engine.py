@@ -1,0 +1,192 @@
+"""The SQLite engine's own promises, beyond the contract every engine keeps: the states its
+writer thread keeps never outvote the stored rows, a failing write fails its whole
+transaction and stores nothing, and the history entries it writes by hand are what
+``json.dumps`` writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from phasecast.engines.base import Decided, RuleInputs, history_entry
+from phasecast.engines.sqlite import SQLiteEngine, history_json
+from phasecast.errors import EngineUnavailable
+from phasecast.model import JobState, Phase, ProgressUpdate, apply_progress, new_job, utc_now
+from phasecast.progress import COMIC_WEIGHTS
+
+
+def make(job_id: str) -> JobState:
+    return new_job(job_id=job_id, owner="alice", kind="comic", metadata={}, now=utc_now())
+
+
+INPUTS = RuleInputs("comic", "alice", dict(COMIC_WEIGHTS), {})
+
+
+def report(progress: float, message: str | None = None) -> ProgressUpdate:
+    return ProgressUpdate(Phase.GENERATING, phase_progress=progress, message=message)
+
+
+def stored(path: Path, job_id: str) -> JobState:
+    with sqlite3.connect(path) as db:
+        row = db.execute("SELECT state, seq FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    state = JobState.from_json(row[0])
+    assert state.seq == row[1]
+    return state
+
+
+def history_seqs(path: Path, job_id: str) -> list[int]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT seq, entry FROM job_events WHERE job_id = ? ORDER BY seq", (job_id,))
+        found = [(seq, json.loads(entry)) for seq, entry in rows]
+    assert all(entry["seq"] == seq for seq, entry in found)
+    return [seq for seq, _ in found]
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "phasecast.db"
+
+
+@pytest.fixture
+async def engine(path: Path) -> AsyncIterator[SQLiteEngine]:
+    found = SQLiteEngine(f"sqlite:///{path}")
+    await found.start()
+    yield found
+    await found.stop()
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["", "Generating", 'quote " backslash \\ slash /', "line\nbreak\ttab\x00\x1f", "é ✏️ 𝄞 \u2028 \ud7ff"],
+)
+def test_history_entries_are_what_json_dumps_writes(message: str) -> None:
+    state = make("job-1")
+    later = utc_now() + timedelta(seconds=3)
+    state = apply_progress(state, report(12.3456, message), later, COMIC_WEIGHTS).state
+    state.seq = 123456789012
+    assert history_json(state) == json.dumps(history_entry(state), separators=(",", ":"))
+    state.phase_progress, state.progress = 100.0, 0.0
+    assert history_json(state) == json.dumps(history_entry(state), separators=(",", ":"))
+
+
+async def test_a_commit_by_another_connection_is_decided_from_the_stored_row(
+    engine: SQLiteEngine, path: Path
+) -> None:
+    await engine.insert(make("job-1"))
+    first = await engine.apply("job-1", report(10.0, "mine"), utc_now(), INPUTS)
+    assert isinstance(first, Decided) and first.applied  # the writer now keeps seq 2
+    # Another process changes the job behind the engine's back (seq 3, its own message).
+    theirs = apply_progress(stored(path, "job-1"), report(50.0, "theirs"), utc_now(), COMIC_WEIGHTS).state
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE jobs SET seq = ?, state = ? WHERE job_id = ?",
+                   (theirs.seq, theirs.to_json(), "job-1"))
+        db.execute("INSERT INTO job_events VALUES (?, ?, ?)", ("job-1", theirs.seq, history_json(theirs)))
+    # A report below their progress is late against the stored row (not against seq 2).
+    late = await engine.apply("job-1", report(20.0), utc_now(), INPUTS)
+    assert late == Decided(False, theirs.to_json())
+    later = await engine.apply("job-1", report(60.0), utc_now(), INPUTS)
+    assert isinstance(later, Decided) and later.applied
+    now = stored(path, "job-1")
+    assert later.state_json == now.to_json()
+    assert (now.seq, now.phase_progress, now.message) == (4, 60.0, "theirs")
+    assert history_seqs(path, "job-1") == [1, 2, 3, 4]
+
+
+async def test_a_kept_state_that_went_stale_is_never_written_over_the_row(
+    engine: SQLiteEngine, path: Path
+) -> None:
+    await engine.insert(make("job-1"))
+    assert isinstance(await engine.apply("job-1", report(10.0), utc_now(), INPUTS), Decided)
+    # Written on the engine's own connection, which ``execute`` must not do to its tables:
+    # nothing tells the writer thread, whose kept state is now stale.
+    theirs = apply_progress(stored(path, "job-1"), report(50.0, "theirs"), utc_now(), COMIC_WEIGHTS).state
+
+    def behind_its_back(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE jobs SET seq = ?, state = ? WHERE job_id = ?",
+                     (theirs.seq, theirs.to_json(), "job-1"))
+
+    await engine.execute(behind_its_back)
+    with pytest.raises(EngineUnavailable):
+        await engine.apply("job-1", report(20.0, "stale"), utc_now(), INPUTS)
+    assert stored(path, "job-1") == theirs  # the report decided from seq 2 stored nothing
+    assert history_seqs(path, "job-1") == [1, 2]
+    # The next report is decided from the row.
+    again = await engine.apply("job-1", report(60.0), utc_now(), INPUTS)
+    assert isinstance(again, Decided) and again.applied
+    assert (stored(path, "job-1").seq, stored(path, "job-1").message) == (4, "theirs")
+
+
+async def test_a_failing_write_fails_its_whole_transaction_and_stores_nothing(
+    engine: SQLiteEngine, path: Path
+) -> None:
+    for job_id in ("good", "bad"):
+        await engine.insert(make(job_id))
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER refuse BEFORE UPDATE ON jobs WHEN NEW.job_id = 'bad' "
+                   "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    before = {job_id: stored(path, job_id) for job_id in ("good", "bad")}
+    answers = await asyncio.gather(
+        *(engine.apply(job_id, report(10.0), utc_now(), INPUTS) for job_id in ("good", "bad", "good")),
+        return_exceptions=True,
+    )
+    assert isinstance(answers[1], EngineUnavailable)
+    assert stored(path, "bad") == before["bad"] and history_seqs(path, "bad") == [1]
+    # Whatever "good" was answered is what is stored: applied in a transaction of its own,
+    # or refused with the rest of the one it shared with "bad".
+    good = stored(path, "good")
+    applied = [a for a in answers if isinstance(a, Decided) and a.applied]
+    if applied:
+        assert applied[-1].state_json == good.to_json() and good.seq == 2
+    else:
+        assert good == before["good"]
+    assert all(isinstance(a, Decided | EngineUnavailable) for a in answers)
+    assert history_seqs(path, "good") == list(range(1, good.seq + 1))
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER refuse")
+    after = await engine.apply("bad", report(30.0), utc_now(), INPUTS)
+    assert isinstance(after, Decided) and after.applied
+    assert stored(path, "bad").seq == 2 and history_seqs(path, "bad") == [1, 2]
+
+
+async def test_reports_of_one_job_in_one_transaction_each_get_their_own_seq(
+    engine: SQLiteEngine, path: Path
+) -> None:
+    received: list[tuple[str, int]] = []
+    await engine.stop()
+    await engine.start(lambda change: received.append((change.job_id, change.seq)))
+    for job_id in ("a", "b"):
+        await engine.insert(make(job_id))
+    received.clear()
+    answers = await asyncio.gather(*(
+        engine.apply(job_id, report(float(n)), utc_now(), INPUTS)
+        for n in range(1, 21) for job_id in ("a", "b")
+    ))
+    assert all(isinstance(a, Decided) and a.applied for a in answers)
+    for job_id in ("a", "b"):
+        assert stored(path, job_id).seq == 21 and stored(path, job_id).phase_progress == 20.0
+        assert history_seqs(path, job_id) == list(range(1, 22))
+        assert [seq for job, seq in received if job == job_id] == list(range(2, 22))
+
+
+@pytest.mark.parametrize(("query", "level"), [("", 2), ("?synchronous=normal", 1), ("?synchronous=extra", 3)])
+async def test_every_commit_is_synced_to_disk_unless_the_url_says_otherwise(
+    path: Path, query: str, level: int
+) -> None:
+    # FULL (2): WAL mode syncs the log on every commit, so an acknowledged report survives
+    # a power loss too; NORMAL (1) only at checkpoints.
+    engine = SQLiteEngine(f"sqlite:///{path}{query}")
+    await engine.start()
+    try:
+        modes = await engine.execute(
+            lambda conn: (conn.execute("PRAGMA journal_mode").fetchone()[0],
+                          conn.execute("PRAGMA synchronous").fetchone()[0])
+        )
+    finally:
+        await engine.stop()
+    assert modes == ("wal", level)
