@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 from tests.support.process import TEST_SECRET, ServerProcess
-from tests.support.redis_servers import RedisClusterProcesses, delete_prefix
+from tests.support.redis_servers import (
+    RedisClusterProcesses,
+    RedisSentinelProcesses,
+    delete_prefix,
+)
 
 from phasecast.config import Settings
 from phasecast.engines import Engine, open_engine
@@ -98,10 +102,28 @@ def cluster_engine_url(redis_cluster: RedisClusterProcesses) -> Iterator[str]:
     delete_prefix(redis_cluster.url, prefix)
 
 
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelProcesses]:
+    """A primary, a replica and three sentinels (quorum 2) of our own, shared by the tests
+    that only read and write them; a test that kills the primary starts its own."""
+    with RedisSentinelProcesses() as deployment:
+        yield deployment
+
+
+@pytest.fixture
+def sentinel_engine_url(redis_sentinel: RedisSentinelProcesses) -> Iterator[str]:
+    """The ``redis+sentinel://`` URL of the shared deployment, with a key prefix of its own
+    whose keys are deleted from the primary afterwards."""
+    prefix = f"pctest-{uuid.uuid4().hex[:12]}"
+    yield f"{redis_sentinel.url}?prefix={prefix}"
+    delete_prefix(redis_sentinel.current_primary().url, prefix)
+
+
 ENGINE_URL_FIXTURES = {
     "sqlite": "sqlite_engine_url",
     "redis": "redis_engine_url",
     "cluster": "cluster_engine_url",
+    "sentinel": "sentinel_engine_url",
 }
 
 

@@ -6,7 +6,8 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from tests.support.process import PrivateRedis
+from tests.conftest import ENGINE_URL_FIXTURES
+from tests.support.process import PrivateRedis, free_port
 
 from phasecast.engines import ChangeFeed, Engine, JobStore, open_engine
 from phasecast.engines.base import Change, Decided, OtherJob, RuleInputs
@@ -29,6 +30,21 @@ from phasecast.model import (
 )
 from phasecast.progress import COMIC_WEIGHTS
 from phasecast.tracker import ProgressTracker
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("cluster", marks=pytest.mark.redis),
+        pytest.param("sentinel", marks=pytest.mark.redis),
+    ]
+)
+def engine_url(request: pytest.FixtureRequest) -> str:
+    """Here the contract also runs through Redis Sentinel (a primary and a replica behind
+    three sentinels), besides conftest's engines."""
+    url: str = request.getfixturevalue(ENGINE_URL_FIXTURES[request.param])
+    return url
 
 
 def make(job_id: str = "job-1", owner: str = "alice") -> JobState:
@@ -526,9 +542,41 @@ async def test_an_id_taken_by_another_owner_never_shows_in_the_loser_s_list(engi
     assert [s.job_id for s in await engine.list_jobs("alice", active_only=False, limit=10)] == ["shared-id"]
 
 
-def test_sentinel_urls_are_refused_with_a_way_out() -> None:
-    with pytest.raises(ConfigurationError, match=r"not supported yet.*redis://host:6379/0"):
-        open_engine("redis+sentinel://127.0.0.1:26379/mymaster")
+@pytest.mark.parametrize(
+    ("url", "refusal"),
+    [
+        ("rediss+sentinel://127.0.0.1:26379/mymaster", r"not supported.*redis\+sentinel://host"),
+        ("sentinel://127.0.0.1:26379/mymaster", r"not supported.*redis\+sentinel://host"),
+        ("redis+sentinel://127.0.0.1:26379", "name the Sentinel service"),
+        ("redis+sentinel://127.0.0.1:26379/", "name the Sentinel service"),
+        ("redis+sentinel://127.0.0.1:26379/a/b/c", "name the Sentinel service"),
+        ("redis+sentinel://127.0.0.1:26379/mymaster/x", "database 'x' is not a number"),
+        ("redis+sentinel://127.0.0.1:port/mymaster", "sentinel port 'port' is not a number"),
+        ("redis+sentinel://127.0.0.1:70000/mymaster", "out of range"),
+        ("redis+sentinel://a:1,,b:2/mymaster", "a sentinel address is empty"),
+    ],
+)
+def test_sentinel_urls_are_checked_before_anything_connects(url: str, refusal: str) -> None:
+    with pytest.raises(ConfigurationError, match=refusal):
+        open_engine(url)
+
+
+def test_a_sentinel_url_names_its_sentinels_service_database_and_credentials() -> None:
+    engine = open_engine("redis+sentinel://u:p%40ss@h1:1,[::1]:2,h3/mymaster/4?prefix=x")
+    assert isinstance(engine, RedisEngine)
+    target = engine.sentinel_target
+    assert target is not None
+    assert target.sentinels == (("h1", 1), ("::1", 2), ("h3", 26379))
+    assert (target.service, target.db, target.username, target.password) == ("mymaster", 4, "u", "p@ss")
+
+
+@pytest.mark.redis
+async def test_sentinels_that_cannot_be_reached_are_a_503_that_hides_the_password() -> None:
+    engine = open_engine(f"redis+sentinel://u:s3cret@127.0.0.1:{free_port()}/mymaster")
+    with pytest.raises(EngineUnavailable, match="name no primary") as refused:
+        await engine.start()
+    assert "s3cret" not in str(refused.value)
+    await engine.stop()
 
 
 @pytest.mark.redis

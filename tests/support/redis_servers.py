@@ -105,11 +105,13 @@ class RedisNode:
         folder: Path | None = None,
         aof: bool = True,
         cluster: bool = False,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.port = port or (cluster_port() if cluster else free_port())
         self.dir = folder or Path(tempfile.mkdtemp(prefix="phasecast-redis-"))
         self.aof = aof
         self.cluster = cluster
+        self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -138,6 +140,7 @@ class RedisNode:
                 "--cluster-replica-validity-factor", "0",
                 "--cluster-allow-reads-when-down", "no",
             ]
+        argv += self.extra
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, 10, self.process)
         return self
@@ -300,6 +303,146 @@ class RedisClusterProcesses:
             node.stop()
 
     def __enter__(self) -> RedisClusterProcesses:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class SentinelNode:
+    """One ``redis-server --sentinel`` with a config file of its own (a sentinel rewrites it)."""
+
+    def __init__(self, primary: RedisNode, service: str, quorum: int) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="phasecast-sentinel-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        (self.dir / "sentinel.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.dir}\n"
+            f"sentinel monitor {service} 127.0.0.1 {primary.port} {quorum}\n"
+            # A primary silent this long is down; an election that stalls is retried after
+            # the failover timeout.
+            f"sentinel down-after-milliseconds {service} 1000\n"
+            f"sentinel failover-timeout {service} 4000\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+
+    def start(self) -> SentinelNode:
+        self.process = subprocess.Popen(
+            [_binary("redis-server"), str(self.dir / "sentinel.conf"), "--sentinel"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, 10, self.process)
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
+                           socket_timeout=2)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisSentinelProcesses:
+    """A primary, one replica and ``sentinels`` sentinels watching them with ``quorum``, on
+    free ports, torn down by pid."""
+
+    SERVICE = "phasecast"
+
+    def __init__(self, sentinels: int = 3, quorum: int = 2) -> None:
+        self.primary = RedisNode(aof=True)
+        self.replica = RedisNode(
+            aof=True, extra=("--replicaof", "127.0.0.1", str(self.primary.port))
+        )
+        self.nodes = [self.primary, self.replica]
+        self.sentinels = [SentinelNode(self.primary, self.SERVICE, quorum) for _ in range(sentinels)]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+
+    def start(self, timeout: float = 30.0) -> RedisSentinelProcesses:
+        try:
+            for node in self.nodes:
+                node.start()
+            for sentinel in self.sentinels:
+                sentinel.start()
+            self.wait_settled(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_settled(self, timeout: float = 30.0) -> None:
+        """Until every live sentinel names the same primary, sees its live replicas and
+        knows the other sentinels (they find each other through the primary, within a few
+        seconds), and every live replica's link is up: only then can a failover succeed."""
+        deadline = time.monotonic() + timeout
+        replicas = sum(n.alive for n in self.nodes) - 1
+        while time.monotonic() < deadline:
+            try:
+                named = set()
+                settled = True
+                for sentinel in self.sentinels:
+                    with sentinel.client() as client:
+                        fields = client.sentinel_master(self.SERVICE)
+                        named.add(int(fields["port"]))
+                        settled &= (
+                            int(fields["num-slaves"]) >= replicas
+                            and int(fields["num-other-sentinels"]) == len(self.sentinels) - 1
+                            and not fields["is_sdown"]
+                        )
+                links = []
+                for node in self.nodes:
+                    if node.alive:
+                        with node.client() as client:
+                            info = client.info("replication")
+                            links.append(info["role"] == "master" or info.get("master_link_status") == "up")
+                if settled and len(named) == 1 and all(links):
+                    return
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("the sentinels did not settle on a primary")
+
+    def current_primary(self) -> RedisNode:
+        """The node the sentinels name as primary now."""
+        with self.sentinels[0].client() as client:
+            _host, port = client.sentinel_get_master_addr_by_name(self.SERVICE)
+        return next(n for n in self.nodes if n.port == int(port))
+
+    def wait_promoted(self, old: RedisNode, timeout: float = 30.0) -> RedisNode:
+        """Until every sentinel names another node than ``old`` and that node says it is a
+        primary."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError, StopIteration):
+                ports = set()
+                for sentinel in self.sentinels:
+                    with sentinel.client() as client:
+                        _host, port = client.sentinel_get_master_addr_by_name(self.SERVICE)
+                        ports.add(int(port))
+                if len(ports) == 1 and old.port not in ports:
+                    new = next(n for n in self.nodes if n.port in ports)
+                    with new.client() as client:
+                        if client.info("replication")["role"] == "master":
+                            return new
+            time.sleep(0.05)
+        raise TimeoutError("no replica was promoted")
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisSentinelProcesses:
         return self.start()
 
     def __exit__(

@@ -1,5 +1,6 @@
-"""Storage engines, chosen by URL scheme: ``sqlite:///file.db`` (default) or ``redis://…``
-(a single Redis, or any node of a Redis Cluster: the engine finds out which)."""
+"""Storage engines, chosen by URL scheme: ``sqlite:///file.db`` (default), ``redis://…``
+(a single Redis, or any node of a Redis Cluster: the engine finds out which) or
+``redis+sentinel://…`` (a primary and replicas watched by Redis Sentinel)."""
 
 from __future__ import annotations
 
@@ -29,16 +30,18 @@ def open_engine(url: str) -> Engine:
         from phasecast.engines.sqlite import SQLiteEngine
 
         return SQLiteEngine(url)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel"):
         from phasecast.engines.redis import RedisEngine
 
         return RedisEngine(url)
-    if scheme in ("redis+sentinel", "rediss+sentinel", "sentinel"):
+    if scheme in ("rediss+sentinel", "sentinel"):
         raise ConfigurationError(
-            f"{scheme}:// URLs are not supported yet: point the engine at the Redis primary "
-            "(redis://host:6379/0), or run Redis as a cluster and name any of its nodes"
+            f"{scheme}:// URLs are not supported: name the sentinels with "
+            "redis+sentinel://host:26379[,host:26379...]/<service name>[/<db>] (TLS to "
+            "sentinels is not supported yet)"
         )
     raise ConfigurationError(
         f"unknown engine URL {url!r}: use sqlite:///path.db, redis://host:6379/0 (a single "
-        "Redis or any node of a Redis Cluster) or rediss://…"
+        "Redis or any node of a Redis Cluster), rediss://… or "
+        "redis+sentinel://host:26379[,host:26379...]/<service name>[/<db>]"
     )

@@ -18,6 +18,12 @@ expired or is not the owner's: it is exact for every job whose create was acknow
 
 The change feed (``engines/redis_feed.py``) holds one subscriber connection per node that
 owns listened channels (one on a single Redis, one per shard primary on a cluster).
+
+A primary with replicas watched by Redis Sentinel is named by the sentinels:
+``redis+sentinel://[user:password@]host:port[,host:port…]/<service>[/<db>]`` (the
+credentials are the data nodes'). Writes go to the primary the sentinels name (a
+connection asks them again whenever it reconnects), and the feed follows the primary
+across a failover the way it follows a restarted Redis (see ``redis_feed``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 from phasecast.engines.base import (
     DEFAULT_HISTORY_LIMIT,
@@ -69,9 +76,11 @@ from phasecast.progress import LEARNING_RATE, PhaseStat, PhaseStats
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio import BlockingConnectionPool
     from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.connection import AbstractConnection
     from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
     from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
     from redis.crc import key_slot
     from redis.exceptions import NoScriptError, RedisClusterException, RedisError
@@ -103,6 +112,74 @@ STALE_CONNECTION_CHECK: dict[str, Any] = {"health_check_interval": 1, "retry": R
 
 # Everything redis-py raises for a store it cannot use right now.
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
+# How long a sentinel may take to answer where the primary is.
+SENTINEL_TIMEOUT_SECONDS = 2.0
+# How often the engine asks the sentinels whether the primary moved (a failover normally
+# also closes every pub/sub connection of the demoted primary; this catches the rest).
+PRIMARY_CHECK_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """What a ``redis+sentinel://`` URL names."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, parts: SplitResult) -> SentinelTarget:
+        shape = (
+            "redis+sentinel://[user:password@]host:port[,host:port...]/<service name>[/<db>]"
+        )
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        username = password = None
+        if userinfo:
+            user, colon, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
+        sentinels: list[tuple[str, int]] = []
+        for item in hosts.split(","):
+            item = item.strip()
+            if item.startswith("["):  # [IPv6]:port
+                host, _, rest = item[1:].partition("]")
+                port_text = rest.removeprefix(":")
+            else:
+                host, _, port_text = item.partition(":")
+            if not host:
+                raise ConfigurationError(f"a sentinel address is empty; use {shape}")
+            try:
+                port = int(port_text) if port_text else SENTINEL_PORT
+            except ValueError as exc:
+                raise ConfigurationError(f"sentinel port {port_text!r} is not a number") from exc
+            if not 0 < port < 65536:
+                raise ConfigurationError(f"sentinel port {port} is out of range")
+            sentinels.append((host, port))
+        path = [unquote(p) for p in parts.path.split("/")[1:]]
+        if not path or not path[0] or len(path) > 2:
+            raise ConfigurationError(f"name the Sentinel service: {shape}")
+        db = 0
+        if len(path) == 2 and path[1] != "":
+            if not path[1].isdigit():
+                raise ConfigurationError(f"database {path[1]!r} is not a number; use {shape}")
+            db = int(path[1])
+        return cls(tuple(sentinels), path[0], db, username, password)
+
+    def describe(self) -> str:
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
+        return f"{SENTINEL_SCHEME}://{hosts}/{self.service}/{self.db}"
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's Sentinel pool (connections to whichever node the sentinels name as
+    primary) with the blocking behaviour of the engine's other pool: a burst waits for a
+    free connection instead of failing once all are busy."""
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -151,6 +228,12 @@ class RedisEngine(Engine):
             raise ConfigurationError("ttl must be a positive number of seconds")
         self.keys = RedisKeys(prefix or query.pop("prefix", "phasecast"))
         self.history_limit = history_limit
+        self.sentinel_target = (
+            SentinelTarget.parse(parts) if parts.scheme == SENTINEL_SCHEME else None
+        )
+        self._sentinel: Sentinel | None = None
+        self._primary = ""  # host:port of the primary, as the sentinels last named it
+        self._primary_watch: asyncio.Task[None] | None = None
         self._connection_url = urlunsplit(parts._replace(query=urlencode(query)))
         self._client: aioredis.Redis | RedisCluster | None = None
         self.clustered = False
@@ -175,8 +258,11 @@ class RedisEngine(Engine):
 
     async def start(self, on_change: ChangeHandler | None = None) -> None:
         self._on_change = on_change
-        self.clustered = await self._is_cluster()
-        if self.clustered:
+        self.clustered = self.sentinel_target is None and await self._is_cluster()
+        if self.sentinel_target is not None:
+            self._client = self._sentinel_client(self.sentinel_target)
+            await self._find_primary()
+        elif self.clustered:
             self._client = self._cluster_client()
             self._publish = "SPUBLISH"
         else:
@@ -206,6 +292,10 @@ class RedisEngine(Engine):
                 raise EngineUnavailable(
                     f"cannot open a pub/sub connection to {self._redacted_url()}"
                 ) from exc
+            if self.sentinel_target is not None:
+                self._primary_watch = asyncio.create_task(
+                    self._watch_primary(), name="phasecast-sentinel-watch"
+                )
 
     async def _is_cluster(self) -> bool:
         # Asked on database 0: a cluster node refuses SELECT of any other.
@@ -248,7 +338,88 @@ class RedisEngine(Engine):
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
         )
 
+    def _sentinel_client(self, target: SentinelTarget) -> aioredis.Redis:
+        """A client whose pooled connections go to the primary the sentinels name: each
+        new connection asks them, and one that finds the node read-only (demoted) reconnects
+        to the new primary. The stale-connection check and its one retry are as for a
+        single Redis, so the first write after a failover finds the new primary."""
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels),
+            sentinel_kwargs={
+                "socket_connect_timeout": SENTINEL_TIMEOUT_SECONDS,
+                "socket_timeout": SENTINEL_TIMEOUT_SECONDS,
+                "decode_responses": True,
+            },
+        )
+        client: aioredis.Redis = self._sentinel.master_for(
+            target.service,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=POOL_SIZE,
+            timeout=POOL_WAIT_SECONDS,
+            **self._node_kwargs(target),
+            health_check_interval=STALE_CONNECTION_CHECK["health_check_interval"],
+            retry=STALE_CONNECTION_CHECK["retry"],
+        )
+        return client
+
+    @staticmethod
+    def _node_kwargs(target: SentinelTarget) -> dict[str, Any]:
+        """Connection settings for the data nodes behind the sentinels."""
+        return {
+            "db": target.db,
+            "username": target.username,
+            "password": target.password,
+            "decode_responses": True,
+            "socket_connect_timeout": 5,
+        }
+
+    async def _find_primary(self) -> None:
+        """Ask the sentinels which node is the primary now (the feed's topology refresh)."""
+        assert self._sentinel is not None
+        assert self.sentinel_target is not None
+        try:
+            host, port = await self._sentinel.discover_master(self.sentinel_target.service)
+        except REDIS_ERRORS as exc:
+            raise EngineUnavailable(
+                f"the sentinels at {self._redacted_url()} name no primary: {exc}"
+            ) from exc
+        self._primary = f"{host}:{port}"
+
+    async def _watch_primary(self) -> None:
+        """Ask the sentinels every second where the primary is; when it moved, tell the
+        feed, which moves its subscriptions there and resyncs the jobs."""
+        while True:
+            await asyncio.sleep(PRIMARY_CHECK_SECONDS)
+            before = self._primary
+            with contextlib.suppress(EngineUnavailable):
+                await self._find_primary()
+            if self._primary != before and self._feed is not None:
+                log.warning("the sentinels name a new primary: %s (was %s)", self._primary, before)
+                self._feed.topology_changed()
+
+    def _primary_connection(self, node: str) -> AbstractConnection:
+        """A raw connection (no retries: see ``redis_feed``) to the primary ``node``."""
+        assert self.sentinel_target is not None
+        host, _, port = node.rpartition(":")
+        connection = aioredis.Connection(
+            host=host, port=int(port), retry=Retry(NoBackoff(), 0),
+            **self._node_kwargs(self.sentinel_target),
+        )
+        return connection
+
     def _make_feed(self) -> RedisFeed:
+        if self.sentinel_target is not None:
+            return RedisFeed(
+                sharded=False,
+                channel_of=self.keys.channel,
+                owner_of=lambda channel: self._primary,
+                primaries=lambda: [self._primary],
+                idle_channel=lambda node: self.keys.idle_channel("idle"),
+                connect=self._primary_connection,
+                refresh=self._find_primary,
+                load=self._load_change,
+                emit=self._emit,
+            )
         if isinstance(self._client, RedisCluster):
             cluster = self._client
             return RedisFeed(
@@ -328,9 +499,17 @@ class RedisEngine(Engine):
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
+        if self._primary_watch is not None:
+            self._primary_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._primary_watch
+            self._primary_watch = None
         if self._feed is not None:
             await self._feed.stop()
             self._feed = None
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
+            self._sentinel = None
         if self._client is not None:
             if isinstance(self._client, RedisCluster):
                 await self._client.aclose()
@@ -339,6 +518,8 @@ class RedisEngine(Engine):
             self._client = None
 
     def _redacted_url(self) -> str:
+        if self.sentinel_target is not None:
+            return self.sentinel_target.describe()
         parts = urlsplit(self._connection_url)
         host = parts.hostname or ""
         netloc = f"{host}:{parts.port}" if parts.port else host

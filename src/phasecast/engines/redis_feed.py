@@ -1,15 +1,16 @@
 """The Redis change feed: every accepted change of a listened job, from Redis to this process.
 
 One subscriber connection per Redis node that owns listened channels (one in all on a single
-Redis; one per shard primary on a cluster, with sharded pub/sub), never one per job or per
-watcher. The feed is kept by reconciling what is wanted (the listened jobs) with what is
-live (confirmed subscriptions on live connections):
+Redis, or to the primary a Sentinel names; one per shard primary on a cluster, with sharded
+pub/sub), never one per job or per watcher. The feed is kept by reconciling what is wanted
+(the listened jobs) with what is live (confirmed subscriptions on live connections):
 
 * ``listen`` subscribes the job's channel on the connection of the node that owns it and
   returns once Redis has confirmed it, so a read made afterwards misses nothing.
 * When a connection drops (Redis restarted, a primary died) or a node drops channels (a slot
   moved away: Redis sends an unsolicited ``sunsubscribe``), the affected jobs are marked and
-  the reconciler takes over: it refreshes the cluster's slot map, subscribes each channel on
+  the reconciler takes over: it refreshes the cluster's slot map (or asks the sentinels
+  which node is the primary now), subscribes each channel on
   its owner's connection (reconnecting with capped, jittered backoff) and, once confirmed,
   reloads every affected job from the stored state, retrying until each one is reloaded. A
   change published while the link was down is therefore delivered as the newest state.
@@ -241,6 +242,7 @@ class RedisFeed:
         self._wake = asyncio.Event()
         self._reconciler: asyncio.Task[None] | None = None
         self._first_pass = asyncio.Event()
+        self._topology_stale = False
         self.lost_at: float | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -341,6 +343,12 @@ class RedisFeed:
         log.info("channel %s moved away from its node; following it", channel)
         self._mark(channel)
 
+    def topology_changed(self) -> None:
+        """The nodes moved (a Sentinel named a new primary): re-read where they are and move
+        every channel whose owner changed."""
+        self._topology_stale = True
+        self._wake.set()
+
     def lost(self, subscriber: _Subscriber, channels: set[str]) -> None:
         if self.lost_at is None:
             self.lost_at = asyncio.get_running_loop().time()
@@ -357,7 +365,8 @@ class RedisFeed:
             await self._wake.wait()
             self._wake.clear()
             try:
-                await self._reconcile(topology=failures > 0 or bool(self._stray))
+                stale, self._topology_stale = self._topology_stale, False
+                await self._reconcile(topology=stale or failures > 0 or bool(self._stray))
             except asyncio.CancelledError:
                 raise
             except (RedisError, RedisClusterException, OSError, FeedLost, EngineUnavailable) as exc:
@@ -377,8 +386,8 @@ class RedisFeed:
             self._first_pass.set()
 
     async def _reconcile(self, *, topology: bool) -> None:
-        if topology and self.sharded:
-            await self._refresh()
+        if topology:
+            await self._refresh()  # the slot map of a cluster; the primary a Sentinel names
         # Nodes that own listened channels, and every primary (an idle connection to each
         # tells us it is reachable).
         wanted_nodes = {self._owner_of(c) for c in self._jobs_of} | set(self._primaries())

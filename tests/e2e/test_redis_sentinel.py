@@ -1,0 +1,100 @@
+"""Phasecast behind Redis Sentinel (issue 10, section 1): the primary killed mid-job, or
+demoted by a failover the sentinels were asked for, with watchers on two server instances;
+the replica is promoted, writes resume (503s during the election are fine), watchers get
+live updates again, and every watcher ends with the terminal state, with no acknowledged
+update lost or reordered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.support.failover import Writer, check_outcome, first_delivery_after, watch_all
+from tests.support.process import ServerProcess
+from tests.support.redis_servers import RedisSentinelProcesses
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+@pytest.fixture
+def own_sentinel() -> Iterator[RedisSentinelProcesses]:
+    """A deployment for one test: this one kills its primary."""
+    with RedisSentinelProcesses(sentinels=3, quorum=2) as deployment:
+        yield deployment
+
+
+@pytest.fixture
+async def two_instances(
+    own_sentinel: RedisSentinelProcesses, tmp_path: Path
+) -> AsyncIterator[list[ServerProcess]]:
+    servers = [
+        ServerProcess(f"{own_sentinel.url}?prefix=failover", env={"PHASECAST_PING_INTERVAL": "1"},
+                      log_path=tmp_path / f"server-{i}.log")
+        for i in range(2)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# A primary demoted while alive keeps acknowledging writes from its own point of view until
+# the sentinels reconfigure it (about a second after the promotion); it then resyncs from
+# the new primary and those writes are gone. Only a write that waits for a replica (WAIT)
+# before it is acknowledged can tell; until the engine does, this case loses acknowledged
+# updates, and the test says so (strict: it fails once it passes, to be turned on).
+DEMOTED_LOSES_WRITES = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="writes acknowledged by a demoted primary between promotion and demotion are lost "
+           "without WAIT after each write",
+)
+
+
+@pytest.mark.parametrize("how", ["killed", pytest.param("demoted", marks=DEMOTED_LOSES_WRITES)])
+async def test_the_primary_lost_mid_job_is_replaced_and_watchers_end_complete(
+    how: str, own_sentinel: RedisSentinelProcesses, two_instances: list[ServerProcess],
+    make_token: Callable[..., str], worker_token: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    jobs = ["sentinel-1", "sentinel-2", "sentinel-3"]
+    victim = own_sentinel.current_primary()
+    headers = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=two_instances[0].url, headers=headers, timeout=10) as api:
+        writer = Writer(api)
+        for job_id in jobs:
+            await writer.create(job_id)
+        watchers = await watch_all(two_instances, make_token("alice"), jobs)
+        running = asyncio.gather(*(writer.run_job(j, 60, 0.03) for j in jobs))
+        await watchers[0].wait_seq(jobs[0], 10)
+        killed_at = time.time()
+        if how == "killed":
+            victim.kill()
+        else:
+            # The old primary lives on as a replica: writes still sent to it are refused
+            # (read-only) and must find the new primary.
+            with own_sentinel.sentinels[0].client() as sentinel:
+                sentinel.execute_command("SENTINEL", "FAILOVER", own_sentinel.SERVICE)
+        promoted = await asyncio.to_thread(own_sentinel.wait_promoted, victim)
+        promoted_at = time.time()
+        assert promoted is own_sentinel.replica
+        await running
+        await check_outcome(watchers, writer, api, jobs)
+        # Live again: every watcher got several updates of every job after the promotion,
+        # not only the state reloaded when its feed came back.
+        for watcher in watchers:
+            for job_id in jobs:
+                later = [r for r in watcher.states[job_id] if r.received_at >= promoted_at]
+                assert len(later) >= 2, f"{job_id}: {len(later)} updates after the promotion"
+        delay = first_delivery_after(watchers, jobs, promoted_at)
+        with capsys.disabled():
+            print(f"\nsentinel failover, primary {how}: replica promoted {promoted_at - killed_at:.1f}s after the "
+                  f"kill; first live update {delay * 1000:.0f} ms after the promotion; "
+                  f"{writer.refused} requests refused (503) meanwhile")
+        for watcher in watchers:
+            await watcher.close()
