@@ -89,6 +89,8 @@ def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
         # Phasecast, its peer, the raw-socket floor (same work at the socket floor) and the
         # Redis floor (no server at all), in one invocation.
         "compare": ["phasecast-redis", "socketio", "raw-floor", "redis-floor"],
+        # Phasecast next to the raw-socket floor only: quick iterations on the delivery path.
+        "floor": ["phasecast-redis", "raw-floor"],
         # A Redis Cluster of three shards next to a single Redis, in one invocation.
         "cluster": ["phasecast-redis", "phasecast-cluster"],
     }.get(args.system, [args.system])
@@ -119,13 +121,41 @@ def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 return result
 
             runs[key] = run
+    baseline = getattr(args, "baseline_src", None)
+    if baseline and "phasecast-redis" in systems:
+        # Another checkout's server in the same invocation, taking turns with this one.
+        source = str(Path(baseline).resolve())
+
+        def run_baseline() -> dict[str, Any]:
+            _log(f"fanout phasecast-redis from {source}: {args.watchers} watchers; load {loadavg()}")
+            result = scenarios.fanout(
+                "phasecast-redis",
+                watchers=args.watchers,
+                jobs=args.jobs,
+                rate=args.rate,
+                seconds=args.seconds,
+                transport=args.transport,
+                publisher=args.publisher,
+                loadgen_procs=args.loadgen_procs,
+                env={"PYTHONPATH": source},
+            )
+            result["server_src"] = source
+            _summary(result)
+            return result
+
+        runs["phasecast-redis/baseline"] = run_baseline
     for key, result in interleaved(args.repeat, runs).items():
         headline = result["transport"] in ("ws", "sio", "redis") and result["publisher"] in (
             "tracker",
             "sio",
             "redis",
         )
-        if headline and result["workers"] == 1 and result["system"] != "phasecast-sqlite":
+        if (
+            headline
+            and result["workers"] == 1
+            and result["system"] != "phasecast-sqlite"
+            and "server_src" not in result
+        ):
             results.setdefault("fanout", {})[key] = result
         else:
             results.setdefault("fanout_other", []).append(result)
@@ -296,7 +326,7 @@ def parser() -> argparse.ArgumentParser:
         "--system",
         default="compare",
         choices=[
-            "compare", "cluster", "phasecast-redis", "phasecast-cluster", "phasecast-sqlite",
+            "compare", "floor", "cluster", "phasecast-redis", "phasecast-cluster", "phasecast-sqlite",
             "socketio", "raw-floor", "redis-floor",
         ],
     )
@@ -307,6 +337,10 @@ def parser() -> argparse.ArgumentParser:
     fan.add_argument("--transport", default="ws", choices=["ws", "sse", "ssemux"])
     fan.add_argument("--publisher", default="tracker", choices=["tracker", "http"])
     fan.add_argument("--profile", help="record the server with py-spy into this directory")
+    fan.add_argument(
+        "--baseline-src",
+        help="also run phasecast-redis from this src/ directory, taking turns (A/B in one invocation)",
+    )
 
     trans = sub.add_parser("transports", help="SSE vs WebSocket on the same workload")
     sized(trans, 2000, 200, 200, 10)

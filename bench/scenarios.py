@@ -88,7 +88,13 @@ def _loadgens(
 
 
 def _publisher(
-    system: System, mode: str, jobs: list[str], rate: float | None, seconds: float, concurrency: int
+    system: System,
+    mode: str,
+    jobs: list[str],
+    rate: float | None,
+    seconds: float,
+    concurrency: int,
+    env: dict[str, str] | None = None,
 ) -> Child:
     config = {
         "mode": mode,
@@ -104,7 +110,8 @@ def _publisher(
     }
     # ``--server-src``: an in-process tracker writes with that checkout's engine (key layout,
     # pub/sub codec), as the server under test expects.
-    source = SERVER_ENV.get("PYTHONPATH") if mode == "tracker" and system.kind == "phasecast" else None
+    server_src = (env or {}).get("PYTHONPATH") or SERVER_ENV.get("PYTHONPATH")
+    source = server_src if mode == "tracker" and system.kind == "phasecast" else None
     return Child(child_argv("bench.publisher", config), "publisher", source)
 
 
@@ -196,7 +203,7 @@ def fanout(
             ready = [g.expect("ready", 60 + watchers / 50) for g in loadgens]
             time.sleep(IDLE_SETTLE_SECONDS)
             rss_after = rss_kb(system.pid)
-            pub = _publisher(system, publisher, ids, rate, seconds, concurrency)
+            pub = _publisher(system, publisher, ids, rate, seconds, concurrency, env)
             try:
                 pub.expect("ready", 30)
                 pids = {"server": system.pid, **{g.name: g.pid for g in loadgens}}

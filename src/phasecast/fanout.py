@@ -70,24 +70,28 @@ class Mailbox:
         self._delivered[job_id] = max(seq, self._delivered.get(job_id, 0))
 
     def offer(self, change: Change) -> None:
-        if change.seq <= self._delivered.get(change.job_id, 0):
+        # Once per watcher of every change: locals, and the direct write tried first.
+        job_id = change.job_id
+        seq = change.seq
+        delivered = self._delivered
+        if seq <= delivered.get(job_id, 0):
             return
         held = self._held
-        if held is not None and change.job_id in held:
-            kept = held[change.job_id]
-            if kept is None or kept.seq < change.seq:
-                held[change.job_id] = change
+        if held is not None and job_id in held:
+            kept = held[job_id]
+            if kept is None or kept.seq < seq:
+                held[job_id] = change
             return
         direct = self.direct
         if direct is not None and not self._pending and not self.control and direct(change):
-            self._delivered[change.job_id] = change.seq
+            delivered[job_id] = seq
             return
-        pending = self._pending.get(change.job_id)
+        pending = self._pending.get(job_id)
         if pending is not None:
-            if pending.seq >= change.seq:
+            if pending.seq >= seq:
                 return
             self.conflated += 1
-        self._pending[change.job_id] = change
+        self._pending[job_id] = change
         self._wake()
 
     def say(self, frame: str) -> bool:
@@ -238,7 +242,8 @@ class Hub:
         entry = self._jobs.get(change.job_id)
         if entry is None:
             return
-        if entry.latest is None or change.seq > entry.latest.seq:
+        latest = entry.latest
+        if latest is None or change.seq > latest.seq:
             entry.latest, entry.latest_state = change, None
         # A copy: delivering a terminal state ends subscriptions, which leave this set.
         for mailbox in tuple(entry.mailboxes):

@@ -32,6 +32,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from phasecast.engines.base import Change
 from phasecast.server import frames
 from phasecast.server.websocket import (
     BINARY_REFUSED,
@@ -39,7 +40,9 @@ from phasecast.server.websocket import (
     CLOSE_SERVICE_RESTART,
     CLOSE_UNSUPPORTED_DATA,
     RAW_EXTENSION,
+    DeliveryMeter,
     Session,
+    websocket_meter,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +66,8 @@ class RawWebSocketProtocol(asyncio.Protocol):
     """One WebSocket connection. See the module docstring."""
 
     offer_raw = True
+    # The delivery meter, set by ``adopt`` (only adopted connections write states directly).
+    _meter: DeliveryMeter
 
     __slots__ = (
         "_asgi_queue",
@@ -74,6 +79,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         "_heard_at",
         "_inbox",
         "_keepalive",
+        "_meter",
         "_paused",
         "_reading_paused",
         "_request",
@@ -258,17 +264,33 @@ class RawWebSocketProtocol(asyncio.Protocol):
             return
         transport.write(b"\x89\x00")  # Ping, no payload: any Pong proves the client is there
 
-    def _direct(self, change: Any) -> bool:
+    def _direct(self, change: Change) -> bool:
         """``Mailbox.direct``: write the change's frame now, unless the socket is backed up
-        (then the mailbox keeps it, latest wins, until ``resume_writing``)."""
+        (then the mailbox keeps it, latest wins, until ``resume_writing``).
+
+        The hot path of the fan-out, once per delivered message: no call but the write and
+        the first encoding of a change (``frames.ws_state_frame``, cached on the change),
+        the message counted in the batch meter inline, the session only told of terminal
+        states (which end the subscription)."""
         if self._paused or not self.open:
             return False
         session = self.session
         assert session is not None
-        assert self.transport is not None
         if change.job_id in session.jobs:
-            self.transport.write(frames.ws_state_frame(change))
-            session.sent(change)
+            wire = change.wire
+            frame = None if wire is None else wire.get("ws_frame")
+            if frame is None:
+                frame = frames.ws_state_frame(change)
+            transport = self.transport
+            assert transport is not None
+            transport.write(frame)
+            if change.terminal:
+                session.sent(change)
+            else:
+                meter = self._meter
+                meter.count += 1
+                if change is not meter.last:
+                    meter.note(change)
         return True
 
     def _flush(self) -> None:
@@ -441,6 +463,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self._accept([])
         self._asgi_queue = None
         session = self.session = Session(services, self)
+        self._meter = websocket_meter(services.metrics)
         session.mailbox.direct = self._direct
         session.mailbox.wakeup = self._flush
         session.start(query_token)

@@ -54,29 +54,43 @@ OVERLOADED = "too many replies left unread; read the socket before sending more 
 
 
 class DeliveryMeter:
-    """Counts delivered state messages for the metrics, in batches: a transport reports each
-    write (``sent``) for the cost of a dict store, and once per event-loop iteration the
-    batch goes to Prometheus: the message counter by the exact count, the latency histogram
-    once per change written in the batch (its watchers' writes happen within microseconds
-    of each other). Two Prometheus updates per message cost more than the write itself."""
+    """Counts delivered state messages for the metrics, in batches. Per message a transport
+    only adds one to ``count`` and, for a change it has not seen in this batch
+    (``change is not meter.last``), calls ``note``; ``sent`` does both, for slower paths.
+    Once per event-loop iteration the batch goes to Prometheus: the message counter by the
+    exact count, the latency histogram once per change written in the batch (its watchers'
+    writes happen within microseconds of each other). Two Prometheus updates per message
+    cost more than the write itself."""
 
-    __slots__ = ("_changes", "_latency", "_messages", "_pending")
+    __slots__ = ("_changes", "_latency", "_messages", "_scheduled", "count", "last")
 
     def __init__(self, metrics: Metrics, transport: str) -> None:
         self._messages = metrics.messages.labels(transport)
         self._latency = metrics.latency.labels(transport)
-        self._pending = 0
+        self.count = 0
+        self.last: Change | None = None
         self._changes: dict[int, float] = {}
+        self._scheduled = False
 
     def sent(self, change: Change) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending += 1
+        self.count += 1
+        if change is not self.last:
+            self.note(change)
+
+    def note(self, change: Change) -> None:
+        """``change`` is being written in this batch (its messages are counted apart)."""
+        self.last = change
         self._changes[id(change)] = change.changed_at
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        count, self._pending = self._pending, 0
-        self._messages.inc(count)
+        self._scheduled = False
+        self.last = None
+        count, self.count = self.count, 0
+        if count:
+            self._messages.inc(count)
         now = time.time()
         for changed_at in self._changes.values():
             self._latency.observe(max(0.0, now - changed_at))
