@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from phasecast.engines.base import Decided, RuleInputs, history_entry
+from phasecast.engines.base import Decided, Ending, OtherJob, RuleInputs, history_entry
 from phasecast.engines.sqlite import SQLiteEngine, history_json
-from phasecast.errors import EngineUnavailable
+from phasecast.errors import EngineUnavailable, InvalidUpdate, JobNotFound, JobTerminal
 from phasecast.model import JobState, Phase, ProgressUpdate, apply_progress, new_job, utc_now
 from phasecast.progress import COMIC_WEIGHTS
 
@@ -190,3 +190,74 @@ async def test_every_commit_is_synced_to_disk_unless_the_url_says_otherwise(
     finally:
         await engine.stop()
     assert modes == ("wal", level)
+
+
+# --- apply_many: a batch of reports, one request to the writer thread ----------------------
+
+
+async def test_a_batch_is_decided_in_order_with_one_answer_per_report(path: Path) -> None:
+    received: list[tuple[str, int]] = []
+    engine = SQLiteEngine(f"sqlite:///{path}")
+    await engine.start(lambda change: received.append((change.job_id, change.seq)))
+    try:
+        for job_id in ("a", "b", "ended"):
+            await engine.insert(make(job_id))
+        done = await engine.end("ended", Ending(Phase.COMPLETE), utc_now(), INPUTS)
+        assert isinstance(done, Decided) and done.applied
+        received.clear()
+        now = utc_now()
+        bob = RuleInputs("comic", "bob", dict(COMIC_WEIGHTS), {})
+        items = [
+            ("a", report(10.0, "a1"), INPUTS),
+            ("b", report(5.0), INPUTS),
+            ("a", report(30.0, "a2"), INPUTS),
+            ("a", report(20.0), INPUTS),  # late: below what this batch already stored
+            ("missing", report(1.0), INPUTS),
+            ("ended", report(1.0), INPUTS),
+            ("b", report(6.0), bob),  # asked with another owner: nothing decided
+            ("a", ProgressUpdate(Phase.GENERATING, phase_progress=40.0, step="panel-1"), INPUTS),
+            ("a", report(30.0, "a2"), INPUTS),  # a repeat of what is stored
+            ("b", report(7.0), INPUTS),
+        ]
+        answers = await engine.apply_many(items, now)
+    finally:
+        await engine.stop()
+    assert len(answers) == len(items)
+    a1, b1, a2, late, missing, ended, other, invalid, repeat, b2 = answers
+    assert isinstance(a1, Decided) and a1.applied and JobState.from_json(a1.state_json).seq == 2
+    assert isinstance(a2, Decided) and a2.applied and JobState.from_json(a2.state_json).seq == 3
+    assert late == Decided(False, a2.state_json) and repeat == Decided(False, a2.state_json)
+    assert isinstance(missing, JobNotFound) and isinstance(ended, JobTerminal)
+    assert other == OtherJob("comic", "alice")
+    assert isinstance(invalid, InvalidUpdate)
+    assert isinstance(b1, Decided) and isinstance(b2, Decided) and b2.applied
+    assert JobState.from_json(b2.state_json).phase_progress == 7.0
+    assert stored(path, "a").to_json() == a2.state_json and stored(path, "b").to_json() == b2.state_json
+    assert history_seqs(path, "a") == [1, 2, 3] and history_seqs(path, "b") == [1, 2, 3]
+    assert received == [("a", 2), ("b", 2), ("a", 3), ("b", 3)]  # once each, in order
+
+
+async def test_a_batch_with_a_failing_write_stores_none_of_it(engine: SQLiteEngine, path: Path) -> None:
+    for job_id in ("good", "bad"):
+        await engine.insert(make(job_id))
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER refuse BEFORE UPDATE ON jobs WHEN NEW.job_id = 'bad' "
+                   "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    answers = await engine.apply_many(
+        [("good", report(10.0), INPUTS), ("bad", report(10.0), INPUTS), ("good", report(20.0), INPUTS)],
+        utc_now(),
+    )
+    assert len(answers) == 3 and all(isinstance(a, EngineUnavailable) for a in answers)
+    assert stored(path, "good").seq == 1 and history_seqs(path, "good") == [1]
+    assert stored(path, "bad").seq == 1 and history_seqs(path, "bad") == [1]
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER refuse")
+    again = await engine.apply_many([("good", report(20.0), INPUTS), ("bad", report(20.0), INPUTS)], utc_now())
+    assert [JobState.from_json(a.state_json).seq for a in again if isinstance(a, Decided)] == [2, 2]
+
+
+async def test_a_batch_for_a_stopped_engine_is_answered_unavailable_item_by_item(path: Path) -> None:
+    engine = SQLiteEngine(f"sqlite:///{path}")
+    answers = await engine.apply_many([("a", report(1.0), INPUTS), ("b", report(1.0), INPUTS)], utc_now())
+    assert len(answers) == 2 and all(isinstance(a, EngineUnavailable) for a in answers)
+    assert await engine.apply_many([], utc_now()) == []

@@ -21,7 +21,7 @@ import queue
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from json import loads
 from json.encoder import encode_basestring_ascii
@@ -46,6 +46,7 @@ from phasecast.errors import (
     JobExists,
     JobNotFound,
     JobTerminal,
+    PhasecastError,
 )
 from phasecast.model import (
     JobState,
@@ -114,9 +115,13 @@ Step = tuple[str, RuleInputs, Rule]  # a report or an ending of one job, to be d
 StepResult = Decided | OtherJob | Exception
 
 
+Answer = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
 class _Steps:
-    """Reports to decide, in order, in the writer thread; answered as one list (``many``)
-    or as the single result (raised if it is an error)."""
+    """Reports to decide, in order, in the writer thread; answered with the list of their
+    results (``many``, an error in place of each one raised) or with the single result
+    (raised if it is an error)."""
 
     __slots__ = ("many", "steps")
 
@@ -124,9 +129,23 @@ class _Steps:
         self.steps = steps
         self.many = many
 
+    def answer(self, future: asyncio.Future[Any], results: list[StepResult]) -> Answer:
+        if not self.many:
+            first = results[0]
+            return (future, None, first) if isinstance(first, Exception) else (future, first, None)
+        for i, result in enumerate(results):
+            if isinstance(result, Exception) and not isinstance(result, PhasecastError):
+                # A per-item answer has no other way to say it; the rest of the batch stands.
+                job_id = self.steps[i][0]
+                log.error("report could not be decided", exc_info=result, extra={"job_id": job_id})
+                results[i] = EngineUnavailable(f"job {job_id!r} could not be decided: {result!r}")
+        return future, results, None
+
+    def fail(self, future: asyncio.Future[Any], error: PhasecastError) -> Answer:
+        return (future, [error] * len(self.steps), None) if self.many else (future, None, error)
+
 
 Request = tuple[Operation | _Steps, "asyncio.Future[Any]"]
-Answer = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
 class _Diverged(Exception):
@@ -289,12 +308,7 @@ class SQLiteEngine(Engine):
             for work, future in batch:
                 if type(work) is _Steps:
                     results = [self._decide(conn, step, writes, changes) for step in work.steps]
-                    if work.many:
-                        answers.append((future, results, None))
-                    elif isinstance(results[0], Exception):
-                        answers.append((future, None, results[0]))
-                    else:
-                        answers.append((future, results[0], None))
+                    answers.append(work.answer(future, results))
                     continue
                 assert not isinstance(work, _Steps)
                 writes.flush(conn)  # what the operation reads includes every report before it
@@ -317,7 +331,10 @@ class SQLiteEngine(Engine):
                 conn.execute("ROLLBACK")
             self._states.clear()  # it holds states that were never committed
             failure = EngineUnavailable(f"SQLite transaction failed: {exc}")
-            return [], [(future, None, failure) for _, future in batch]
+            return [], [
+                work.fail(future, failure) if type(work) is _Steps else (future, None, failure)
+                for work, future in batch
+            ]
         while len(self._states) > _STATE_CACHE:
             self._states.popitem(last=False)
         return changes, answers
@@ -480,6 +497,21 @@ class SQLiteEngine(Engine):
             _Steps([(job_id, inputs, _progress_rule(update, now, inputs))], many=False)
         )
         return result
+
+    async def apply_many(
+        self, items: Sequence[tuple[str, ProgressUpdate, RuleInputs]], now: datetime
+    ) -> list[Decided | OtherJob | PhasecastError]:
+        """Every report decided in order in one request to the writer thread, stored in one
+        transaction (with whatever else it commits), published and answered with one wake-up
+        of the event loop."""
+        if not items:
+            return []
+        steps = [(job_id, inputs, _progress_rule(update, now, inputs)) for job_id, update, inputs in items]
+        try:
+            results: list[Decided | OtherJob | PhasecastError] = await self._submit(_Steps(steps, many=True))
+        except EngineUnavailable as exc:  # not started
+            return [exc] * len(items)
+        return results
 
     async def end(
         self, job_id: str, ending: Ending, now: datetime, inputs: RuleInputs
