@@ -261,3 +261,18 @@ async def test_a_batch_for_a_stopped_engine_is_answered_unavailable_item_by_item
     answers = await engine.apply_many([("a", report(1.0), INPUTS), ("b", report(1.0), INPUTS)], utc_now())
     assert len(answers) == 2 and all(isinstance(a, EngineUnavailable) for a in answers)
     assert await engine.apply_many([], utc_now()) == []
+
+
+async def test_answers_carry_the_summary_of_the_state_they_answer_with(engine: SQLiteEngine) -> None:
+    await engine.insert(make("job-1"))
+    answers = [
+        await engine.apply("job-1", report(10.0), utc_now(), INPUTS),
+        await engine.apply("job-1", report(5.0), utc_now(), INPUTS),  # late: the stored state
+        *await engine.apply_many([("job-1", report(20.0), INPUTS)], utc_now()),
+        await engine.end("job-1", Ending(Phase.FAILED, "gave up"), utc_now(), INPUTS),
+    ]
+    for answer in answers:
+        assert isinstance(answer, Decided)
+        state = JobState.from_json(answer.state_json)
+        assert (answer.seq, answer.phase, answer.progress) == (state.seq, state.phase.value, state.progress)
+    assert [a.seq for a in answers if isinstance(a, Decided)] == [2, 2, 3, 4]

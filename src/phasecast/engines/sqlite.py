@@ -358,7 +358,7 @@ class SQLiteEngine(Engine):
                 return OtherJob(state.kind, state.owner)
             outcome = rule(state)
             if not outcome.applied:
-                return Decided(False, state_json)
+                return Decided(False, state_json, state.seq, state.phase.value, state.progress)
             new = outcome.state
             new_json = new.to_json()
             change = Change.of(new, new_json)
@@ -373,7 +373,7 @@ class SQLiteEngine(Engine):
         self._states[job_id] = (new, new_json)
         self._states.move_to_end(job_id)
         changes.append(change)
-        return Decided(True, new_json)
+        return Decided(True, new_json, new.seq, new.phase.value, new.progress)
 
     def _finish(self, changes: list[Change], answers: list[Answer]) -> None:
         # Publish before answering, so a caller that awaits the write sees its change
