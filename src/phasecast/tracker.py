@@ -80,7 +80,9 @@ class ProgressTracker:
         self.archive = archive
         self.hub = Hub(engine, load=self.get)
         self._clock = clock
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # job id -> writers waiting for their turn (present while one is writing)
+        self._locks: dict[str, list[asyncio.Future[None]]] = {}
+        self._rule_inputs: dict[tuple[str, str], RuleInputs] = {}
         self._known: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._usual_kind = "comic"
         self._stats: dict[str, tuple[float, PhaseStats]] = {}
@@ -225,10 +227,7 @@ class ProgressTracker:
             items = []
             for i in todo:
                 job_id, update = reports[i]
-                kind, owner = self._known.get(job_id) or (self._usual_kind, "")
-                inputs = RuleInputs(
-                    kind, owner, self.weights.for_kind(kind), await self._phase_stats(kind)
-                )
+                inputs = self._inputs_now(job_id) or await self._inputs(job_id)
                 items.append((job_id, update, inputs))
             answers = await self.engine.apply_many(items, self._clock())
             # Decided again one by one (in order, after the rest): the reports of a job
@@ -283,42 +282,97 @@ class ProgressTracker:
         except PhasecastError as exc:
             self._rejected(job_id, exc)
             raise
-        async with self._job_lock(job_id):
-            for _ in range(MAX_WRITE_ATTEMPTS):
-                kind, owner = self._known.get(job_id) or (self._usual_kind, "")
-                weights = self.weights.for_kind(kind)
-                inputs = RuleInputs(kind, owner, weights, await self._phase_stats(kind))
-                try:
-                    if isinstance(change, Ending):
-                        result = await self.engine.end(job_id, change, self._clock(), inputs)
-                    else:
-                        result = await self.engine.apply(job_id, change, self._clock(), inputs)
-                except JobNotFound:
-                    if self.archive is not None and await self._restore(job_id) is not None:
-                        continue
-                    raise
-                except (EngineUnavailable, JobExists):
-                    raise
-                except PhasecastError as exc:
-                    self._rejected(job_id, exc)
-                    raise
-                if isinstance(result, OtherJob):
-                    # Decided with another kind's weights or owner: nothing happened; again.
-                    self._note(job_id, result.kind, result.owner)
+        # One writer of a job at a time in this process, in the order they came: reports
+        # of one job from one process are applied in the order they were made.
+        waiting = self._locks.get(job_id)
+        if waiting is None:
+            self._locks[job_id] = []
+        else:
+            await self._wait_turn(job_id, waiting)
+        try:
+            return await self._decide_in_turn(job_id, change)
+        finally:
+            self._next_turn(job_id)
+
+    async def _decide_in_turn(
+        self, job_id: str, change: ProgressUpdate | Ending
+    ) -> tuple[Decided, JobState | None]:
+        ending = isinstance(change, Ending)
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            inputs = self._inputs_now(job_id) or await self._inputs(job_id)
+            try:
+                if ending:
+                    assert isinstance(change, Ending)
+                    result = await self.engine.end(job_id, change, self._clock(), inputs)
+                else:
+                    assert isinstance(change, ProgressUpdate)
+                    result = await self.engine.apply(job_id, change, self._clock(), inputs)
+            except JobNotFound:
+                if self.archive is not None and await self._restore(job_id) is not None:
                     continue
-                if not result.applied:
-                    self.count_update("ignored")
-                    return result, None
-                self.count_update("applied")
-                state = None
-                if self._observers or self.archive is not None or isinstance(change, Ending):
-                    state = JobState.from_json(result.state_json)
-                    self._after_write(state)
-                return result, state
-            raise EngineUnavailable(
-                f"job {job_id!r} changed its kind or owner {MAX_WRITE_ATTEMPTS} times while "
-                "being updated; gave up"
-            )
+                raise
+            except (EngineUnavailable, JobExists):
+                raise
+            except PhasecastError as exc:
+                self._rejected(job_id, exc)
+                raise
+            if isinstance(result, OtherJob):
+                # Decided with another kind's weights or owner: nothing happened; again.
+                self._note(job_id, result.kind, result.owner)
+                continue
+            if not result.applied:
+                self.count_update("ignored")
+                return result, None
+            self.count_update("applied")
+            state = None
+            if self._observers or self.archive is not None or ending:
+                state = JobState.from_json(result.state_json)
+                self._after_write(state)
+            return result, state
+        raise EngineUnavailable(
+            f"job {job_id!r} changed its kind or owner {MAX_WRITE_ATTEMPTS} times while "
+            "being updated; gave up"
+        )
+
+    def _inputs_now(self, job_id: str) -> RuleInputs | None:
+        """What the job's next report is decided with, if known without waiting (the
+        kind's learned durations are cached); the same object while nothing changed."""
+        kind, owner = self._known.get(job_id) or (self._usual_kind, "")
+        cached = self._stats.get(kind)
+        if cached is None or cached[0] <= time.monotonic():
+            return None
+        weights = self.weights.for_kind(kind)
+        inputs = self._rule_inputs.get((kind, owner))
+        if inputs is None or inputs.weights is not weights or inputs.stats is not cached[1]:
+            if len(self._rule_inputs) > KNOWN_JOBS:
+                self._rule_inputs.clear()
+            inputs = self._rule_inputs[(kind, owner)] = RuleInputs(kind, owner, weights, cached[1])
+        return inputs
+
+    async def _inputs(self, job_id: str) -> RuleInputs:
+        kind, owner = self._known.get(job_id) or (self._usual_kind, "")
+        return RuleInputs(kind, owner, self.weights.for_kind(kind), await self._phase_stats(kind))
+
+    async def _wait_turn(self, job_id: str, waiting: builtins.list[asyncio.Future[None]]) -> None:
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._next_turn(job_id)  # the turn came as this writer was cancelled: pass it on
+            elif turn in waiting:
+                waiting.remove(turn)
+            raise
+
+    def _next_turn(self, job_id: str) -> None:
+        waiting = self._locks[job_id]
+        while waiting:
+            turn = waiting.pop(0)
+            if not turn.done():
+                turn.set_result(None)
+                return
+        del self._locks[job_id]
 
     def _rejected(self, job_id: str, exc: PhasecastError) -> None:
         self.count_update("rejected")
@@ -418,24 +472,6 @@ class ProgressTracker:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    @contextlib.asynccontextmanager
-    async def _job_lock(self, job_id: str) -> AsyncIterator[None]:
-        # Serialising writers of one job inside this process avoids compare-and-set retries
-        # between them; across processes the compare-and-set alone keeps writes correct.
-        lock, users = self._locks.get(job_id, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[job_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[job_id]
-            if users <= 1:
-                del self._locks[job_id]
-            else:
-                self._locks[job_id] = (lock, users - 1)
 
     # --- watching ------------------------------------------------------------------------
 

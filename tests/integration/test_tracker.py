@@ -188,3 +188,22 @@ async def test_a_batch_learns_the_kind_of_jobs_it_did_not_know(tracker: Progress
     stored = await tracker.get("v1")
     assert stored.seq == 3 and stored.phase_progress == 60
     assert stored == JobState.from_json(results[1].state_json)  # type: ignore[union-attr]
+
+
+async def test_writers_of_one_job_take_turns_in_order_and_a_cancelled_one_gives_up_its_place(
+    tracker: ProgressTracker,
+) -> None:
+    await tracker.create(owner="alice", job_id="t1")
+    tasks = [
+        asyncio.create_task(tracker.report("t1", Phase.ANALYZING, float(i))) for i in range(1, 11)
+    ]
+    await asyncio.sleep(0)  # one loop turn: each writer has started (the first is writing)
+    tasks[4].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[4], asyncio.CancelledError)
+    done = [r for i, r in enumerate(results) if i != 4]
+    assert all(not isinstance(r, BaseException) and r.applied for r in done)
+    assert [r.state.seq for r in done if not isinstance(r, BaseException)] == list(range(2, 11))
+    assert (await tracker.get("t1")).phase_progress == 10.0
+    # Nobody holds or waits for the job any more: the next writer goes straight in.
+    assert (await asyncio.wait_for(tracker.report("t1", Phase.ANALYZING, 11.0), 5)).applied
