@@ -276,3 +276,36 @@ async def test_answers_carry_the_summary_of_the_state_they_answer_with(engine: S
         state = JobState.from_json(answer.state_json)
         assert (answer.seq, answer.phase, answer.progress) == (state.seq, state.phase.value, state.progress)
     assert [a.seq for a in answers if isinstance(a, Decided)] == [2, 2, 3, 4]
+
+
+async def test_requests_that_meet_a_stopping_engine_are_all_answered(path: Path) -> None:
+    engine = SQLiteEngine(f"sqlite:///{path}")
+    await engine.start()
+    await engine.insert(make("job-1"))
+    before = [asyncio.create_task(engine.apply("job-1", report(float(n)), utc_now(), INPUTS)) for n in (1, 2)]
+    stopping = asyncio.create_task(engine.stop())
+    await asyncio.sleep(0)  # the stop is queued; these come after it
+    after = [
+        asyncio.create_task(engine.apply("job-1", report(3.0), utc_now(), INPUTS)),
+        asyncio.create_task(engine.apply_many([("job-1", report(4.0), INPUTS)], utc_now())),
+    ]
+    await asyncio.wait_for(stopping, 10)
+    answers = await asyncio.wait_for(asyncio.gather(*before, *after, return_exceptions=True), 10)
+    assert [a.seq for a in answers[:2] if isinstance(a, Decided)] == [2, 3]
+    assert isinstance(answers[2], EngineUnavailable)
+    assert isinstance(answers[3], list) and isinstance(answers[3][0], EngineUnavailable)
+    assert stored(path, "job-1").seq == 3
+
+
+async def test_a_restarted_engine_decides_from_what_was_written_while_it_was_stopped(
+    engine: SQLiteEngine, path: Path
+) -> None:
+    await engine.insert(make("job-1"))
+    assert isinstance(await engine.apply("job-1", report(10.0), utc_now(), INPUTS), Decided)
+    await engine.stop()
+    theirs = apply_progress(stored(path, "job-1"), report(50.0, "theirs"), utc_now(), COMIC_WEIGHTS).state
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE jobs SET seq = ?, state = ? WHERE job_id = ?", (theirs.seq, theirs.to_json(), "job-1"))
+    await engine.start()
+    late = await engine.apply("job-1", report(20.0), utc_now(), INPUTS)
+    assert late == Decided(False, theirs.to_json())

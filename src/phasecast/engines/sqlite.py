@@ -250,6 +250,16 @@ class SQLiteEngine(Engine):
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        # Requests queued behind the stop (while the thread finished): none is left waiting.
+        stopped = EngineUnavailable("the SQLite engine stopped")
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                work, future = item
+                _settle(*(work.fail(future, stopped) if type(work) is _Steps else (future, None, stopped)))
 
     # --- the writer thread ---------------------------------------------------------------
 
@@ -259,6 +269,8 @@ class SQLiteEngine(Engine):
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        # A new connection counts versions afresh: nothing kept from before it is trusted.
+        self._states.clear()
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         return conn
 
