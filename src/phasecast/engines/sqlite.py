@@ -94,7 +94,9 @@ CREATE TABLE IF NOT EXISTS phase_stats (
 ) WITHOUT ROWID;
 """
 
-_BATCH_LIMIT = 256  # requests per transaction
+# A transaction takes requests until it holds this many (a batch of reports counting each
+# report), so what it keeps in memory and how long it holds the file stay bounded.
+_BATCH_LIMIT = 1024
 # Decoded states kept by the writer thread, so a report skips reading and parsing its row.
 # The stored JSON stays the authority: a commit by any other connection to the file empties
 # this (``PRAGMA data_version``), and each row is written only over the seq it was decided
@@ -290,7 +292,8 @@ class SQLiteEngine(Engine):
             if first is None:
                 break
             batch = [first]
-            while len(batch) < _BATCH_LIMIT:
+            size = _size(first)
+            while size < _BATCH_LIMIT:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -299,6 +302,7 @@ class SQLiteEngine(Engine):
                     stopping = True
                     break
                 batch.append(item)
+                size += _size(item)
             changes, answers = self._run_batch(conn, batch)
             # One wake-up of the event loop for the whole transaction.
             loop.call_soon_threadsafe(self._finish, changes, answers)
@@ -593,6 +597,11 @@ class SQLiteEngine(Engine):
             return None, None
 
         await self._submit(op)
+
+
+def _size(request: Request) -> int:
+    work = request[0]
+    return len(work.steps) if type(work) is _Steps else 1
 
 
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
