@@ -216,6 +216,36 @@ def _pack_scripts(batch: list[tuple[Any, list[str], list[Any], asyncio.Future[An
     return b"".join(out)
 
 
+def _pack(command: tuple[str | int, ...]) -> bytes:
+    out = [b"*%d\r\n" % len(command)]
+    for value in command:
+        data = str(value).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+DEFAULT_WAIT_TIMEOUT_MS = 500
+
+
+def _replication_wait(query: dict[str, str]) -> tuple[int, int]:
+    """``wait_replicas`` and ``wait_timeout_ms`` of the URL (removed from ``query``): every
+    write's pipeline ends with ``WAIT <replicas> <timeout>``, and a write is acknowledged
+    only once that many replicas have it. Off (0) by default."""
+    try:
+        replicas = int(query.pop("wait_replicas", "0"))
+        timeout = int(query.pop("wait_timeout_ms", str(DEFAULT_WAIT_TIMEOUT_MS)))
+    except ValueError as exc:
+        raise ConfigurationError(
+            "wait_replicas and wait_timeout_ms in the Redis URL must be whole numbers"
+        ) from exc
+    if replicas < 0 or timeout <= 0:
+        raise ConfigurationError(
+            "wait_replicas must be 0 (off) or more, and wait_timeout_ms a positive number of "
+            "milliseconds (WAIT with no timeout could block writes for ever)"
+        )
+    return replicas, timeout
+
+
 def _script(name: str) -> str:
     return resources.files("phasecast.engines").joinpath("lua", name).read_text()
 
@@ -240,6 +270,7 @@ class RedisEngine(Engine):
             raise ConfigurationError("ttl must be a positive number of seconds")
         self.keys = RedisKeys(prefix or query.pop("prefix", "phasecast"))
         self.history_limit = history_limit
+        self.wait_replicas, self.wait_timeout_ms = _replication_wait(query)
         self.sentinel_target = (
             SentinelTarget.parse(parts) if parts.scheme == SENTINEL_SCHEME else None
         )
@@ -271,6 +302,11 @@ class RedisEngine(Engine):
     async def start(self, on_change: ChangeHandler | None = None) -> None:
         self._on_change = on_change
         self.clustered = self.sentinel_target is None and await self._is_cluster()
+        if self.clustered and self.wait_replicas:
+            raise ConfigurationError(
+                "wait_replicas is not supported on a Redis Cluster yet (each write there is "
+                "sent on its own, with no connection to send WAIT on after it)"
+            )
         if self.sentinel_target is not None:
             self._client = self._sentinel_client(self.sentinel_target)
             await self._find_primary()
@@ -555,9 +591,9 @@ class RedisEngine(Engine):
     async def insert(self, state: JobState) -> None:
         state_json = state.to_json()
         try:
-            created_new = await self._insert(
-                keys=[self.keys.job(state.job_id), self.keys.history(state.job_id)],
-                args=[
+            created_new = await self._create(
+                [self.keys.job(state.job_id), self.keys.history(state.job_id)],
+                [
                     state_json,
                     state.seq,
                     self.ttl_seconds,
@@ -580,6 +616,13 @@ class RedisEngine(Engine):
             await self._index(state)
         except REDIS_ERRORS as exc:
             raise EngineUnavailable(f"cannot store job {state.job_id!r} in Redis: {exc}") from exc
+
+    async def _create(self, keys: list[str], args: list[Any]) -> Any:
+        """insert.lua; with ``wait_replicas``, in the write pipeline, so that its WAIT
+        covers the create too."""
+        if self.wait_replicas:
+            return await self._batched_replace(keys, args, self._insert)
+        return await self._insert(keys=keys, args=args)
 
     async def _index(self, state: JobState) -> None:
         """Write the job's entries in the cross-job indexes (idempotent), then mark it
@@ -709,12 +752,23 @@ class RedisEngine(Engine):
         try:
             # The health check (a PING on a connection idle for a second, which may
             # reconnect once) runs before anything of the batch is written.
-            await connection.send_packed_command(_pack_scripts(batch), check_health=True)
+            packed = _pack_scripts(batch)
+            if self.wait_replicas:
+                packed += _pack(("WAIT", self.wait_replicas, self.wait_timeout_ms))
+            await connection.send_packed_command(packed, check_health=True)
             for _ in batch:
                 try:
                     results.append(await connection.read_response())
                 except ResponseError as exc:
                     results.append(exc)
+            if self.wait_replicas:
+                acknowledged = int(await connection.read_response())
+                if acknowledged < self.wait_replicas:
+                    results = [
+                        result if isinstance(result, BaseException)
+                        else self._not_replicated(acknowledged)
+                        for result in results
+                    ]
         except REDIS_ERRORS as exc:
             await connection.disconnect()
             results += [exc] * (len(batch) - len(results))
@@ -725,12 +779,23 @@ class RedisEngine(Engine):
             await pool.release(connection)
         return results
 
+    def _not_replicated(self, acknowledged: int) -> EngineUnavailable:
+        return EngineUnavailable(
+            f"the change was stored on the Redis primary, but {acknowledged} of the "
+            f"{self.wait_replicas} replica(s) asked for (wait_replicas) confirmed it within "
+            f"{self.wait_timeout_ms} ms: it could still be lost if the primary failed now. "
+            "Sending it again is safe: a report or ending already stored is not applied twice"
+        )
+
     def _retry_alone(
         self, script: Any, keys: list[str], args: list[Any], future: asyncio.Future[Any]
     ) -> None:
+        """A write that met NOSCRIPT: load the script, then queue the write again (in the
+        next pipeline, so that its WAIT, if any, covers it)."""
         async def run() -> None:
             try:
-                future.set_result(await script(keys=keys, args=args))
+                await self.client.script_load(script.script)
+                future.set_result(await self._queue_script(keys, args, script))
             except BaseException as exc:  # handed to the waiting writer
                 if not future.done():
                     future.set_exception(exc)
