@@ -201,3 +201,20 @@ async def client_hset(url: str, engine: RedisEngine, job_id: str) -> None:
     async with aioredis.Redis.from_url(url.split("?")[0]) as client:
         await client.hset(engine.keys.job(job_id), "state",
                           json.dumps(dict(reversed(list(state.to_dict().items())))))
+
+
+def test_messages_are_sent_to_the_script_as_json_dumps_writes_them() -> None:
+    """The Redis engine quotes a plain message itself instead of calling json.dumps; the
+    script stores what it is sent, so the two must agree on every string."""
+    import random
+
+    from phasecast.engines.redis import _json_string
+
+    rng = random.Random(10)
+    samples = ["", "plain", 'a"b', "a\\b", "x\x00y", "tab\t", "nl\n", "ü ✓ 😀", "\x7f", "\u2028",
+               "\ud800", "</script>"]
+    for _ in range(5000):
+        samples.append("".join(chr(rng.choice([rng.randint(0, 0x7F), rng.randint(0, 0x3000)]))
+                               for _ in range(rng.randint(0, 12))))
+    for text in samples:
+        assert _json_string(text) == json.dumps(text, ensure_ascii=False), repr(text)

