@@ -220,21 +220,39 @@ def run_ingest(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def run_storm(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """``--compare-src DIR``: the same storm against the server from another checkout's
+    ``src`` too, taking turns (A B A B ...), so both see the same machine."""
     engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
+    compare = getattr(args, "compare_src", None)
+    sources: dict[str, str | None] = {"": systems.SERVER_ENV.get("PYTHONPATH")}
+    if compare:
+        sources[" (compare)"] = str(Path(compare).resolve())
     for engine in engines:
-        _log(f"storm {engine}: {args.watchers} watchers over {args.jobs} jobs; load {loadavg()}")
-        result = repeated(
-            args.repeat,
-            lambda e=engine: scenarios.storm(  # type: ignore[misc]
-                f"phasecast-{e}",
-                watchers=args.watchers,
-                jobs=args.jobs,
-                loadgen_procs=args.loadgen_procs,
-                profile=getattr(args, "profile", None),
-            ),
-        )
-        results.setdefault("storm", {})[f"phasecast-{engine}"] = result
-        _log(f"  resynced {result['resynced']:,} in {result['seconds_from_restart']} s from restart")
+        runs: dict[str, Callable[[], dict[str, Any]]] = {}
+        for label, source in sources.items():
+
+            def run(e: str = engine, label: str = label, source: str | None = source) -> dict[str, Any]:
+                if source is None:
+                    systems.SERVER_ENV.pop("PYTHONPATH", None)
+                else:
+                    systems.SERVER_ENV["PYTHONPATH"] = source
+                _log(f"storm {e}{label}: {args.watchers} watchers over {args.jobs} jobs; load {loadavg()}")
+                result = scenarios.storm(
+                    f"phasecast-{e}",
+                    watchers=args.watchers,
+                    jobs=args.jobs,
+                    loadgen_procs=args.loadgen_procs,
+                    profile=getattr(args, "profile", None),
+                )
+                result["server_src"] = source or "this checkout"
+                _log(
+                    f"  resynced {result['resynced']:,} {result['seconds_from_ready']} s after ready, "
+                    f"{result['server_cpu_us_per_reconnect']} server CPU-µs per watcher"
+                )
+                return result
+
+            runs[f"phasecast-{engine}{label}"] = run
+        results.setdefault("storm", {}).update(interleaved(args.repeat, runs))
 
 
 def run_all(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -365,6 +383,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--watchers", type=int, default=10000)
     st.add_argument("--jobs", type=int, default=1000)
     st.add_argument("--profile", help="record the restarted server with py-spy into this directory")
+    st.add_argument(
+        "--compare-src", help="also run the storm against the server from this src/ directory, taking turns"
+    )
     return top
 
 

@@ -169,6 +169,7 @@ STORM_COLUMNS = [
     ("s from restart", "seconds_from_restart"),
     ("s from ready", "seconds_from_ready"),
     ("server start s", "server_start_seconds"),
+    ("server CPU-µs per watcher after ready", "server_cpu_us_per_reconnect"),
     ("out of order", "out_of_order"),
 ]
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import CpuMeter, loadavg, merge_histograms, percentiles, rss_kb, token
+from bench.common import CpuMeter, cpu_split, loadavg, merge_histograms, percentiles, rss_kb, token
 from bench.control import Child, child_argv
 from bench.systems import (
     SERVER_ENV,
@@ -375,10 +375,16 @@ def storm(
             system.server.start(timeout=60)
             ready_at = time.time()
             system.pid = system.server.pid
+            # Server CPU from ready to the last watcher resynced: what the storm costs the
+            # restarted process, apart from its start (a figure the machine's load moves less
+            # than seconds do).
+            cpu_at_ready = cpu_split(system.pid)
             profiler = _profile(system.pid, 15, profile)
             for g in loadgens:
                 g.send("expect", seqs=published["seqs"], timeout=120)
             synced = [g.expect("synced", 150) for g in loadgens]
+            user, kernel = (b - a for a, b in zip(cpu_at_ready, cpu_split(system.pid), strict=True))
+            storm_cpu = user + kernel
             if profiler is not None:
                 profiler.wait(60)
             for g in loadgens:
@@ -399,6 +405,10 @@ def storm(
         "seconds_from_restart": round(all_done - spawned, 3) if all_done else None,
         "seconds_from_ready": round(all_done - ready_at, 3) if all_done else None,
         "server_start_seconds": round(ready_at - spawned, 3),
+        "server_cpu_seconds_after_ready": round(storm_cpu, 3),
+        "server_cpu_us_per_reconnect": round(storm_cpu * 1e6 / max(1, watchers)),
+        "server_kernel_share": round(kernel / storm_cpu, 2) if storm_cpu else None,
+        "loadgen_cpu_seconds": round(sum(r["cpu_seconds"] for r in received), 3),
         "reconnects": sum(r["reconnects"] for r in received),
         "out_of_order": sum(r["out_of_order"] for r in received),
         "watchers_behind": sum(r["watchers_behind"] for r in received),

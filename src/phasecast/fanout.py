@@ -202,6 +202,15 @@ class _JobWatchers:
     # from it instead of reading the store (a reconnect storm is mostly that).
     latest: Change | None = None
     latest_state: JobState | None = None
+    # The store read in flight for this job, if any: watchers arriving together (a
+    # reconnect storm) share it instead of reading the same state once each.
+    loading: asyncio.Future[JobState] | None = None
+
+
+def _listening(entry: _JobWatchers) -> bool:
+    """The engine confirmed that it listens to the job: later changes reach the hub."""
+    ready = entry.ready
+    return ready.done() and not ready.cancelled() and ready.exception() is None
 
 
 Loader = Callable[[str], Awaitable[JobState]]
@@ -338,14 +347,39 @@ class Hub:
     async def read(self, job_id: str) -> tuple[JobState, Change]:
         """The current state of a job this process watches, with its change: the newest the
         hub has seen once registration is complete, otherwise loaded from the store (and
-        remembered, so the next watcher of the job is served without a read)."""
+        remembered, so the next watcher of the job is served without a read).
+
+        Watchers of one job that need the store at the same time share one read. A change
+        that arrives while the read is in flight reaches every registered mailbox (held
+        until release) and the hub's newest; the answer is the newer of the read and that."""
         entry = self._jobs.get(job_id)
-        if entry is not None and entry.latest is not None and entry.ready.done():
+        if entry is None or not _listening(entry):
+            state = await self._load(job_id)
+            return state, self._remember(state)
+        if entry.latest is not None:
             if entry.latest_state is None:
                 entry.latest_state = JobState.from_json(entry.latest.state_json)
             return entry.latest_state, entry.latest
-        state = await self._load(job_id)
-        return state, self._remember(state)
+        loading = entry.loading
+        if loading is None:
+            loading = entry.loading = asyncio.ensure_future(self._load(job_id))
+            loading.add_done_callback(lambda done: self._loaded(entry, done))
+        state = await asyncio.shield(loading)
+        latest = entry.latest
+        if latest is None or state.seq > latest.seq:
+            return state, self._remember(state)
+        if latest.seq == state.seq:
+            return state, latest  # remembered by the first reader of this load
+        if entry.latest_state is None:
+            entry.latest_state = JobState.from_json(latest.state_json)
+        return entry.latest_state, latest
+
+    @staticmethod
+    def _loaded(entry: _JobWatchers, done: asyncio.Future[JobState]) -> None:
+        if entry.loading is done:
+            entry.loading = None
+        if not done.cancelled():
+            done.exception()  # retrieved: every reader that still waits re-raises it
 
     def _remember(self, state: JobState) -> Change:
         """A state read from the store: the job's newest known, if it is newer."""

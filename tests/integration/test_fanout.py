@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -91,6 +92,82 @@ async def test_subscribe_reads_the_store_once_for_many_watchers(tracker: Progres
     # Latest wins: seq 1 was still pending when 2 arrived.
     assert [[c.seq for c in m.take()] for m in mailboxes] == [[2]] * 5
     assert [c.seq for c in late.take()] == [2]
+
+
+async def test_watchers_subscribing_at_once_share_one_store_read(tracker: ProgressTracker) -> None:
+    """A reconnect storm: many watchers of one job the hub knows nothing of arrive
+    together. One store read serves them all, and every one gets the snapshot."""
+    await tracker.create(owner="alice", job_id="j")
+    await tracker.report("j", Phase.ANALYZING, 10)
+    reads: list[str] = []
+
+    async def load(job_id: str) -> JobState:
+        reads.append(job_id)
+        return await tracker.get(job_id)
+
+    hub = Hub(tracker.engine, load=load)
+    tracker.engine._on_change = hub.dispatch
+    mailboxes = [Mailbox() for _ in range(50)]
+    results = await asyncio.gather(*(hub.subscribe("j", m) for m in mailboxes))
+    assert reads == ["j"]
+    assert {r.state.seq for r in results} == {2}
+    assert [[c.seq for c in m.take()] for m in mailboxes] == [[2]] * 50
+    await tracker.report("j", Phase.ANALYZING, 20)
+    assert [[c.seq for c in m.take()] for m in mailboxes] == [[3]] * 50
+
+
+async def test_a_change_during_a_shared_read_reaches_every_watcher_sharing_it(
+    tracker: ProgressTracker,
+) -> None:
+    """The read was made before the change, and answers after it: every watcher waiting on
+    that read still ends up with the change, once, after nothing older."""
+    await tracker.create(owner="alice", job_id="j")
+    reads: list[str] = []
+    read_done = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def load(job_id: str) -> JobState:
+        reads.append(job_id)
+        state = await tracker.get(job_id)  # seq 1, read now ...
+        read_done.set()
+        await answer.wait()  # ... answered later
+        return state
+
+    hub = Hub(tracker.engine, load=load)
+    tracker.engine._on_change = hub.dispatch
+    first, late = Mailbox(), Mailbox()
+    subscribing = asyncio.create_task(hub.subscribe("j", first))
+    await read_done.wait()
+    joining = asyncio.create_task(hub.subscribe("j", late))
+    await asyncio.sleep(0)  # ``late`` registers and waits on the shared read (no I/O on the way)
+    assert not joining.done()
+    await tracker.report("j", Phase.ANALYZING, 10)  # seq 2, while the read is unanswered
+    answer.set()
+    assert (await subscribing).state.seq == 2
+    assert (await joining).state.seq == 2
+    assert reads == ["j"]
+    assert [c.seq for c in first.take()] == [2]
+    assert [c.seq for c in late.take()] == [2]
+
+
+async def test_a_failed_shared_read_fails_every_watcher_and_the_next_one_reads_again(
+    tracker: ProgressTracker,
+) -> None:
+    reads: list[str] = []
+
+    async def load(job_id: str) -> JobState:
+        reads.append(job_id)
+        return await tracker.get(job_id)
+
+    hub = Hub(tracker.engine, load=load)
+    results = await asyncio.gather(
+        *(hub.subscribe("missing", Mailbox()) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, JobNotFound) for r in results)
+    assert reads == ["missing"] and hub.watchers == 0
+    await tracker.create(owner="alice", job_id="missing")
+    assert (await hub.subscribe("missing", Mailbox())).state.seq == 1
+    assert reads == ["missing", "missing"]
 
 
 async def test_subscribe_authorises_before_anything_reaches_the_mailbox(

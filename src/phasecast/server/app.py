@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,7 +28,7 @@ from phasecast.server.ingest import ThinReports
 from phasecast.server.logs import RequestContextMiddleware
 from phasecast.server.metrics import Metrics
 from phasecast.server.openapi import install_openapi
-from phasecast.server.websocket import websocket_endpoint
+from phasecast.server.websocket import SERVICES_STATE, WS_PATH, websocket_endpoint
 from phasecast.tracker import ProgressTracker
 
 log = logging.getLogger("phasecast.server")
@@ -69,7 +70,7 @@ def create_app(
     hooks = list(startup or [])
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         await tracker.start()
         log.info("engine started", extra={"engine": type(tracker.engine).__name__})
         stoppers: list[Callable[[], Awaitable[None]]] = []
@@ -78,7 +79,8 @@ def create_app(
                 stop = await hook(app, found)
                 if stop is not None:
                     stoppers.append(stop)
-            yield
+            # Lifespan state: the raw WebSocket transport serves /v1/ws from it directly.
+            yield {SERVICES_STATE: found}
         finally:
             for stop in reversed(stoppers):
                 try:
@@ -101,7 +103,7 @@ def create_app(
     install_openapi(app)
     app.include_router(routes.router)
     app.include_router(sse.router)
-    app.add_api_websocket_route("/v1/ws", websocket_endpoint)
+    app.add_api_websocket_route(WS_PATH, websocket_endpoint)
     app.add_middleware(ThinReports, services=found)  # inside the guard and the request context
     # Every body is capped before routing (the largest cap); each REST route then applies
     # its own cap after checking the token (server/jsonbody.py).

@@ -49,6 +49,10 @@ CLOSE_SERVICE_RESTART = 1012
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024
 MAX_UNANSWERED = 32  # answers waiting to be written before the ASGI reader stops reading
 RAW_EXTENSION = "phasecast.raw_websocket"
+WS_PATH = "/v1/ws"
+# The app's lifespan state carries its ``Services`` under this key: the raw transport
+# (server/rawws.py) adopts a ``/v1/ws`` upgrade from there at once, without the ASGI app.
+SERVICES_STATE = "phasecast.services"
 BINARY_REFUSED = "binary frames are not accepted; send JSON text messages"
 OVERLOADED = "too many replies left unread; read the socket before sending more requests"
 
