@@ -170,6 +170,7 @@ def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> Non
     import uvicorn
 
     from phasecast.server.app import create_app
+    from phasecast.server.gcpolicy import settle_after_startup
     from phasecast.server.logs import configure_logging
     from phasecast.server.rawws import WS_PROTOCOLS
     from phasecast.server.sse_transport import HttpProtocol
@@ -204,7 +205,7 @@ def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> Non
         uvicorn.run("phasecast.cli:worker_app", factory=True, workers=workers, **options)
         return
     try:
-        application = create_app(settings, startup=startup)
+        application = create_app(settings, startup=[*startup, settle_after_startup])
     except ConfigurationError as exc:
         typer.secho(f"configuration error: {exc.message}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -229,11 +230,12 @@ def worker_app() -> Any:
     """The app of one ``serve --workers N`` process (uvicorn calls this in each worker)."""
     from phasecast.integrations import startup_hooks
     from phasecast.server.app import create_app
+    from phasecast.server.gcpolicy import settle_after_startup
     from phasecast.server.logs import configure_logging
 
     settings = load_settings(allow_dev_secret=False)
     configure_logging(json_output=settings.log_json, level=settings.log_level)
-    return create_app(settings, startup=startup_hooks(settings))
+    return create_app(settings, startup=[*startup_hooks(settings), settle_after_startup])
 
 
 def _worker_count(value: str) -> int:
