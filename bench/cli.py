@@ -187,36 +187,69 @@ def run_transports(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def run_ingest(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Phasecast on each engine and mode, with the floor servers (``bench/ingest_floor.py``:
+    the same HTTP work with nothing else, on Redis) in the same interleaved invocation."""
     engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
     modes = ["http", "batch", "tracker"] if args.mode == "all" else [args.mode]
+    floors = [f"floor-{kind}" for kind in str(getattr(args, "floor", "raw,asgi")).split(",") if kind and kind != "none"]
+    systems = [f"phasecast-{engine}" for engine in engines] + floors
+    baseline = getattr(args, "baseline_src", None)
+    if baseline:
+        # Another checkout's server (``--baseline-src``) in the same invocation, taking turns.
+        systems += [f"phasecast-{engine}@baseline" for engine in engines]
     runs: dict[str, Callable[[], dict[str, Any]]] = {}
-    for engine in engines:
+    for name in systems:
         for mode in modes:
+            if name.startswith("floor") and mode == "tracker":
+                continue
+            engine = name.removeprefix("phasecast-").removesuffix("@baseline")
+            env = {"PYTHONPATH": str(Path(baseline).resolve())} if baseline and name.endswith("@baseline") else None
             for workers in _workers(args) if engine == "redis" and mode != "tracker" else [1]:
                 # Batching pays off only with many reports in flight at once; one job per
                 # writer, so writers never contend for a job.
                 concurrency = args.concurrency * 8 if mode == "batch" else args.concurrency
-                key = f"phasecast-{engine}/{mode}" + (f"/w{workers}" if workers > 1 else "")
+                key = f"{name}/{mode}" + (f"/w{workers}" if workers > 1 else "")
+                http = _load_shape(args, mode)
 
-                def run(e: str = engine, m: str = mode, c: int = concurrency, w: int = workers) -> dict[str, Any]:
-                    _log(f"ingest {e}/{m} (workers {w}): {args.seconds}s, concurrency {c}; load {loadavg()}")
+                def run(
+                    n: str = name, m: str = mode, c: int = concurrency, w: int = workers,
+                    h: dict[str, Any] | None = http, e: dict[str, str] | None = env,
+                ) -> dict[str, Any]:
+                    _log(f"ingest {n}/{m} (workers {w}): {args.seconds}s, concurrency {c} {h or ''}; load {loadavg()}")
                     result = scenarios.ingest(
-                        f"phasecast-{e}",
+                        n.removesuffix("@baseline"),
                         mode=m,
                         seconds=args.seconds,
                         jobs=max(64, c),
                         concurrency=c,
                         profile=getattr(args, "profile", None),
                         workers=w,
+                        http=h,
+                        env=e,
                     )
+                    if e:
+                        result["system"] = n
+                        result["server_src"] = e["PYTHONPATH"]
                     _log(
                         f"  {result['accepted_per_s']:,.0f} accepted/s, "
-                        f"{result['server_cpu_us_per_update']} server CPU-µs each"
+                        f"{result['server_cpu_us_per_update']} server CPU-µs each, "
+                        f"publisher {result['publisher_cpu_us_per_update']} CPU-µs each, errors {result['errors']}"
                     )
                     return result
 
                 runs[key] = run
     results.setdefault("ingest", {}).update(interleaved(args.repeat, runs))
+
+
+def _load_shape(args: argparse.Namespace, mode: str) -> dict[str, Any] | None:
+    """The HTTP load generator's connections, pipelining window and batch size."""
+    if mode == "tracker":
+        return None
+    window = getattr(args, "window", 2)
+    if mode == "batch":
+        return {"connections": getattr(args, "batch_connections", 2), "window": window,
+                "batch_size": getattr(args, "batch_size", 100)}
+    return {"connections": max(1, args.concurrency // window), "window": window}
 
 
 def run_storm(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -377,6 +410,14 @@ def parser() -> argparse.ArgumentParser:
         "--workers", default="1", help="phasecast serve --workers (Redis, HTTP); a list (1,2) runs each"
     )
     ing.add_argument("--profile", help="record the server with py-spy into this directory")
+    ing.add_argument(
+        "--floor", default="raw,asgi",
+        help="floor servers run beside Phasecast (bench/ingest_floor.py): raw, asgi, both as raw,asgi, or none",
+    )
+    ing.add_argument("--baseline-src", help="also run `phasecast serve` from this src/ directory, taking turns")
+    ing.add_argument("--window", type=int, default=2, help="pipelined requests in flight per connection")
+    ing.add_argument("--batch-size", type=int, default=100, help="reports per POST /v1/progress")
+    ing.add_argument("--batch-connections", type=int, default=2, help="connections in batch mode")
 
     st = sub.add_parser("storm", help="reconnect storm after a server restart")
     st.add_argument("--engine", default="redis", choices=["both", "redis", "sqlite"])

@@ -1,7 +1,9 @@
 """Publisher process: applies progress updates at a fixed rate (or as fast as it can).
 
 Modes, all writing the same kind of state change:
-- ``http``: ``POST /v1/jobs/{id}/progress`` to the server under test (keep-alive HTTP/1.1);
+- ``http``: ``POST /v1/jobs/{id}/progress`` to the server under test (keep-alive HTTP/1.1,
+  pipelined: ``Pipe``);
+- ``batch``: ``POST /v1/progress`` with many reports per request;
 - ``tracker``: an in-process ``ProgressTracker`` on the same engine URL as the server (Redis:
   the server hears the change through pub/sub; SQLite: ingest only, the file's fan-out is
   in-process to whoever wrote it);
@@ -15,6 +17,7 @@ whole path from the publisher's call, and every update is a real change (seq mov
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import time
@@ -41,6 +44,7 @@ class Publisher:
         self.max_in_flight = 0
         self.durations: list[float] = []  # seconds per write call, for the report
         self._closers: list[Callable[[], Awaitable[Any]]] = []
+        self.flat_pipes: list[Pipe] = []
 
     async def setup(self) -> Write:
         mode = self.config["mode"]
@@ -56,43 +60,39 @@ class Publisher:
             return await self._redis()
         raise ValueError(f"unknown publisher mode {mode!r}")
 
-    async def _http(self) -> Write:
-        from bench.rawclient import HTTPConnection
+    def _pipes(self, count: int) -> list[Pipe]:
+        pipes = [Pipe("127.0.0.1", self.config["port"]) for _ in range(count)]
+        for pipe in pipes:
+            self._closers.append(pipe.close)
+        return pipes
 
-        # One keep-alive connection per concurrent writer, handed out from a free list.
-        free: list[HTTPConnection] = [
-            HTTPConnection(
-                "127.0.0.1", self.config["port"], {"Authorization": f"Bearer {self.config['token']}"}
-            )
-            for _ in range(self.config.get("concurrency", 64))
-        ]
-        for connection in free:
-            self._closers.append(connection.close)
+    async def _http(self) -> Write:
+        """``POST /v1/jobs/{id}/progress`` on keep-alive connections (``bench.publisher.Pipe``);
+        one job always goes over the same connection, so its reports apply in order."""
+        pipes = self._pipes(self.config.get("connections") or self.config.get("concurrency", 64))
+        for pipe in pipes:
+            await pipe.open()
+        requests = RequestMaker(self.config)
+        index = {job: k % len(pipes) for k, job in enumerate(self.jobs)}
 
         async def write(job: str, n: int) -> int | None:
-            body = {"phase": "GENERATING", "phase_progress": _progress(n), "message": f"t={time.time():.6f}"}
-            connection = free.pop()
-            try:
-                status, raw = await connection.post(f"/v1/jobs/{job}/progress", json.dumps(body).encode())
-            finally:
-                free.append(connection)
+            future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+            pipes[index[job]].send(requests.single(job, n), future)
+            status, raw = await future
             if status != 200:
                 raise RuntimeError(f"HTTP {status}")
-            data = json.loads(raw)
-            return int(data["state"]["seq"]) if data["applied"] else None
+            return _seq(raw) if raw.startswith(APPLIED) else None
 
         return write
 
     async def _http_batch(self) -> Write:
         """Reports issued in the same event-loop turn go out together in one
-        ``POST /v1/progress``, as a backend reporting many panels or jobs would send them."""
-        from bench.rawclient import HTTPConnection
-
-        connection = HTTPConnection(
-            "127.0.0.1", self.config["port"], {"Authorization": f"Bearer {self.config['token']}"}
-        )
-        self._closers.append(connection.close)
-        queued: list[tuple[dict[str, Any], asyncio.Future[int | None]]] = []
+        ``POST /v1/progress``, as a backend reporting many panels or jobs would send them
+        (paced runs; flat-out runs use ``flat_out_http``)."""
+        pipe = self._pipes(1)[0]
+        await pipe.open()
+        requests = RequestMaker(self.config)
+        queued: list[tuple[str, int, asyncio.Future[int | None]]] = []
         sender: list[asyncio.Task[None]] = []
 
         async def send_queued() -> None:
@@ -100,18 +100,18 @@ class Publisher:
                 await asyncio.sleep(0)  # one loop turn: let the other writers queue theirs
                 batch = queued[:500]
                 del queued[:500]
+                reply: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+                pipe.send(requests.batch([(job, n) for job, n, _ in batch]), reply)
                 try:
-                    status, raw = await connection.post(
-                        "/v1/progress", json.dumps({"updates": [u for u, _ in batch]}).encode()
-                    )
+                    status, raw = await reply
                     if status != 200:
                         raise RuntimeError(f"HTTP {status}")
                     results = json.loads(raw)["results"]
                 except Exception as exc:
-                    for _, future in batch:
+                    for _, _, future in batch:
                         future.set_exception(exc)
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
+                for (_, _, future), result in zip(batch, results, strict=True):
                     if "error" in result:
                         future.set_exception(RuntimeError(result["error"]["code"]))
                     else:
@@ -119,16 +119,91 @@ class Publisher:
 
         async def write(job: str, n: int) -> int | None:
             future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-            queued.append((
-                {"job_id": job, "phase": "GENERATING", "phase_progress": _progress(n),
-                 "message": f"t={time.time():.6f}"},
-                future,
-            ))
+            queued.append((job, n, future))
             if not sender or sender[0].done():
                 sender[:] = [asyncio.create_task(send_queued())]
             return await future
 
         return write
+
+    async def open_flat_out(self) -> list[Pipe]:
+        window = self.config.get("window", 2)
+        count = self.config.get("connections") or max(1, self.config.get("concurrency", 32) // window)
+        self.flat_pipes = self._pipes(count)
+        for pipe in self.flat_pipes:
+            await pipe.open()
+        return self.flat_pipes
+
+    async def flat_out_http(self, seconds: float) -> None:
+        """As fast as the server answers, at the least cost to this process: ``connections``
+        keep-alive connections, each with ``window`` pipelined requests in flight, a new one
+        written from the callback of each answer (no task or future per request). Each
+        connection has its own slice of the jobs, so a job's reports apply in order. Batch
+        mode sends ``batch_size`` reports (one per job of the slice) per request."""
+        config = self.config
+        batch = config["mode"] == "batch"
+        window = config.get("window", 2)
+        size = config.get("batch_size", 100)
+        # Burst: the next ``window`` requests are written together once the last answer of
+        # the previous burst is in (fewer, larger reads and writes on both sides).
+        burst = config.get("burst", False)
+        pipes = self.flat_pipes or await self.open_flat_out()
+        requests = RequestMaker(config)
+        deadline = time.monotonic() + seconds
+        done = asyncio.get_running_loop().create_future()
+        running = len(pipes)
+        publisher = self
+
+        def drive(pipe: Pipe, mine: list[str]) -> None:
+            turn = 0
+
+            def next_request() -> bytes:
+                nonlocal turn
+                if batch:
+                    start = turn * size
+                    request = requests.batch(
+                        [(mine[(start + k) % len(mine)], (start + k) // len(mine)) for k in range(size)]
+                    )
+                    publisher.sent += size
+                else:
+                    request = requests.single(mine[turn % len(mine)], turn // len(mine))
+                    publisher.sent += 1
+                turn += 1
+                return request
+
+            def answered(status: int, body: bytes) -> None:
+                nonlocal running
+                if status != 200:
+                    key = f"HTTP {status}"
+                    publisher.errors[key] = publisher.errors.get(key, 0) + 1
+                elif batch:
+                    publisher.applied += body.count(b'"applied":true')
+                    failed = body.count(b'"error":')
+                    if failed:
+                        publisher.errors["batch item error"] = publisher.errors.get("batch item error", 0) + failed
+                elif body.startswith(APPLIED):
+                    publisher.applied += 1
+                if burst and not pipe.idle:
+                    return  # the rest of the burst is still on its way
+                if time.monotonic() < deadline and not pipe.closed:
+                    for _ in range(window if burst else 1):
+                        pipe.send(next_request(), answered)
+                elif pipe.idle:
+                    running -= 1
+                    if not running and not done.done():
+                        done.set_result(None)
+
+            for _ in range(window):
+                pipe.send(next_request(), answered)
+
+        jobs = self.jobs
+        for k, pipe in enumerate(pipes):
+            drive(pipe, jobs[k :: len(pipes)] or jobs)
+        self.max_in_flight = window * len(pipes) * (size if batch else 1)
+        try:
+            await asyncio.wait_for(done, seconds + 60)
+        except TimeoutError:
+            self.errors["no answer"] = sum(len(p.waiting) for p in pipes)
 
     async def _tracker(self) -> Write:
         from phasecast.engines import open_engine
@@ -265,13 +340,19 @@ class Publisher:
 async def run(config: dict[str, Any]) -> None:
     publisher = Publisher(config)
     commands = command_queue()
-    write = await publisher.setup()
+    flat_http = not config.get("rate") and config["mode"] in ("http", "batch")
+    if flat_http:
+        await publisher.open_flat_out()
+    else:
+        write = await publisher.setup()
     emit("ready")
     while (await commands.get())["cmd"] != "go":
         pass
     cpu0, t0 = cpu_seconds(os.getpid()), time.monotonic()
     if config.get("rate"):
         await publisher.paced(write, config["rate"], config["seconds"])
+    elif flat_http:
+        await publisher.flat_out_http(config["seconds"])
     else:
         await publisher.flat_out(write, config["seconds"])
     elapsed = time.monotonic() - t0
@@ -290,6 +371,141 @@ async def run(config: dict[str, Any]) -> None:
     )
     for close in publisher._closers:
         await close()
+
+
+APPLIED = b'{"applied":true'
+Reply = Callable[[int, bytes], None] | asyncio.Future[tuple[int, bytes]]
+
+
+class RequestMaker:
+    """Pre-encoded request heads per path; each body carries ``message = "t=<send time>"``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        host = f"127.0.0.1:{config['port']}"
+        self.head = (
+            f"POST %s HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {config['token']}\r\n"
+            "Content-Type: application/json\r\nContent-Length: "
+        )
+        self.heads: dict[str, bytes] = {}
+        self.batch_head = (self.head % "/v1/progress").encode()
+
+    def single(self, job: str, n: int) -> bytes:
+        head = self.heads.get(job)
+        if head is None:
+            head = self.heads[job] = (self.head % f"/v1/jobs/{job}/progress").encode()
+        body = b'{"phase":"GENERATING","phase_progress":%s,"message":"t=%.6f"}' % (
+            repr(_progress(n)).encode(), time.time(),
+        )
+        return b"%s%d\r\n\r\n%s" % (head, len(body), body)
+
+    def batch(self, reports: list[tuple[str, int]]) -> bytes:
+        stamp = b"%.6f" % time.time()
+        body = b'{"updates":[%s]}' % b",".join([
+            b'{"job_id":"%s","phase":"GENERATING","phase_progress":%s,"message":"t=%s"}'
+            % (job.encode(), repr(_progress(n)).encode(), stamp)
+            for job, n in reports
+        ])
+        return b"%s%d\r\n\r\n%s" % (self.batch_head, len(body), body)
+
+
+class Pipe(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with any number of pipelined requests in flight;
+    answers are matched to requests in order. It reads only the status and Content-Length of
+    each answer (the servers under test answer with Content-Length). httpx, or a stream
+    reader per connection, costs tens of µs per request, enough to take the cores from the
+    server under test; this costs a few."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiting: collections.deque[Reply] = collections.deque()
+        self.closed = False
+        # Requests sent from answer callbacks go out together, in one write per read.
+        self.outgoing: list[bytes] | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(lambda: self, self.host, self.port)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, request: bytes, reply: Reply) -> None:
+        assert self.transport is not None
+        self.waiting.append(reply)
+        if self.outgoing is not None:
+            self.outgoing.append(request)
+        else:
+            self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        self.outgoing = []
+        try:
+            self._answers(data)
+        finally:
+            outgoing, self.outgoing = self.outgoing, None
+            if outgoing and self.transport is not None:
+                self.transport.write(b"".join(outgoing))
+
+    def _answers(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        offset = 0
+        size = len(buffer)
+        while True:
+            end = buffer.find(b"\r\n\r\n", offset)
+            if end < 0:
+                break
+            at = buffer.find(b"content-length:", offset, end)
+            if at < 0:
+                at = bytes(buffer[offset:end]).lower().find(b"content-length:")
+                if at < 0:
+                    raise ValueError("an answer without Content-Length")
+                at += offset
+            line_end = buffer.find(b"\r\n", at)
+            length = int(buffer[at + 15 : line_end])
+            start = end + 4
+            if size < start + length:
+                break
+            status = int(buffer[offset + 9 : offset + 12])
+            body = bytes(buffer[start : start + length])
+            offset = start + length
+            reply = self.waiting.popleft()
+            if isinstance(reply, asyncio.Future):
+                if not reply.done():
+                    reply.set_result((status, body))
+            else:
+                reply(status, body)
+        if offset:
+            del buffer[:offset]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiting, self.waiting = self.waiting, collections.deque()
+        for reply in waiting:
+            if isinstance(reply, asyncio.Future):
+                if not reply.done():
+                    reply.set_exception(ConnectionError("the server closed the connection"))
+            else:
+                reply(0, b"")
+
+    async def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _seq(body: bytes) -> int:
+    at = body.index(b'"seq":') + 6
+    end = at
+    while body[end] in b"0123456789":
+        end += 1
+    return int(body[at:end])
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:

@@ -55,6 +55,11 @@ def system_for(name: str, env: dict[str, str] | None = None, workers: int = 1) -
                 yield system
         elif name == "redis-floor":
             yield redis_floor(redis)
+        elif name in ("floor-asgi", "floor-raw"):
+            from bench import ingest_floor
+
+            with ingest_floor.system(name, redis) as system:
+                yield system
         else:
             raise ValueError(f"unknown system {name!r}")
 
@@ -95,6 +100,7 @@ def _publisher(
     seconds: float,
     concurrency: int,
     env: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Child:
     config = {
         "mode": mode,
@@ -107,6 +113,7 @@ def _publisher(
         "rate": rate,
         "seconds": seconds,
         "concurrency": concurrency,
+        **(extra or {}),
     }
     # ``--server-src``: an in-process tracker writes with that checkout's engine (key layout,
     # pub/sub codec), as the server under test expects.
@@ -307,12 +314,16 @@ def ingest(
     concurrency: int = 32,
     profile: str | None = None,
     workers: int = 1,
+    http: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Accepted updates/s, as fast as the server (or the in-process tracker) takes them."""
+    """Accepted updates/s, as fast as the server (or the in-process tracker) takes them.
+    ``http``: the HTTP load generator's shape (``connections``, ``window``, ``batch_size``);
+    ``env``: extra environment of the server (``PYTHONPATH`` of another checkout: A/B)."""
     uptime_before = loadavg()
-    with system_for(system_name, workers=workers) as system:
+    with system_for(system_name, env, workers=workers) as system:
         ids = create_jobs(system, jobs, uuid.uuid4().hex[:6])
-        pub = _publisher(system, mode, ids, None, seconds, concurrency)
+        pub = _publisher(system, mode, ids, None, seconds, concurrency, env, extra=http)
         try:
             pub.expect("ready", 30)
             pids = {"server": system.pid}
@@ -337,6 +348,7 @@ def ingest(
         "seconds": seconds,
         "jobs": jobs,
         "concurrency": concurrency,
+        **({"load": http} if http else {}),
         "applied": applied,
         "errors": published["errors"],
         "accepted_per_s": round(applied / published["elapsed"], 1),

@@ -171,9 +171,9 @@ def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> Non
 
     from phasecast.server.app import create_app
     from phasecast.server.gcpolicy import settle_after_startup
+    from phasecast.server.ingest import ReportProtocol
     from phasecast.server.logs import configure_logging
     from phasecast.server.rawws import WS_PROTOCOLS
-    from phasecast.server.sse_transport import HttpProtocol
 
     configure_logging(json_output=settings.log_json, level=settings.log_level)
     options: dict[str, Any] = dict(
@@ -191,7 +191,9 @@ def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> Non
         # the websockets package, states written as pre-encoded frames; "asgi" serves
         # /v1/ws through plain ASGI instead (docs/architecture.md).
         loop="uvloop",
-        http=HttpProtocol,  # uvicorn's httptools protocol, plus the raw seam for SSE
+        # uvicorn's httptools protocol, plus the raw seam for SSE (sse_transport.py) and the
+        # thin path for progress reports (ingest.py)
+        http=ReportProtocol,
         ws=WS_PROTOCOLS[settings.ws_transport],
         # Raw connections ping from their session; plain ASGI ones from the protocol.
         ws_ping_interval=settings.ping_interval,

@@ -39,6 +39,9 @@ class Settings:
     # "raw": /v1/ws writes pre-encoded frames straight to sockets (server/rawws.py);
     # "asgi": the same server, /v1/ws through plain ASGI as on any other ASGI server.
     ws_transport: str = "raw"
+    # "raw": progress reports are answered by the HTTP protocol itself (phasecast serve,
+    # server/ingest.py); "asgi": by the thin ASGI layer, as on any other ASGI server.
+    ingest_transport: str = "raw"
     max_subscriptions: int = 100
     log_json: bool = False
     log_level: str = "info"
@@ -89,6 +92,8 @@ class Settings:
             )
         if self.ws_transport not in ("raw", "asgi"):
             raise ConfigurationError("ws_transport must be 'raw' or 'asgi'")
+        if self.ingest_transport not in ("raw", "asgi"):
+            raise ConfigurationError("ingest_transport must be 'raw' or 'asgi'")
         if self.sse_transport not in ("raw", "asgi"):
             raise ConfigurationError("sse_transport must be 'raw' or 'asgi'")
         if not 0 < self.ping_interval <= 300:

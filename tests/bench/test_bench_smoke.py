@@ -86,3 +86,17 @@ def test_ingest_reports_accepted_updates() -> None:
     assert result["applied"] > 0
     assert result["errors"] == {}
     assert result["accepted_per_s"] > 0
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("system", ["phasecast-sqlite", "floor-raw", "floor-asgi"])
+@pytest.mark.parametrize("mode", ["http", "batch"])
+def test_ingest_floors_and_batches_count_every_report(system: str, mode: str) -> None:
+    """The pipelining load generator against Phasecast and both floor servers: every report
+    answered, applied counted from the answers."""
+    shape = {"connections": 2, "window": 2, "batch_size": 10} if mode == "batch" else {"connections": 2, "window": 3}
+    result = scenarios.ingest(system, mode=mode, seconds=1, jobs=8, concurrency=4, http=shape)
+    assert result["errors"] == {}
+    assert result["applied"] > 0 and result["accepted_per_s"] > 0
+    assert result["server_cpu_s"] > 0 and result["publisher_cpu_us_per_update"] > 0
+    assert result["load"] == shape

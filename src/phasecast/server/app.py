@@ -65,7 +65,9 @@ def create_app(
         tracker = ProgressTracker(engine, weights=weights, archive=archive)
     metrics = Metrics()
     metrics.bind_hub(tracker.hub)
-    tracker.count_update = lambda result: metrics.updates.labels(result).inc()
+    # The counter of each result looked up once, not per update.
+    counters = {result: metrics.updates.labels(result) for result in ("applied", "ignored", "rejected")}
+    tracker.count_update = lambda result: (counters.get(result) or metrics.updates.labels(result)).inc()
     found = Services(settings=settings, tracker=tracker, verifier=verifier, metrics=metrics)
     hooks = list(startup or [])
 
@@ -104,7 +106,6 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(sse.router)
     app.add_api_websocket_route(WS_PATH, websocket_endpoint)
-    app.add_middleware(ThinReports, services=found)  # inside the guard and the request context
     # Every body is capped before routing (the largest cap); each REST route then applies
     # its own cap after checking the token (server/jsonbody.py).
     app.add_middleware(RequestGuard, max_body_bytes=settings.largest_body_limit(), refuse=error_response)
@@ -116,6 +117,10 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
         )
+    # Outermost: progress reports it takes skip every layer above (it bounds their bodies,
+    # gives them a request id and an access-log line itself); CORS requests it leaves alone.
+    # ``phasecast serve`` answers them earlier still, in its HTTP protocol (ingest.py).
+    app.add_middleware(ThinReports, services=found)
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:

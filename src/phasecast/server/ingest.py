@@ -3,27 +3,47 @@
 
 A worker may send thousands of these a second, and most of a report's cost on the full
 route is the framework's: routing, dependency injection, model validation, response
-encoding. This ASGI layer answers the common case itself: a verified write token (from the
-verifier's cache), a small JSON body of the documented fields with valid values, then one
-``tracker.update_json`` (one engine round trip) and a reply built from the stored state's
-JSON without parsing it. It applies the same limits as the route and answers the same bytes.
+encoding. The thin path answers the common case itself: a verified write token (from the
+verifier's cache, not expired), a small JSON body of the documented fields with valid
+values, then one ``tracker.update_json`` (a batch: one ``tracker.update_many_json``) and a
+reply built from the stored state's JSON without parsing it. It applies the same limits as
+the route and answers the same bytes.
 
-Anything else (no or bad token, another content type, a body that is large, not JSON or not
-plainly valid) goes on to the full route, with what was read of the body handed on, so every
-refusal keeps the route's own status and message. Errors from the tracker (unknown job, a
-finished job, an engine outage) are answered here as the route's error handler would.
+Anything else (no or bad token, another content type, a body that is large, chunked, not
+JSON or not plainly valid, ``Expect: 100-continue``, a CORS request) goes on to the full
+route, with what was read of the body handed on, so every refusal keeps the route's own
+status and message. Errors from the tracker (unknown job, a finished job, an engine outage)
+are answered here as the route's error handler would.
+
+It runs in two places, sharing ``Thin`` (the decisions, the work and the answers):
+
+- ``ReportProtocol``, uvicorn's HTTP protocol (with the SSE seam of ``sse_transport``) that
+  ``phasecast serve`` runs: it takes these requests as the parser reads them, without the
+  ASGI scope, cycle, middleware or framework, and hands everything else to uvicorn's own
+  request handling. Pipelined requests keep their order: a thin request is queued behind a
+  running one exactly as uvicorn queues its own.
+- ``ThinReports``, the outermost ASGI middleware of the app: the same path for any other
+  ASGI server, and for ``PHASECAST_INGEST_TRANSPORT=asgi``.
+
+Both give the request its id (``X-Request-ID`` if the client sent a sane one, echoed) and
+write the access-log line that ``server/logs.py`` writes for every other request (at debug
+for a 2xx, so it costs one level check when debug is off).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import math
 import re
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from starlette.requests import Request
+from prometheus_client.core import CounterMetricFamily, Metric
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from phasecast.errors import InvalidUpdate, PhasecastError
 from phasecast.model import (
@@ -35,8 +55,18 @@ from phasecast.model import (
     ProgressUpdate,
     validate_update,
 )
-from phasecast.server.auth import Principal
-from phasecast.server.deps import Services, error_response
+from phasecast.server.deps import STATUS_BY_ERROR, Services, error_body
+from phasecast.server.logs import (
+    _access_level,
+    _next_request_id,
+    access_log,
+    job_id_var,
+    request_id_var,
+    sane_request_id,
+)
+from phasecast.server.sse_transport import HttpProtocol
+
+log = logging.getLogger("phasecast.server")
 
 _PATH = re.compile(r"/v1/jobs/([A-Za-z0-9][A-Za-z0-9._:-]{0,127})/progress")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -48,101 +78,203 @@ _PHASES = {p.value: p for p in WORKING_PHASES}
 _FIELDS = frozenset(
     {"phase", "phase_progress", "step", "step_progress", "step_status", "steps_total", "message"}
 )
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+_JSON_TYPE = b"application/json"
+
+Reply = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
+
+
+class ThinCounts:
+    """Requests answered on the thin path, by where (``protocol`` or ``asgi``): plain
+    integers, read by the metrics registry only when scraped
+    (``phasecast_thin_requests_total{transport}``)."""
+
+    def __init__(self) -> None:
+        self.answered = {"protocol": 0, "asgi": 0}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "phasecast_thin_requests", "Progress requests answered on the thin path, by where",
+            labels=["transport"],
+        )
+        for transport, count in self.answered.items():
+            family.add_metric([transport], count)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+def thin_counts(services: Services) -> ThinCounts:
+    """The counts of ``services``' app, registered with its metrics on first use."""
+    counts: ThinCounts | None = getattr(services.metrics, "thin", None)
+    if counts is None:
+        counts = ThinCounts()
+        services.metrics.registry.register(counts)
+        services.metrics.thin = counts
+    return counts
+
+
+class Thin:
+    """What both places share: which requests to take, the work, and the answers."""
+
+    def __init__(self, services: Services, transport: str) -> None:
+        self.answered = thin_counts(services).answered
+        self.transport = transport
+        self.services = services
+        self.verifier = services.verifier
+        self.tracker = services.tracker
+        self.body_limit = min(MAX_THIN_BODY, services.settings.max_report_body_bytes)
+        self.batch_limit = services.settings.max_batch_body_bytes
+
+    def caller(self, headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None, str | None] | None:
+        """``(known worker, Content-Length, client request id)`` if the request may take
+        the thin path as far as its headers tell; None sends it the long way."""
+        token = None
+        json_body = False
+        length = None
+        request_id = None
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, rest = value.partition(b" ")
+                if scheme.lower() == b"bearer" and rest.strip():
+                    token = rest.strip().decode("latin-1")
+            elif name == b"content-type":
+                json_body = value.split(b";", 1)[0].strip().lower() == _JSON_TYPE
+            elif name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return None
+                length = int(value)
+            elif name in (b"transfer-encoding", b"expect", b"origin"):
+                # Chunked bodies and 100-continue are the guard's; CORS requests get their
+                # headers from the CORS middleware.
+                return None
+            elif name == b"x-request-id" and request_id is None:
+                request_id = sane_request_id(value)
+        if token is None or not json_body:
+            return None
+        try:
+            known = self.verifier.verify(token)
+        except PhasecastError:
+            return None
+        if not known.is_worker or known.expired:
+            return None
+        return True, length, request_id
+
+    async def report(self, job_id: str, update: ProgressUpdate) -> Reply:
+        self.answered[self.transport] += 1
+        try:
+            decided = await self.tracker.update_json(job_id, update)
+        except PhasecastError as exc:
+            return self.refusal(exc, f"/v1/jobs/{job_id}/progress")
+        body = b'{"applied":%s,"state":%s}' % (
+            b"true" if decided.applied else b"false",
+            decided.state_json.encode(),
+        )
+        return 200, [(b"content-type", _JSON_TYPE), (b"content-length", b"%d" % len(body))], body
+
+    async def batch(self, reports: list[tuple[str, ProgressUpdate]]) -> Reply:
+        """As the batch route answers: a result per report, in order; reports of one job
+        apply in the order given."""
+        self.answered[self.transport] += 1
+        answers = await self.tracker.update_many_json(reports)
+        results: list[dict[str, Any]] = []
+        for (job_id, _), answer in zip(reports, answers, strict=True):
+            if isinstance(answer, PhasecastError):
+                error = {"code": answer.code, "message": answer.message}
+                if isinstance(answer, InvalidUpdate):
+                    error["field"] = answer.field
+                results.append({"job_id": job_id, "error": error})
+                continue
+            seq, phase, progress = answer.summary()
+            results.append({"job_id": job_id, "applied": answer.applied, "seq": seq,
+                            "phase": phase, "progress": progress})
+        body = json.dumps({"results": results}, separators=(",", ":"), ensure_ascii=False).encode()
+        return 200, [(b"content-type", _JSON_TYPE), (b"content-length", b"%d" % len(body))], body
+
+    def refusal(self, exc: PhasecastError, path: str) -> Reply:
+        """As ``deps.error_response`` answers (same status, body, log line and metric), for
+        the errors a report can meet once its body was read."""
+        status = STATUS_BY_ERROR.get(type(exc), 400)
+        self.services.metrics.rejected_requests.labels(exc.code).inc()
+        log.log(logging.ERROR if status >= 500 else logging.INFO, "request rejected: %s", exc.message,
+                extra={"status": status, "code": exc.code, "path": path})
+        response = JSONResponse(error_body(exc.code, exc.message, getattr(exc, "field", None)), status)
+        return status, list(response.raw_headers), bytes(response.body)
+
+
+def accessed(
+    method: str, path: str, status: int, started: float, request_id: str, job_id: str | None
+) -> None:
+    """The access-log line ``RequestContextMiddleware`` writes (one level check when its
+    level is off)."""
+    level = _access_level(status)
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "%s %s %d", method, path, status,
+                       extra={"duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                              "request_id": request_id, "job_id": job_id})
+
+
+Work = tuple[str, ProgressUpdate] | list[tuple[str, ProgressUpdate]]
+
+
+def parse(thin: Thin, path: str, body: bytes) -> Work | None:
+    """The report (job id and update) or the batch of a body already within its cap, if
+    plainly valid; None for anything the full route must judge."""
+    if path == _BATCH_PATH:
+        return _batch(body)
+    found = _PATH.fullmatch(path)
+    if found is None:
+        return None
+    update = _update(body)
+    return None if update is None else (found.group(1), update)
 
 
 class ThinReports:
-    """ASGI middleware; install it inside the request-context (logging) middleware."""
+    """ASGI middleware: install it outermost (it gives the requests it answers their id and
+    access-log line itself)."""
 
     def __init__(self, app: ASGIApp, services: Services) -> None:
         self.app = app
-        self.services = services
-        self.body_limit = min(MAX_THIN_BODY, services.settings.max_report_body_bytes)
-        self.batch_limit = services.settings.max_batch_body_bytes
+        self.thin = Thin(services, "asgi")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        found = _PATH.fullmatch(path)
-        if found is None and path != _BATCH_PATH:
+        if path != _BATCH_PATH and _PATH.fullmatch(path) is None:
             await self.app(scope, receive, send)
             return
-        caller = self._worker(scope)
-        if caller is None:
+        thin = self.thin
+        taken = thin.caller(scope["headers"])
+        if taken is None:
             await self.app(scope, receive, send)
             return
+        _, length, request_id = taken
+        limit = thin.batch_limit if path == _BATCH_PATH else thin.body_limit
+        if length is None or length > limit:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
         read: list[Message] = []
-        if found is None:
-            body = await _small_body(receive, read, self.batch_limit)
-            batch = None if body is None else _batch(body)
-            if batch is None:
-                await self.app(scope, _replay(read, receive), send)
-                return
-            await _respond(send, 200, await self._apply_batch(batch))
-            return
-        body = await _small_body(receive, read, self.body_limit)
-        update = None if body is None else _update(body)
-        if update is None:
+        body = await _small_body(receive, read, limit)
+        work = None if body is None else parse(thin, path, body)
+        if work is None:
             await self.app(scope, _replay(read, receive), send)
             return
-        job_id = found.group(1)
-        try:
-            decided = await self.services.tracker.update_json(job_id, update)
-        except PhasecastError as exc:
-            await self._refuse(exc, scope, receive, send)
-            return
-        reply = b'{"applied":%s,"state":%s}' % (
-            b"true" if decided.applied else b"false",
-            decided.state_json.encode(),
-        )
-        await _respond(send, 200, reply)
-
-    async def _apply_batch(self, batch: list[tuple[str, ProgressUpdate]]) -> bytes:
-        """As the batch route answers: a result per report, in order; reports of one job
-        apply in the order given (they queue on its lock in the order they start)."""
-        tracker = self.services.tracker
-
-        async def apply(job_id: str, update: ProgressUpdate) -> dict[str, Any]:
-            try:
-                decided = await tracker.update_json(job_id, update)
-            except PhasecastError as exc:
-                error = {"code": exc.code, "message": exc.message}
-                if isinstance(exc, InvalidUpdate):
-                    error["field"] = exc.field
-                return {"job_id": job_id, "error": error}
-            state = json.loads(decided.state_json)
-            return {"job_id": job_id, "applied": decided.applied, "seq": state["seq"],
-                    "phase": state["phase"], "progress": state["progress"]}
-
-        results = await asyncio.gather(*(apply(job_id, update) for job_id, update in batch))
-        return json.dumps({"results": results}, separators=(",", ":"), ensure_ascii=False).encode()
-
-    def _worker(self, scope: Scope) -> Principal | None:
-        """The caller, if it is plainly a worker sending JSON; None sends it the long way."""
-        token = None
-        json_body = False
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, rest = value.partition(b" ")
-                if scheme.lower() == b"bearer" and rest.strip():
-                    token = rest.strip().decode("latin-1")
-            elif name == b"content-type":
-                json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
-        if token is None or not json_body:
-            return None
-        try:
-            caller = self.services.verifier.verify(token)
-        except PhasecastError:
-            return None
-        return caller if caller.is_worker and not caller.expired else None
-
-    async def _refuse(
-        self, exc: PhasecastError, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        response = error_response(Request(scope, receive), exc)  # as the route's handler answers
-        await response(scope, receive, send)
+        request_id = request_id or _next_request_id()
+        request_id_var.set(request_id)  # this request's task: for the tracker's log lines
+        if isinstance(work, list):
+            job_id = None
+            status, headers, reply = await thin.batch(work)
+        else:
+            job_id = work[0]
+            job_id_var.set(job_id)
+            status, headers, reply = await thin.report(*work)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"x-request-id", request_id.encode())]})
+        await send({"type": "http.response.body", "body": reply})
+        accessed("POST", path, status, started, request_id, job_id)
 
 
 async def _small_body(receive: Receive, read: list[Message], limit: int) -> bytes | None:
@@ -185,7 +317,9 @@ def _batch(body: bytes) -> list[tuple[str, ProgressUpdate]] | None:
     """Every report of a batch, if every one is plainly valid; None otherwise (the route
     then validates all of them before any applies, and names the one at fault)."""
     try:
-        data = json.loads(body)
+        # Decoded as the route decodes (UTF-8, nothing else): json.loads of bytes would also
+        # take UTF-16/32 and a byte-order mark, which the route refuses.
+        data = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     if type(data) is not dict or data.keys() != {"updates"}:
@@ -210,7 +344,9 @@ def _batch(body: bytes) -> list[tuple[str, ProgressUpdate]] | None:
 def _update(body: bytes) -> ProgressUpdate | None:
     """The report, if it is plainly valid; None for anything the full route must judge."""
     try:
-        data = json.loads(body)
+        # Decoded as the route decodes (UTF-8, nothing else): json.loads of bytes would also
+        # take UTF-16/32 and a byte-order mark, which the route refuses.
+        data = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
         return None
     return _update_of(data)
@@ -269,10 +405,195 @@ def _update_of(data: Any) -> ProgressUpdate | None:
     return update
 
 
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
-    })
-    await send({"type": "http.response.body", "body": body})
+# --- the protocol path ------------------------------------------------------------------
+
+
+class _Taken:
+    """A request the protocol is reading for the thin path (headers seen, body coming)."""
+
+    __slots__ = ("body", "limit", "path", "request_id", "started")
+
+    def __init__(self, path: str, limit: int, request_id: str | None) -> None:
+        self.path = path
+        self.limit = limit
+        self.request_id = request_id
+        self.body = bytearray()
+        self.started = time.perf_counter()
+
+
+class _Unset:
+    """``message_event`` of a thin cycle: uvicorn sets it when the connection is lost."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+_UNSET_EVENT = _Unset()
+
+
+class ThinCycle:
+    """A thin request in uvicorn's place for one: what ``HttpToolsProtocol`` reads of its
+    current cycle (``response_complete``, ``disconnected``, ``keep_alive``,
+    ``message_event``), and ``run_asgi``, which its pipeline calls to start the next
+    request; ``app`` is not used."""
+
+    __slots__ = ("disconnected", "keep_alive", "message_event", "on_response", "protocol",
+                 "response_complete", "taken", "work")
+
+    def __init__(self, protocol: ReportProtocol, taken: _Taken, work: Work) -> None:
+        self.protocol = protocol
+        self.taken = taken
+        self.work = work
+        self.response_complete = False
+        self.disconnected = False
+        self.keep_alive = True
+        self.message_event = _UNSET_EVENT
+        self.on_response = protocol.on_response_complete
+
+    async def run_asgi(self, app: Any) -> None:
+        protocol = self.protocol
+        thin = protocol.thin
+        taken = self.taken
+        assert thin is not None
+        request_id = taken.request_id or _next_request_id()
+        request_id_var.set(request_id)  # this request's task: for the tracker's log lines
+        work = self.work
+        job_id = None
+        try:
+            if isinstance(work, list):
+                status, headers, body = await thin.batch(work)
+            else:
+                job_id = work[0]
+                job_id_var.set(job_id)
+                status, headers, body = await thin.report(*work)
+        except BaseException:
+            # As uvicorn answers an app that failed before its response (a bug, not a refusal).
+            log.exception("thin report failed")
+            status, headers, body = 500, [(b"content-type", b"text/plain; charset=utf-8"),
+                                          (b"connection", b"close")], b"Internal Server Error"
+            headers.append((b"content-length", b"21"))
+            self.keep_alive = False
+        if self.disconnected:
+            return
+        flow = protocol.flow
+        if flow.write_paused:
+            await flow.drain()
+            if self.disconnected:
+                return
+        transport = protocol.transport
+        out = [STATUS_LINE[status]]
+        for name, value in protocol.server_state.default_headers:
+            out += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            out += (name, b": ", value, b"\r\n")
+        out += (b"x-request-id: ", request_id.encode(), b"\r\n")
+        if not self.keep_alive and status != 500:
+            out.append(b"connection: close\r\n")
+        out += (b"\r\n", body)
+        transport.write(b"".join(out))
+        self.response_complete = True
+        if not self.keep_alive:
+            transport.close()
+        accessed("POST", taken.path, status, taken.started, request_id, job_id)
+        self.on_response()
+
+
+def thin_of(app: Any) -> Thin | None:
+    """The protocol path's ``Thin`` of the Phasecast app inside uvicorn's wrappers (proxy
+    headers, ...), made once per app; None if the app is not Phasecast's, or its settings
+    keep reports on ASGI (``ingest_transport = "asgi"``)."""
+    for _ in range(8):
+        state = getattr(app, "state", None)
+        services = getattr(state, "services", None)
+        if state is not None and isinstance(services, Services):
+            made: Thin | None = getattr(state, "thin_protocol", None)
+            if made is None and services.settings.ingest_transport == "raw":
+                made = state.thin_protocol = Thin(services, "protocol")
+            return made
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+class ReportProtocol(HttpProtocol):
+    """uvicorn's httptools protocol (with the SSE seam) that answers progress reports on the
+    thin path as the parser reads them, without building the ASGI request; see the module
+    docstring. Everything else, and whatever the thin path does not take, is uvicorn's own
+    request handling, with the body read so far handed to it."""
+
+    thin: Thin | None = None
+    _taken: _Taken | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.thin = thin_of(self.app)
+
+    def on_headers_complete(self) -> None:
+        self._taken = None
+        thin = self.thin
+        if thin is not None and self.limit_concurrency is None:
+            url = self.url
+            if url.startswith(b"/v1/") and self.parser.get_method() == b"POST":
+                self._taken = self._take(thin, url)
+                if self._taken is not None:
+                    return
+        super().on_headers_complete()
+
+    def _take(self, thin: Thin, url: bytes) -> _Taken | None:
+        if b"?" in url or b"%" in url or not url.isascii():
+            return None
+        path = url.decode("ascii")
+        if path == _BATCH_PATH:
+            limit = thin.batch_limit
+        elif path.endswith("/progress") and _PATH.fullmatch(path):
+            limit = thin.body_limit
+        else:
+            return None
+        parser = self.parser
+        if parser.get_http_version() != "1.1" or not parser.should_keep_alive() or parser.should_upgrade():
+            return None
+        taken = thin.caller(self.headers)
+        if taken is None:
+            return None
+        _, length, request_id = taken
+        if length is None or length > limit:
+            return None
+        return _Taken(path, limit, request_id)
+
+    def on_body(self, body: bytes) -> None:
+        taken = self._taken
+        if taken is None:
+            super().on_body(body)
+            return
+        taken.body += body  # at most Content-Length, which is within the cap
+
+    def on_message_complete(self) -> None:
+        taken = self._taken
+        if taken is None:
+            super().on_message_complete()
+            return
+        self._taken = None
+        thin = self.thin
+        assert thin is not None
+        body = bytes(taken.body)
+        work = parse(thin, taken.path, body)
+        if work is None:
+            # The long way, as if uvicorn had read it: the same request, its body complete.
+            super().on_headers_complete()
+            full = self.cycle
+            full.body = bytearray(body)
+            full.more_body = False
+            full.message_event.set()
+            return
+        existing = self.cycle
+        cycle: Any = ThinCycle(self, taken, work)
+        self.cycle = cycle
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, self.app)
+        else:
+            # Pipelined behind a request still being answered: queued as uvicorn queues.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))

@@ -63,7 +63,8 @@ def parse_json_body(raw: bytes, content_type: str | None) -> Any:
         ) from None
     try:
         parsed = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:
+        # JSONDecodeError, and a number too long to convert (Python's int digit limit).
         raise InvalidJSON(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidUpdate(

@@ -152,7 +152,15 @@ def _next_request_id() -> str:
 def _client_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"x-request-id":
-            text: str = value.decode("latin-1")
-            if 0 < len(text) <= 64 and text.replace("-", "").replace("_", "").isalnum():
-                return text
+            found = sane_request_id(value)
+            if found is not None:
+                return found
+    return None
+
+
+def sane_request_id(value: bytes) -> str | None:
+    """An ``X-Request-ID`` value we echo and log: 1-64 letters, digits, ``-`` and ``_``."""
+    text = value.decode("latin-1")
+    if 0 < len(text) <= 64 and text.replace("-", "").replace("_", "").isalnum():
+        return text
     return None

@@ -3,9 +3,14 @@ collide."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from phasecast.fanout import Hub
+
+if TYPE_CHECKING:
+    from phasecast.server.ingest import ThinCounts
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -48,6 +53,7 @@ class Metrics:
             "phasecast_rejected_requests", "Requests refused, by reason code", ["code"],
             registry=self.registry,
         )
+        self.thin: ThinCounts | None = None  # server/ingest.py registers it on first use
 
     def bind_hub(self, hub: Hub) -> None:
         self.watchers.set_function(lambda: hub.watchers)
