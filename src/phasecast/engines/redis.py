@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -768,22 +769,29 @@ class RedisEngine(Engine):
             if self.wait_replicas:
                 packed += _pack(("WAIT", self.wait_replicas, self.wait_timeout_ms))
             await connection.send_packed_command(packed, check_health=True)
-            for _ in batch:
-                try:
-                    results.append(await connection.read_response())
-                except ResponseError as exc:
-                    results.append(exc)
-            if self.wait_replicas:
-                acknowledged = int(await connection.read_response())
-                if acknowledged < self.wait_replicas:
-                    results = [
-                        result if isinstance(result, BaseException)
-                        else self._not_replicated(acknowledged)
-                        for result in results
-                    ]
+            # One deadline for all the replies rather than redis-py's timer per reply
+            # (a tenth of a batched report's Python CPU, measured with py-spy).
+            deadline = (connection.socket_timeout or POOL_WAIT_SECONDS) + self.wait_timeout_ms / 1000
+            acknowledged = self.wait_replicas
+            async with asyncio.timeout(deadline):
+                for _ in batch:
+                    try:
+                        results.append(await connection.read_response(timeout=math.inf))
+                    except ResponseError as exc:
+                        results.append(exc)
+                if self.wait_replicas:
+                    acknowledged = int(await connection.read_response(timeout=math.inf))
+            if acknowledged < self.wait_replicas:
+                results = [
+                    result if isinstance(result, BaseException)
+                    else self._not_replicated(acknowledged)
+                    for result in results
+                ]
         except REDIS_ERRORS as exc:
             await connection.disconnect()
-            results += [exc] * (len(batch) - len(results))
+            # With wait_replicas, a reply read before the failure is not confirmed either.
+            kept = 0 if self.wait_replicas else len(results)
+            results = results[:kept] + [exc] * (len(batch) - kept)
         except BaseException:
             await connection.disconnect()  # replies may be left unread on it
             raise
