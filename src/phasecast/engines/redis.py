@@ -85,7 +85,19 @@ try:
     from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
     from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
     from redis.crc import key_slot
-    from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+    from redis.exceptions import (
+        AskError,
+        BusyLoadingError,
+        ClusterDownError,
+        MasterDownError,
+        MovedError,
+        NoScriptError,
+        ReadOnlyError,
+        RedisClusterException,
+        RedisError,
+        ResponseError,
+        TryAgainError,
+    )
 
     from phasecast.engines.redis_feed import RedisFeed, encode_change
 except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
@@ -215,6 +227,24 @@ def _json_string(text: str) -> str:
     if _ESCAPED.search(text) is None:
         return f'"{text}"'
     return json.dumps(text, ensure_ascii=False)
+
+
+class _SentAlone(Exception):
+    """A cluster write whose pipeline reply was a redirection or an error of the node, or
+    that could not be sent: it is sent again on its own through the cluster client. A
+    marker, never raised to a caller."""
+
+    @classmethod
+    def of(cls, exc: ResponseError) -> ResponseError | _SentAlone:
+        """A script's own error stays its answer; MOVED, ASK, TRYAGAIN, CLUSTERDOWN, a
+        read-only (demoted) node, one still loading or without its primary send it alone."""
+        if isinstance(exc, _NODE_ERRORS):
+            return cls(str(exc))
+        return exc
+
+
+_NODE_ERRORS = (MovedError, AskError, TryAgainError, ClusterDownError, ReadOnlyError,
+                BusyLoadingError, MasterDownError)
 
 
 def _pack_scripts(batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> bytes:
@@ -710,16 +740,13 @@ class RedisEngine(Engine):
         pay redis-py's per-command cost and a round trip. Each script still runs atomically
         on its own; only the network trip is shared.
 
-        On a cluster each script is sent on its own (redis-py's cluster pipeline refuses
-        scripts); concurrent ones still overlap, on the connections of each shard's pool."""
-        script = script or self._replace
-        if self.clustered:
-            return await script(keys=keys, args=args)
-        return await self._queue_script(keys, args, script)
+        On a cluster (whose redis-py pipeline refuses scripts) the queued scripts are sent
+        as one pipeline per shard primary, all at once."""
+        return await self._queue_script(keys, args, script or self._replace)
 
     def _queue_script(self, keys: list[str], args: list[Any], script: Any) -> asyncio.Future[Any]:
-        """Queue one script for the next pipeline (single Redis); the future is its reply,
-        or the exception it raised."""
+        """Queue one script for the next pipeline; the future is its reply, or the
+        exception it raised."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._replace_queue.append((script, keys, args, future))
@@ -731,18 +758,26 @@ class RedisEngine(Engine):
         while self._replace_queue:
             await asyncio.sleep(0)  # let the writers of this loop turn queue theirs too
             batch, self._replace_queue = self._replace_queue, []
-            results = await self._pipelined_replaces(batch)
-            for (script, keys, args, future), result in zip(batch, results, strict=True):
+            if self.clustered:
+                results = await self._pipelined_on_shards(batch)
+            else:
+                results = await self._pipelined_replaces(batch)
+            alone = []
+            for entry, result in zip(batch, results, strict=True):
+                future = entry[3]
                 if future.done():
                     continue
-                if isinstance(result, NoScriptError):
-                    # A node that never saw the script (restarted, or a promoted replica):
-                    # run this one on its own, which loads the script first.
-                    self._retry_alone(script, keys, args, future)
+                if isinstance(result, NoScriptError | _SentAlone):
+                    # A node that never saw the script (restarted, or a promoted replica),
+                    # or a cluster write that met a moved slot or a failed node: sent
+                    # again on its own (in order), which loads the script first.
+                    alone.append(entry)
                 elif isinstance(result, BaseException):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+            if alone:
+                self._retry_alone(alone)
 
     async def _pipelined_replaces(
         self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
@@ -807,18 +842,84 @@ class RedisEngine(Engine):
             "Sending it again is safe: a report or ending already stored is not applied twice"
         )
 
-    def _retry_alone(
-        self, script: Any, keys: list[str], args: list[Any], future: asyncio.Future[Any]
-    ) -> None:
-        """A write that met NOSCRIPT: load the script, then queue the write again (in the
-        next pipeline, so that its WAIT, if any, covers it)."""
-        async def run() -> None:
+    async def _pipelined_on_shards(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        """On a cluster: the queued scripts grouped by the primary that owns their slot (as
+        the client last knew the slot map), one hand-packed pipeline per primary, all at
+        once; the scripts of one job share a slot, so they stay in order. A write that
+        meets anything but a plain reply there (MOVED or ASK while a slot moves, a node
+        down or electing) is answered ``_SentAlone``: it goes again on its own through
+        redis-py's cluster client, which re-reads the slot map and retries, as every
+        cluster write did before; one whose reply was lost with its connection may have
+        run, and runs again harmlessly (a report or ending already stored is not applied
+        twice, a replace whose base moved is refused, a create knows its fingerprint).
+        Measured (in-process tracker, 3 primaries): 263 -> 66 Python CPU-us per report
+        against one EVALSHA through the cluster client each."""
+        cluster = self.client
+        assert isinstance(cluster, RedisCluster)
+        results: list[Any] = [None] * len(batch)
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for index, (_, keys, _, _) in enumerate(batch):
             try:
-                await self.client.script_load(script.script)
-                future.set_result(await self._queue_script(keys, args, script))
-            except BaseException as exc:  # handed to the waiting writer
-                if not future.done():
-                    future.set_exception(exc)
+                node = cluster.nodes_manager.get_node_from_slot(key_slot(keys[0].encode()))
+            except (*REDIS_ERRORS, KeyError, IndexError):
+                results[index] = _SentAlone()
+                continue
+            groups.setdefault(node.name, (node, []))[1].append(index)
+
+        async def send(node: Any, indices: list[int]) -> None:
+            try:
+                connection = node.acquire_connection()
+            except REDIS_ERRORS:
+                for index in indices:
+                    results[index] = _SentAlone()
+                return
+            read = 0
+            try:
+                await connection.send_packed_command(
+                    _pack_scripts([batch[i] for i in indices]), check_health=True
+                )
+                async with asyncio.timeout(connection.socket_timeout or POOL_WAIT_SECONDS):
+                    for index in indices:
+                        try:
+                            reply = await connection.read_response(timeout=math.inf)
+                        except ResponseError as exc:
+                            reply = exc if isinstance(exc, NoScriptError) else _SentAlone.of(exc)
+                        results[index] = reply
+                        read += 1
+            except REDIS_ERRORS:
+                await connection.disconnect()
+                for index in indices[read:]:
+                    results[index] = _SentAlone()
+            except BaseException:
+                await connection.disconnect()  # replies may be left unread on it
+                raise
+            finally:
+                node.release(connection)
+
+        await asyncio.gather(*(send(node, indices) for node, indices in groups.values()))
+        return results
+
+    def _retry_alone(self, entries: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        """Writes that met NOSCRIPT (or, on a cluster, anything ``_SentAlone`` stands for),
+        one after another in their order: on a single Redis the script is loaded and the
+        write queued again (in the next pipeline, so that its WAIT, if any, covers it); on
+        a cluster it goes through redis-py's cluster client, which loads the script,
+        follows redirections and retries."""
+        async def run() -> None:
+            for script, keys, args, future in entries:
+                try:
+                    if self.clustered:
+                        result = await script(keys=keys, args=args)
+                    else:
+                        await self.client.script_load(script.script)
+                        result = await self._queue_script(keys, args, script)
+                    if not future.done():
+                        future.set_result(result)
+                except BaseException as exc:  # handed to the waiting writer
+                    if not future.done():
+                        future.set_exception(exc)
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
@@ -852,22 +953,13 @@ class RedisEngine(Engine):
     async def apply_many(
         self, items: Sequence[tuple[str, ProgressUpdate, RuleInputs]], now: datetime
     ) -> list[Decided | OtherJob | PhasecastError]:
-        """Every report's script queued at once, so that they share one pipeline (single
-        Redis), in the given order; each script still runs atomically on its own."""
+        """Every report's script queued at once, so that they share one pipeline (one per
+        shard on a cluster), in the given order; each script still runs atomically on its
+        own."""
         waiting: list[asyncio.Future[Any]] = []
-        last: dict[str, asyncio.Future[Any]] = {}
         for job_id, update, inputs in items:
             keys, args = self._step_args(job_id, now, inputs, _report_fields(update))
-            if self.clustered:
-                # Concurrent scripts on a cluster overlap on several connections: the
-                # reports of one job wait for each other to keep their order.
-                queued: asyncio.Future[Any] = asyncio.ensure_future(
-                    self._after(last.get(job_id), keys, args)
-                )
-                last[job_id] = queued
-            else:
-                queued = self._queue_script(keys, args, self._apply)
-            waiting.append(queued)
+            waiting.append(self._queue_script(keys, args, self._apply))
         results: list[Decided | OtherJob | PhasecastError] = []
         for (job_id, update, inputs), reply in zip(items, waiting, strict=True):
             try:
@@ -878,14 +970,6 @@ class RedisEngine(Engine):
             except PhasecastError as exc:
                 results.append(exc)
         return results
-
-    async def _after(
-        self, previous: asyncio.Future[Any] | None, keys: list[str], args: list[Any]
-    ) -> Any:
-        if previous is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(previous)
-        return await self._apply(keys=keys, args=args)
 
     async def end(
         self, job_id: str, ending: Ending, now: datetime, inputs: RuleInputs
