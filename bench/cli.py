@@ -165,24 +165,35 @@ def run_transports(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """WebSocket, per-job SSE and multiplexed SSE (10 jobs per stream) on the same workload,
     taking turns."""
     runs: dict[str, Callable[[], dict[str, Any]]] = {}
-    for transport in ("ws", "sse", "ssemux"):
+    # --ab SRC: every transport also runs against that checkout's server (src/), taking turns
+    # with this one, so before/after figures come from one invocation.
+    sources: dict[str, str | None] = {"": systems.SERVER_ENV.get("PYTHONPATH")}
+    if args.ab:
+        sources["@ab"] = str(Path(args.ab).resolve())
+    for transport in args.transports.split(","):
+        for label, source in sources.items():
 
-        def run(t: str = transport) -> dict[str, Any]:
-            _log(f"transports {t}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s; load {loadavg()}")
-            result = scenarios.fanout(
-                "phasecast-redis",
-                watchers=args.watchers,
-                jobs=args.jobs,
-                rate=args.rate,
-                seconds=args.seconds,
-                transport=t,
-                publisher="tracker",
-                loadgen_procs=args.loadgen_procs,
-            )
-            _summary(result)
-            return result
+            def run(t: str = transport, src: str | None = source, label: str = label) -> dict[str, Any]:
+                if src is None:
+                    systems.SERVER_ENV.pop("PYTHONPATH", None)
+                else:
+                    systems.SERVER_ENV["PYTHONPATH"] = src
+                _log(f"transports {t}{label}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s; load {loadavg()}")
+                result = scenarios.fanout(
+                    "phasecast-redis",
+                    watchers=args.watchers,
+                    jobs=args.jobs,
+                    rate=args.rate,
+                    seconds=args.seconds,
+                    transport=t,
+                    publisher="tracker",
+                    loadgen_procs=args.loadgen_procs,
+                )
+                result["server_src"] = src
+                _summary(result)
+                return result
 
-        runs[transport] = run
+            runs[transport + label] = run
     results.setdefault("transports", {}).update(interleaved(args.repeat, runs))
 
 
@@ -395,6 +406,8 @@ def parser() -> argparse.ArgumentParser:
 
     trans = sub.add_parser("transports", help="SSE vs WebSocket on the same workload")
     sized(trans, 2000, 200, 200, 10)
+    trans.add_argument("--transports", default="ws,sse,ssemux", help="which, comma-separated")
+    trans.add_argument("--ab", help="also run each transport against this checkout's src/, taking turns")
 
     ing = sub.add_parser("ingest", help="accepted updates/s per server process")
     ing.add_argument("--engine", default="both", choices=["both", "redis", "sqlite"])

@@ -126,7 +126,8 @@ async def test_sse_resumes_from_last_event_id_sends_retry_and_heartbeats_and_end
         await api.post(f"/v1/jobs/{job_id}/complete", json={})
         await asyncio.wait_for(reader, 10)  # ends by itself after the terminal state
     events = [e for e in seen if isinstance(e, SSEEvent)]
-    assert [e.id for e in events] == ["3", "4"]
+    assert [e.id for e in events] == [f"{e.json()['seq']}.{e.json()['epoch']}" for e in events]
+    assert [e.json()["seq"] for e in events] == [3, 4]  # a bare seq resumes too (older ids)
     assert events[-1].json()["phase"] == "COMPLETE"
 
 
@@ -139,7 +140,7 @@ async def test_sse_raw_format_has_retry_first(
         reply = await client.get(f"/v1/jobs/{job_id}/events", params={"access_token": make_token("alice")})
     assert reply.headers["content-type"].startswith("text/event-stream")
     assert reply.headers["cache-control"] == "no-cache"
-    assert re.fullmatch(r"retry: \d+\n\nid: 2\nevent: state\ndata: \{.*\}\n\n", reply.text, re.S)
+    assert re.fullmatch(r"retry: \d+\n\nid: 2\.[0-9a-f]{12}\nevent: state\ndata: \{.*\}\n\n", reply.text, re.S)
 
 
 async def test_listing_and_history(server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]) -> None:

@@ -220,10 +220,10 @@ async def test_a_job_made_again_after_a_store_loss_ends_the_watch_with_its_termi
     server: ServerProcess, engine_url: str, transport: Any, make_token: Callable[..., str], worker_token: str
 ) -> None:
     """The store is lost while a watch has seq 3; the job is made again (a new epoch) and
-    ends at that very seq, so the reconnect's resume point has nothing after it. SSE answers
-    204 No Content: the watch must end with the job's terminal state, fetched with GET (not
-    fail with "the server answered 204"). The WebSocket resumes with the epoch it has, so
-    the server sends the new epoch's state in full."""
+    ends at that very seq, so a resume point of a seq alone has nothing after it. Both
+    transports resume with the epoch they have (the WebSocket's ``epoch``, SSE's
+    ``last_event_id=<seq>.<epoch>``), so the server sends the new epoch's state in full and
+    the watch ends with it. (A seq alone gets 204 on SSE; the next test covers that.)"""
     job = new_id()
     async with writer(server.url, worker_token) as api:
         await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})

@@ -20,6 +20,8 @@ from tests.support.clients import SSEEvent, sse_events
 from tests.support.process import ServerProcess
 from tests.support.redis_servers import wipe_store
 
+from phasecast.server.sse_cursor import entry, format_cursor
+
 TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
 
 
@@ -202,7 +204,13 @@ async def test_resume_from_the_cursor_misses_nothing_and_repeats_nothing(
     server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
     streams: Callable[..., Stream],
 ) -> None:
-    jobs = [await new_job(api) for _ in range(3)]
+    # Ids of every length, up to the longest allowed (128 characters).
+    tag = uuid.uuid4().hex
+    jobs = [
+        await new_job(api, job_id=f"m{tag[:4]}"),
+        await new_job(api, job_id=("L" + tag * 4)[:128]),
+        await new_job(api, job_id=f"mid-{tag}"),
+    ]
     a, b, c = jobs
     first = streams(server.url, query(*jobs, token=make_token("alice")))
     await first.wait(lambda s: all(s.has_seq(j, 1) for j in jobs))
@@ -210,6 +218,9 @@ async def test_resume_from_the_cursor_misses_nothing_and_repeats_nothing(
         seq = await report(api, job_id, 10)
         await first.wait(lambda s, j=job_id, q=seq: s.has_seq(j, q))
     cursor = first.last_id
+    # The cursor grows with the number of jobs, not with their ids: no id is in it.
+    assert len(cursor) <= 2 + 3 * (1 + 8 + 2), cursor
+    assert not any(job_id in cursor for job_id in jobs)
     await first.close()  # the connection drops mid-way
 
     # While away: a moves once, b ends, c does not move.
@@ -403,28 +414,25 @@ async def test_an_expired_token_is_refused_before_the_stream_starts(
 # --- resume points the server cannot honour ----------------------------------------------
 
 
-@pytest.mark.parametrize("route", ["multiplexed", "per-job"])
+@pytest.mark.parametrize(
+    ("route", "with_epoch"), [("multiplexed", True), ("per-job", True), ("per-job", False)]
+)
 async def test_a_resume_point_beyond_the_current_seq_gets_the_full_state_and_ends(
     server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
-    streams: Callable[..., Stream], route: str,
+    streams: Callable[..., Stream], route: str, with_epoch: bool,
 ) -> None:
-    # A client that saw seq 5 of a job; the store lost it and the job was made again (the
-    # same id, a new epoch), now at seq 2.
-    old = await new_job(api)
-    for progress in (10, 20, 30, 40):
-        await report(api, old, progress)
+    # A client that saw seq 5 of a job, which is now at seq 2 (a store that lost changes
+    # the client had seen). A client never builds a resume point; this test does, to have
+    # one the server cannot honour.
     token = make_token("alice")
-    probe = streams(server.url, query(old, token=token))
-    await probe.wait(lambda s: s.has_seq(old, 5))
-    cursor = probe.last_id
-    await probe.close()
     job_id = await new_job(api)
     await report(api, job_id, 10)
+    epoch = (await api.get(f"/v1/jobs/{job_id}")).json()["epoch"]
     if route == "multiplexed":
-        resume = cursor.replace(old, job_id)  # the same resume point, for the remade job
+        resume = format_cursor(0, [entry(job_id, epoch, 5)])
         path = query(job_id, token=token)
     else:
-        resume = "5"
+        resume = f"5.{epoch}" if with_epoch else "5"  # a bare seq: the id written before
         path = f"/v1/jobs/{job_id}/events?access_token={token}"
     stream = streams(server.url, path, {"Last-Event-ID": resume})
     await stream.wait(lambda s: s.has_seq(job_id, 2))
@@ -462,6 +470,12 @@ async def test_a_cursor_from_another_epoch_gets_the_full_state_after_a_store_los
         cursor = stream.last_id
         old_epoch = stream.states(moving)[-1]["epoch"]
         await stream.close()
+        # The per-job route's id carries the epoch too.
+        single = streams(server.url, f"/v1/jobs/{done}/events?access_token={token}")
+        await single.wait(lambda s: s.has_seq(done, 3))
+        single_id = single.last_id
+        assert single_id == f"3.{single.states(done)[-1]['epoch']}"
+        await single.close()
 
     # The store is lost; the jobs are made again under the same ids, with new epochs, and
     # reach the very seqs the client has (3): a seq-only resume would send nothing.
@@ -478,6 +492,13 @@ async def test_a_cursor_from_another_epoch_gets_the_full_state_after_a_store_los
         assert third == 3
         await report(api, moving, 50)
         resumed = streams(server.url, query(moving, done, token=token), {"Last-Event-ID": cursor})
+        # Per job: the remade job's terminal state, though its seq is the one the client
+        # had (a seq-only resume would answer 204 and the client would never see it).
+        again = streams(
+            server.url, f"/v1/jobs/{done}/events?access_token={token}", {"Last-Event-ID": single_id}
+        )
+        await again.wait_end()
+        assert again.seqs(done) == [3] and again.states(done)[0]["phase"] == "COMPLETE"
         await resumed.wait(lambda s: s.has_seq(moving, 3) and s.has_seq(done, 3))
         assert resumed.states(moving)[-1]["epoch"] != old_epoch
         assert resumed.states(done)[-1]["phase"] == "COMPLETE"
@@ -485,6 +506,57 @@ async def test_a_cursor_from_another_epoch_gets_the_full_state_after_a_store_los
         await resumed.wait_end()
         assert resumed.seqs(moving) == [3, final]
         assert resumed.seqs(done) == [3]
+
+
+async def test_a_version_1_cursor_still_resumes_every_job(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    # A client that reconnects across the upgrade sends the cursor the old server wrote:
+    # 1,<watermark>,<job_id>~<epoch>~<seq>,…
+    jobs = [await new_job(api) for _ in range(2)]
+    a, b = jobs
+    seen = {job_id: [await report(api, job_id, 10)] for job_id in jobs}
+    epochs = {job_id: (await api.get(f"/v1/jobs/{job_id}")).json()["epoch"] for job_id in jobs}
+    legacy = "1,," + ",".join(f"{j}~{epochs[j]}~{seen[j][-1]}" for j in jobs)
+    moved = await report(api, a, 40)
+    stream = streams(server.url, query(*jobs, token=make_token("alice")), {"Last-Event-ID": legacy})
+    await stream.wait(lambda s: s.has_seq(a, moved))
+    final = await finish(api, b)
+    await stream.wait(lambda s: s.has_seq(b, final))
+    assert stream.seqs(a) == [moved] and stream.seqs(b) == [final]
+    assert stream.last_id.startswith("2.")  # new events carry the new cursor
+
+
+async def test_hostile_cursors_are_refused_or_resync_never_skip(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    jobs = [await new_job(api) for _ in range(2)]
+    token = make_token("alice")
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for bad in (
+            "2." + "9" * 19,  # a watermark of 19 digits
+            "2..AAAAAAAA" + "9" * 19,  # a seq of 19 digits
+            "2..AAAA$AAA1",
+            "2.." + ".".join(f"{i:08}1" for i in range(201)),  # 2 x 100 entries at most
+            "2.." + "A" * 20_000,  # far too long: refused before it is matched
+            "2,,AAAAAAAA1",
+        ):
+            for where in ("header", "query"):
+                reply = await client.get(
+                    query(*jobs, token=token, **({"last_event_id": bad} if where == "query" else {})),
+                    headers={"Last-Event-ID": bad} if where == "header" else {},
+                )
+                assert reply.status_code == 422, (bad[:40], where, reply.text)
+                error = reply.json()["error"]
+                assert error["field"] == ("Last-Event-ID" if where == "header" else "last_event_id")
+    # A well-formed cursor whose keys name none of the stream's jobs (forged, or from
+    # another stream) is a cursor that names nothing: every job starts from its current
+    # state.
+    forged = "2..AAAAAAAA99.BBBBBBBB99"
+    stream = streams(server.url, query(*jobs, token=token), {"Last-Event-ID": forged})
+    await stream.wait(lambda s: all(s.has_seq(j, 1) for j in jobs))
 
 
 # --- follow=active -----------------------------------------------------------------------

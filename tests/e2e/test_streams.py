@@ -71,7 +71,7 @@ async def test_websocket_and_sse_watchers_receive_the_same_states(
 
         async def sse_seq(seq: int) -> None:
             async with asyncio.timeout(10), sse_progress:
-                await sse_progress.wait_for(lambda: bool(sse_states) and int(sse_states[-1].id or 0) >= seq)
+                await sse_progress.wait_for(lambda: bool(sse_states) and _seq_of(sse_states[-1]) >= seq)
 
         await sse_seq(1)
         expected_seq = 1
@@ -96,7 +96,9 @@ async def test_websocket_and_sse_watchers_receive_the_same_states(
         sse_json = [e.json() for e in sse_states]
         assert ws_states == sse_json
         assert [e.event for e in sse_states] == ["state"] * len(sse_states)
-        assert [int(e.id or 0) for e in sse_states] == list(range(1, expected_seq + 1))
+        assert [_seq_of(e) for e in sse_states] == list(range(1, expected_seq + 1))
+        # The id is the seq and its epoch, so a resume after a store loss is recognised.
+        assert all(e.id == f"{e.json()['seq']}.{e.json()['epoch']}" for e in sse_states)
         for state in ws_states:
             assert {"phase", "phase_progress", "progress"} <= state.keys()
         phases = [s["phase"] for s in ws_states]
@@ -115,3 +117,8 @@ async def test_websocket_and_sse_watchers_receive_the_same_states(
         assert messages["POST_PROCESSING"] == "Lettering"
         assert ws_states[4]["steps"]["panel-1"] == {"progress": 100.0, "status": "done"}
         await ws.close()
+
+
+def _seq_of(event: SSEEvent) -> int:
+    """The seq of a per-job stream's event id (``<seq>.<epoch>``)."""
+    return int((event.id or "0").split(".")[0])

@@ -229,7 +229,7 @@ class PhasecastClient:
                                  epoch=epoch)
         else:
             link = SSELink(self.http, job_id, since, token, open_timeout=self.open_timeout,
-                           idle_timeout=self.idle_timeout)
+                           idle_timeout=self.idle_timeout, epoch=epoch)
         events = link.events()
         refresher: asyncio.Task[None] | None = None
         # An SSE stream cannot change its token: when the token is due for refresh the stream

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -207,10 +208,11 @@ class SSELink:
     transport: Transport = "sse"
 
     def __init__(self, http: httpx.AsyncClient, job_id: str, since: int, token: Token | None, *,
-                 open_timeout: float, idle_timeout: float) -> None:
+                 open_timeout: float, idle_timeout: float, epoch: str | None = None) -> None:
         self.http = http
         self.job_id = job_id
         self.since = since
+        self.epoch = epoch  # of the state at ``since``: a job made again after a store loss is sent in full
         self.token = token
         self.timeout = httpx.Timeout(open_timeout, read=idle_timeout)
         self._response: httpx.Response | None = None
@@ -221,10 +223,16 @@ class SSELink:
     async def events(self) -> AsyncGenerator[LinkEvent, None]:
         headers = {} if self.token is None else {"Authorization": f"Bearer {self.token.value}"}
         url = f"/v1/jobs/{quote(self.job_id, safe='')}/events"
+        # The resume point is the stream's own event id, ``<seq>.<epoch>``, when the epoch is
+        # known (the server then recognises a job made again after a store loss); the seq alone
+        # otherwise.
+        params: dict[str, str | int] = {"since": self.since}
+        if self.since and self.epoch is not None and _EPOCH.fullmatch(self.epoch):
+            params = {"last_event_id": f"{self.since}.{self.epoch}"}
         opened = False
         try:
             async with httpx_sse.aconnect_sse(
-                self.http, "GET", url, params={"since": self.since}, headers=headers, timeout=self.timeout,
+                self.http, "GET", url, params=params, headers=headers, timeout=self.timeout,
             ) as source:
                 self._response = source.response
                 if source.response.status_code == 204:
@@ -264,6 +272,9 @@ class SSELink:
         if self._response is not None:
             await self._response.aclose()
             self._response = None
+
+
+_EPOCH = re.compile(r"[A-Za-z0-9]{1,32}")  # what an epoch in a per-job event id may be
 
 
 def _reason(exc: BaseException) -> str:

@@ -14,8 +14,9 @@ import struct
 from typing import Any
 
 from phasecast.engines.base import Change
+from phasecast.server.sse_cursor import cursor_prefix, epoch_of
 from phasecast.server.sse_cursor import entry as cursor_entry
-from phasecast.server.sse_cursor import epoch_of
+from phasecast.server.sse_cursor import event_id as sse_event_id
 
 OP_TEXT = 0x1
 OP_CLOSE = 0x8
@@ -89,13 +90,14 @@ SSE_HEARTBEAT = b": ping\n\n"
 
 
 def sse_event(change: Change) -> bytes:
-    """``id: <seq>`` / ``event: state`` / ``data: <state>`` for ``change``, encoded once
-    (the per-job stream, whose ``id`` is the seq)."""
+    """``id: <seq>.<epoch>`` / ``event: state`` / ``data: <state>`` for ``change``, encoded
+    once (the per-job stream, whose ``id`` is the seq and its epoch: server/sse_cursor.py)."""
     wire = _wire(change)
     event: bytes | None = wire.get("sse")
     if event is None:
+        event_id = sse_event_id(change.seq, epoch_of(change.state_json))
         event = wire["sse"] = (
-            f"id: {change.seq}\nevent: state\ndata: {change.state_json}\n\n".encode()
+            f"id: {event_id}\nevent: state\ndata: {change.state_json}\n\n".encode()
         )
     return event
 
@@ -119,6 +121,17 @@ def sse_state_body(change: Change) -> bytes:
     if body is None:
         body = wire["sse_body"] = b"event: state\ndata: " + change.state_json.encode() + b"\n"
     return body
+
+
+def sse_multiplexed_head(change: Change) -> bytes:
+    """``sse_state_body(change)`` followed by the start of the ``id:`` line of a multiplexed
+    stream without a watermark (every ``job=`` stream): each such stream then adds only its
+    cursor's entries, so a delivery is one formatting of three byte strings. Encoded once."""
+    wire = _wire(change)
+    head: bytes | None = wire.get("sse_mux_head")
+    if head is None:
+        head = wire["sse_mux_head"] = sse_state_body(change) + cursor_prefix(0)
+    return head
 
 
 def sse_cursor_entry(change: Change) -> bytes:

@@ -1,41 +1,73 @@
-"""The resume cursor of a multiplexed SSE stream (``GET /v1/events``).
+"""Resume points of the SSE routes: the multiplexed stream's cursor, the per-job stream's id.
 
-Clients treat it as opaque: they keep the ``id:`` of the last event they received and send it
-back (``Last-Event-ID`` or ``?last_event_id=``). It records, for each job of the stream, the
-epoch and seq of the last state delivered, so a resumed stream sends each job only what is
-newer. A ``follow=active`` stream also records when it last looked for new jobs (the
-watermark), so jobs created while the client was away are not missed.
+Clients treat both as opaque: they keep the ``id:`` of the last event they received and send
+it back (``Last-Event-ID`` or ``?last_event_id=``).
 
-Format (version 1; the server may change it, a client never parses it)::
+**The cursor of ``GET /v1/events``** records, for each job of the stream, which state of it
+the client has: a *key* naming the job and its epoch together, and the seq. A resumed stream
+sends each job only what is newer. A ``follow=active`` stream also records when it last
+looked for new jobs (the watermark), so jobs created while the client was away are not
+missed. Format (version 2; the server may change it, a client never parses it)::
 
-    1,<watermark>,<job_id>~<epoch>~<seq>,<job_id>~<epoch>~<seq>,…
+    2.<watermark>.<key><seq>.<key><seq>…
 
-Job ids never contain ``,`` or ``~`` (``model.JOB_ID_PATTERN``), epochs are letters and digits,
-so the text needs no escaping and is safe in an ``id:`` line, a header and a query string.
+``<key>`` is 8 URL-safe base64 characters, the first 48 bits of BLAKE2b over the job's epoch
+and id; ``<seq>`` its digits; the watermark is empty except on follow streams. An entry costs
+about a dozen characters whatever the length of the job id (a 128-character id cost 150 in
+version 1), the text needs no escaping in an ``id:`` line, a header or a query string (``.``,
+``-`` and ``_`` are unreserved), and it is the same for every stream, so it is made once per
+change. The key cannot be read back into a job id: the server matches it against the jobs it
+is asked to stream (``job=``) or finds (``follow=active``), hashing each with its current
+epoch. A job lost by the store and made again has a new epoch, so its key no longer matches
+and it starts from its full current state, as a job the cursor does not name. Two jobs of one
+stream with the same key (one chance in 2^48 per pair) are both treated as not named: their
+states are sent again, never skipped.
+
+Version 1 cursors (``1,<watermark>,<job_id>~<epoch>~<seq>,…``, written before) are still
+read, so a client that reconnects across an upgrade resumes as before.
+
+**The per-job stream's id** (``GET /v1/jobs/{id}/events``) is ``<seq>.<epoch>``: the seq, and
+the epoch it belongs to, so a resume after a store loss is recognised (another epoch: the
+full current state is sent). A bare ``<seq>`` (the id written before, or ``?since=``) is
+read as a seq of an unknown epoch.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from phasecast.errors import InvalidUpdate
 from phasecast.model import JOB_ID_PATTERN
 
-VERSION = "1"
-# A job id is at most 128 characters, an epoch 32, a seq 18 digits, plus separators.
-MAX_ENTRY_CHARS = 128 + 32 + 18 + 3
+VERSION = "2"
+KEY_CHARS = 8
+MAX_SEQ_DIGITS = 18
+# What an epoch may be for the server to put it in an id (``model.new_epoch`` makes 12 hex
+# digits); a state with any other epoch gets ids without it.
+EPOCH_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")
 _JOB_MARKER = ',"epoch":"'
 _JOB_ID = JOB_ID_PATTERN.pattern.removeprefix("^").removesuffix("$")
+
+_V2 = rf"2\.[0-9]{{0,18}}(?:\.[A-Za-z0-9_-]{{{KEY_CHARS}}}[0-9]{{1,18}})*"
+_V1 = rf"1,[0-9]{{0,18}}(?:,(?:{_JOB_ID}~[A-Za-z0-9]{{1,32}}~[0-9]{{1,18}})?)*"
 # Everything a cursor may look like (published in the OpenAPI document, checked first).
-CURSOR_PATTERN = re.compile(
-    rf"{VERSION},[0-9]{{0,18}}(?:,(?:{_JOB_ID}~[A-Za-z0-9]{{1,32}}~[0-9]{{1,18}})?)*"
-)
+CURSOR_PATTERN = re.compile(rf"{_V2}|{_V1}")
+# Bounds checked before any other work: a version 2 entry is 1 + 8 + 18 characters at most;
+# a version 1 entry (job id 128, epoch 32, seq 18, separators) 182.
+_V2_ENTRY_CHARS = 1 + KEY_CHARS + MAX_SEQ_DIGITS
+_V1_ENTRY_CHARS = 128 + 32 + 18 + 4
+
+# The per-job stream's id: empty (no resume point), ``<seq>`` or ``<seq>.<epoch>``.
+SEQ_RESUME_PATTERN = re.compile(r"(?:[0-9]{1,18}(?:\.[A-Za-z0-9]{1,32})?)?")
 
 
 @dataclass(slots=True, frozen=True)
 class Mark:
-    """What a client has of one job: the state with this epoch and seq."""
+    """What a client has of one job: the state with this epoch and seq ("" when the resume
+    point did not say which epoch)."""
 
     epoch: str
     seq: int
@@ -43,17 +75,39 @@ class Mark:
 
 @dataclass(slots=True)
 class Cursor:
-    marks: dict[str, Mark]
+    """A parsed cursor: marks by job id (version 1) or seqs by key (version 2)."""
+
+    marks: dict[str, Mark] = field(default_factory=dict)
+    keyed: dict[str, int] = field(default_factory=dict)
     watermark: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.marks and not self.keyed
+
+    def mark(self, job_id: str, epoch: str) -> Mark | None:
+        """What the cursor says the client has of ``job_id`` in ``epoch`` (its current
+        one), or None if it names no state of that job and epoch."""
+        found = self.marks.get(job_id)
+        if found is not None:
+            return found
+        seq = self.keyed.get(job_key(job_id, epoch))
+        return None if seq is None else Mark(epoch, seq)
+
+
+def job_key(job_id: str, epoch: str) -> str:
+    """The 8-character key of a job and epoch in a cursor."""
+    digest = hashlib.blake2b(f"{epoch}\x00{job_id}".encode(), digest_size=6).digest()
+    return base64.urlsafe_b64encode(digest).decode()
 
 
 def entry(job_id: str, epoch: str, seq: int) -> str:
-    """One job's part of a cursor."""
-    return f"{job_id}~{epoch}~{seq}"
+    """One job's part of a cursor, its separator first: ``.<key><seq>``."""
+    return f".{job_key(job_id, epoch)}{seq}"
 
 
 def format_cursor(watermark: int, entries: list[str]) -> str:
-    return f"{VERSION},{watermark or ''}," + ",".join(entries)
+    return f"{VERSION}.{watermark or ''}" + "".join(entries)
 
 
 _PREFIXES: dict[int, bytes] = {}
@@ -61,13 +115,13 @@ _PREFIXES: dict[int, bytes] = {}
 
 def cursor_prefix(watermark: int) -> bytes:
     """``id: `` and the cursor up to its first entry, as bytes: ``cursor_prefix(w) +
-    b",".join(entries)`` is the ``id:`` line of ``format_cursor(w, entries)`` (the
-    streams of one process share a few watermarks at a time, so they are kept)."""
+    b"".join(entries)`` is the ``id:`` line of ``format_cursor(w, entries)`` (the streams of
+    one process share a few watermarks at a time, so they are kept)."""
     prefix = _PREFIXES.get(watermark)
     if prefix is None:
         if len(_PREFIXES) > 1024:
             _PREFIXES.clear()
-        prefix = _PREFIXES[watermark] = f"id: {VERSION},{watermark or ''},".encode()
+        prefix = _PREFIXES[watermark] = f"id: {VERSION}.{watermark or ''}".encode()
     return prefix
 
 
@@ -82,9 +136,28 @@ def epoch_of(state_json: str) -> str:
     return state_json[start : state_json.find('"', start)]
 
 
+def event_id(seq: int, epoch: str) -> str:
+    """The per-job stream's id of a state: ``<seq>.<epoch>``, or ``<seq>`` for an epoch
+    that does not fit an id."""
+    return f"{seq}.{epoch}" if EPOCH_PATTERN.fullmatch(epoch) else str(seq)
+
+
+def parse_event_id(text: str) -> Mark | None:
+    """A per-job stream's resume point, already checked against ``SEQ_RESUME_PATTERN``;
+    None when empty."""
+    if not text:
+        return None
+    seq, _, epoch = text.partition(".")
+    return Mark(epoch, int(seq))
+
+
 def parse_cursor(text: str, *, field: str, max_jobs: int) -> Cursor:
     """Parse a cursor the server made; anything else is refused with 422, naming ``field``."""
-    if len(text) > 32 + max_jobs * (MAX_ENTRY_CHARS + 1):
+    # A follow=active stream's cursor names its open jobs (at most max_jobs) and as many
+    # that ended recently; an explicit list's, at most max_jobs.
+    max_entries = 2 * max_jobs
+    per_entry = _V2_ENTRY_CHARS if text.startswith("2.") else _V1_ENTRY_CHARS
+    if len(text) > 2 + MAX_SEQ_DIGITS + max_entries * per_entry:
         raise InvalidUpdate(field, f"is too long for a stream of at most {max_jobs} jobs")
     if not CURSOR_PATTERN.fullmatch(text):
         raise InvalidUpdate(
@@ -92,15 +165,18 @@ def parse_cursor(text: str, *, field: str, max_jobs: int) -> Cursor:
             "is not a cursor of GET /v1/events: send back the id of the last event received, "
             "unchanged (or leave it out to start from each job's current state)",
         )
-    parts = text.split(",")
-    raw_watermark = parts[1]
-    marks: dict[str, Mark] = {}
-    for raw in parts[2:]:
-        if not raw:
-            continue
-        job_id, epoch, seq = raw.split("~")
-        # The server never names a job twice; if a cursor does, the last entry counts.
-        marks[job_id] = Mark(epoch, int(seq))
-    if len(marks) > max_jobs:
-        raise InvalidUpdate(field, f"names more than {max_jobs} jobs")
-    return Cursor(marks, int(raw_watermark) if raw_watermark else 0)
+    version = text[0]
+    parts = text.split("." if version == "2" else ",")
+    entries = [raw for raw in parts[2:] if raw]
+    if len(entries) > max_entries:
+        raise InvalidUpdate(field, f"names more than {max_entries} jobs")
+    cursor = Cursor(watermark=int(parts[1]) if parts[1] else 0)
+    # The server never names a job twice; if a cursor does, its last entry counts.
+    if version == "2":
+        for raw in entries:
+            cursor.keyed[raw[:KEY_CHARS]] = int(raw[KEY_CHARS:])
+    else:
+        for raw in entries:
+            job_id, epoch, seq = raw.split("~")
+            cursor.marks[job_id] = Mark(epoch, int(seq))
+    return cursor
