@@ -141,8 +141,8 @@ describe('ProgressClient over WebSocket', () => {
     const second = FakeWebSocket.last;
     second.open();
     expect(second.subscriptions()).toEqual([
-      { op: 'subscribe', job_id: 'comic-1', since: 4 },
-      { op: 'subscribe', job_id: 'comic-2', since: 9 },
+      { op: 'subscribe', job_id: 'comic-1', since: 4, epoch: 'e1' },
+      { op: 'subscribe', job_id: 'comic-2', since: 9, epoch: 'e1' },
     ]);
     second.receive({ type: 'subscribed', job_id: 'comic-1' });
     expect(client.getConnection()).toMatchObject({ status: 'open', error: null });
@@ -261,7 +261,7 @@ describe('ProgressClient over WebSocket', () => {
     socket.serverClose(1006);
     await vi.advanceTimersByTimeAsync(250);
     FakeWebSocket.last.open();
-    expect(FakeWebSocket.last.subscriptions()).toEqual([{ op: 'subscribe', job_id: 'comic-1', since: 2 }]);
+    expect(FakeWebSocket.last.subscriptions()).toEqual([{ op: 'subscribe', job_id: 'comic-1', since: 2, epoch: 'e1' }]);
     client.close();
   });
 
@@ -352,7 +352,7 @@ describe('fallback to SSE and polling', () => {
     expect(FakeWebSocket.instances.length).toBe(socketsBefore + 1);
     const probe = FakeWebSocket.last;
     probe.open();
-    expect(probe.subscriptions()).toEqual([{ op: 'subscribe', job_id: 'comic-1', since: 3 }]);
+    expect(probe.subscriptions()).toEqual([{ op: 'subscribe', job_id: 'comic-1', since: 3, epoch: 'e1' }]);
     probe.receive({ type: 'subscribed', job_id: 'comic-1' });
     expect(client.getConnection()).toMatchObject({ status: 'open', transport: 'websocket' });
     expect(source.closed).toBe(true);
@@ -552,6 +552,77 @@ describe('multiplexed SSE on fallback', () => {
     FakeEventSource.last.open();
     FakeEventSource.last.state(job({ seq: 8 }), 'C8');
     expect(seen).toEqual([7, 8]);
+    client.close();
+  });
+
+  it('a 204 (nothing left to send) after a store loss is no failure: the final state is read and shown', async () => {
+    // The client shows comic-1 at seq 5 (epoch e1). The store lost the job; it was made
+    // again (epoch e2) and has ended at seq 3, which the last stream delivered with its cursor
+    // C-end before the connection dropped. Resuming from C-end the server has nothing left to
+    // send: 204, which an EventSource reports as a plain error.
+    const finalState = job({ seq: 3, phase: 'COMPLETE', progress: 100, epoch: 'e2', updated_at: '2026-11-29T05:00:00.000Z' });
+    const requests: string[] = [];
+    const fetch = fakeFetch((url) => {
+      requests.push(url);
+      if (url.includes('/v1/events?')) return new Response(null, { status: 204 });
+      if (url.endsWith('/v1/jobs/comic-1')) return jsonResponse(finalState);
+      return new Error(`unexpected ${url}`);
+    });
+    const client = makeClient({ fetch: fetch as unknown as FetchLike, wsProbeIntervalMs: 600_000, sseFailuresBeforePolling: 1 });
+    const { seen } = watch(client, 'comic-1');
+    await onSse(client);
+    const first = FakeEventSource.last;
+    first.open();
+    first.state(job({ seq: 5 }), 'C5');
+    first.fail(); // the connection drops
+    await vi.advanceTimersByTimeAsync(2_000);
+    const second = FakeEventSource.last;
+    expect(second).not.toBe(first);
+    expect(second.params.get('last_event_id')).toBe('C5');
+    second.refuse();
+    await settle();
+    // Asked once which refusal it was (204), then read the job: no polling, no backoff.
+    expect(requests[0]).toBe(second.url);
+    expect(requests.slice(1)).toEqual(['http://phasecast.test/v1/jobs/comic-1']);
+    expect(seen).toEqual([5, 3]); // the new epoch's final state, though its seq is lower
+    expect(client.getJob('comic-1').state).toMatchObject({ phase: 'COMPLETE', epoch: 'e2' });
+    expect(client.getConnection().status).toBe('closed');
+    expect(client.getConnection().transport).not.toBe('polling');
+    expect(client.pendingTimers).toBe(0);
+    client.close();
+  });
+
+  it('a 204 for a job still running reopens at once without the cursor (full resync)', async () => {
+    const running = job({ seq: 2, epoch: 'e2', updated_at: '2026-11-29T05:00:00.000Z' });
+    const fetch = fakeFetch((url) => (url.includes('/v1/events?') ? new Response(null, { status: 204 }) : jsonResponse(running)));
+    const client = makeClient({ fetch: fetch as unknown as FetchLike, wsProbeIntervalMs: 600_000, sseFailuresBeforePolling: 1 });
+    const { seen } = watch(client, 'comic-1');
+    await onSse(client);
+    FakeEventSource.last.open();
+    FakeEventSource.last.state(job({ seq: 5 }), 'C5');
+    FakeEventSource.last.fail();
+    await vi.advanceTimersByTimeAsync(2_000);
+    const before = FakeEventSource.instances.length;
+    FakeEventSource.last.refuse();
+    await settle();
+    expect(seen).toEqual([5, 2]);
+    expect(FakeEventSource.instances).toHaveLength(before + 1);
+    expect(FakeEventSource.last.params.get('last_event_id')).toBeNull();
+    expect(client.getConnection()).toMatchObject({ status: 'fallback', transport: 'sse' });
+    client.close();
+  });
+
+  it('any other refusal before the stream opens still counts as a failed attempt', async () => {
+    const fetch = fakeFetch((url) => (url.includes('/v1/events?') ? jsonResponse({ error: { code: 'unauthorized', message: 'no' } }, 401) : new Error('down')));
+    const client = makeClient({ fetch: fetch as unknown as FetchLike, wsProbeIntervalMs: 600_000, sseFailuresBeforePolling: 1 });
+    watch(client, 'comic-1');
+    await onSse(client);
+    const errors: unknown[] = [];
+    client.onConnectionChange(() => errors.push(client.getConnection().lastError));
+    FakeEventSource.last.refuse();
+    await settle();
+    expect(errors[0]).toMatchObject({ code: 'sse_failed', status: 401 });
+    expect(client.getConnection()).toMatchObject({ transport: 'polling' }); // one failure was the limit here
     client.close();
   });
 

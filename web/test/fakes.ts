@@ -85,22 +85,35 @@ export class FakeEventSource extends FakeEmitter {
   }
 
   closed = false;
+  /** As a browser's: 0 connecting, 1 open, 2 closed for good. */
+  readyState = 0;
   constructor(readonly url: string) {
     super();
     FakeEventSource.instances.push(this);
   }
   close(): void {
     this.closed = true;
+    this.readyState = 2;
   }
   open(): void {
+    this.readyState = 1;
     this.emit('open', {});
+  }
+  /**
+   * The server answered without a stream (an HTTP error, or 204 No Content): a browser's
+   * EventSource closes for good and fires `error`, whatever the status.
+   */
+  refuse(): void {
+    this.readyState = 2;
+    this.emit('error', {});
   }
   /** `cursor`: the multiplexed stream's opaque event id. */
   state(job: JobState, cursor = `cursor-${job.job_id}-${job.seq}`): void {
     this.emit('state', { data: JSON.stringify(job), lastEventId: cursor });
   }
-  /** The EventSource's own network error (no data). */
+  /** The EventSource's own network error (no data); it would reconnect by itself. */
   fail(): void {
+    this.readyState = 0;
     this.emit('error', {});
   }
   /** The server's `event: error` about one job (a MessageEvent with data). */

@@ -123,6 +123,7 @@ export class ProgressClient {
     this.ctx = {
       baseUrl: baseUrl.replace(/\/+$/, ''),
       since: (jobId) => this.entries.get(jobId)?.lastSeq ?? 0,
+      epoch: (jobId) => this.entries.get(jobId)?.snapshot.state?.epoch ?? null,
       timers: this.timers,
       pingTimeoutMs: positive(options.pingTimeoutMs ?? 35_000, 'pingTimeoutMs'),
       pollIntervalMs: positive(options.pollIntervalMs ?? 2_000, 'pollIntervalMs'),
@@ -313,10 +314,19 @@ export class ProgressClient {
     this.probe?.remove(jobId, tellServer);
   }
 
-  /** Accept a state only if it is newer than what we have: the one rule that keeps the UI monotonic. */
+  /**
+   * Accept a state only if it is newer than what we have: the one rule that keeps the UI
+   * monotonic. Newer means a higher `seq` of the same epoch; a state of another `epoch` (the
+   * store lost the job's history and it was made again or restored) counts from its own
+   * seq and is taken if it was written later than the one we have, so a late answer about
+   * the old epoch cannot bring it back.
+   */
   private accept(job: JobState): void {
     const entry = this.entries.get(job.job_id);
-    if (!entry || job.seq <= entry.lastSeq) return;
+    if (!entry) return;
+    const current = entry.snapshot.state;
+    const otherEpoch = current !== null && current.epoch !== job.epoch;
+    if (otherEpoch ? Date.parse(job.updated_at) <= Date.parse(current.updated_at) : job.seq <= entry.lastSeq) return;
     entry.lastSeq = job.seq;
     entry.snapshot = { state: job, error: null };
     this.jobRetries.get(job.job_id)?.cancel?.();
@@ -487,6 +497,7 @@ export class ProgressClient {
   private handleEnd(end: LinkEnd): void {
     this.cancelRefresh?.();
     this.cancelRefresh = null;
+    if (end.resync) this.sseCursor = null;
     if (this.activeJobIds().length === 0) {
       this.goIdle();
       return;

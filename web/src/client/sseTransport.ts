@@ -1,6 +1,9 @@
-import { isTerminalPhase } from './types';
-import { isJobState, type EventSourceLike, type LinkEnd, type Transport, type TransportContext, type TransportEvents } from './transport';
-import { redactToken } from './urls';
+import { isTerminalPhase, type JobState } from './types';
+import { describeError, isJobState, type EventSourceLike, type LinkEnd, type Transport, type TransportContext, type TransportEvents } from './transport';
+import { apiUrl, jobPath, redactToken } from './urls';
+
+/** `EventSource.CLOSED`: the server answered, but not with a stream (an HTTP error or 204). */
+const CLOSED = 2;
 
 /**
  * Every watched job on ONE EventSource: `GET /v1/events?job=a&job=b…` (a browser has only
@@ -81,14 +84,14 @@ export class SseTransport implements Transport {
         }
         return;
       }
-      this.end({
-        error: {
-          code: 'sse_failed',
-          message: `The event stream ${redactToken(url)} failed${this.opened ? ' after it had opened' : ' to open'} (network error, or an HTTP error such as 401/404 before the stream started).`,
-        },
-        healthyBefore: this.opened,
-        reason: 'failed',
-      });
+      if (!this.opened && source.readyState === CLOSED) {
+        // Answered without a stream: an HTTP error (401, 422, 503…) or 204 No Content, which
+        // the EventSource reports alike. Ask once which it was.
+        source.close();
+        void this.refusedOrDone(url);
+        return;
+      }
+      this.failed(url);
     });
     source.addEventListener('expired', (event: MessageEvent) => {
       if (this.finished) return;
@@ -129,6 +132,77 @@ export class SseTransport implements Transport {
     this.finished = true;
     this.source?.close();
     this.source = null;
+  }
+
+  private failed(url: string, status?: number): void {
+    this.end({
+      error: {
+        code: 'sse_failed',
+        message: `The event stream ${redactToken(url)} failed${this.opened ? ' after it had opened' : ' to open'} (${
+          status === undefined ? 'network error, or an HTTP error such as 401/404 before the stream started' : `HTTP ${status} before the stream started`
+        }).`,
+        ...(status === undefined ? {} : { status }),
+      },
+      healthyBefore: this.opened,
+      reason: 'failed',
+    });
+  }
+
+  /**
+   * The stream was answered without events. `204 No Content` means the server has nothing
+   * left to send: the cursor says the client already has the terminal state of every job
+   * of the stream, which happens when the client's view and the cursor disagree (after the
+   * store lost jobs and made them again, say). That is no failure: read each job's current
+   * state once over REST, then end so the client reopens without the cursor (a full resync)
+   * for whatever is still running. Anything else is a failed attempt, as before.
+   */
+  private async refusedOrDone(url: string): Promise<void> {
+    const fetchFn = this.ctx.fetch;
+    let status: number | undefined;
+    if (fetchFn) {
+      const controller = new AbortController();
+      try {
+        const response = await fetchFn(url, { headers: { Accept: 'text/event-stream' }, signal: controller.signal, cache: 'no-store' });
+        status = response.status;
+      } catch {
+        status = undefined;
+      }
+      controller.abort(); // a stream that opened after all is not read
+    }
+    if (this.finished) return;
+    if (status !== 204 || !fetchFn) {
+      this.failed(url, status);
+      return;
+    }
+    const read = await Promise.all([...this.jobs].map((jobId) => this.readJob(jobId)));
+    if (this.finished) return;
+    const problem = read.find((result): result is string => typeof result === 'string');
+    if (problem !== undefined) {
+      this.end({ error: { code: 'sse_failed', message: problem }, healthyBefore: false, reason: 'failed', resync: true });
+      return;
+    }
+    for (const job of read as JobState[]) {
+      if (isTerminalPhase(job.phase)) this.jobs.delete(job.job_id);
+      this.events.state(job);
+      if (this.finished) return;
+    }
+    this.end({ error: null, healthyBefore: false, reason: 'finished', resync: true });
+  }
+
+  /** `GET /v1/jobs/{id}`: the job's state, or what went wrong. */
+  private async readJob(jobId: string): Promise<JobState | string> {
+    const url = apiUrl(this.ctx.baseUrl, jobPath(jobId));
+    try {
+      const response = await this.ctx.fetch!(url, {
+        headers: this.token ? { Authorization: `Bearer ${this.token}`, Accept: 'application/json' } : { Accept: 'application/json' },
+        cache: 'no-store',
+      });
+      if (!response.ok) return `Reading ${url} after the stream had nothing left to send answered ${response.status}.`;
+      const job: unknown = await response.json();
+      return isJobState(job) ? job : `Reading ${url} returned something that is not a job state.`;
+    } catch (error) {
+      return `Reading ${url} failed: ${describeError(error)}.`;
+    }
   }
 
   private end(end: LinkEnd): void {

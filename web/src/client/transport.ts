@@ -12,6 +12,8 @@ export type WebSocketFactory = new (url: string) => WebSocketLike;
 
 /** The subset of the browser EventSource the client uses. */
 export interface EventSourceLike {
+  /** 0 connecting, 1 open, 2 closed (for good: the server answered with something else than a stream). */
+  readonly readyState?: number;
   close(): void;
   addEventListener(type: string, listener: (event: never) => void): void;
 }
@@ -35,6 +37,11 @@ export interface LinkEnd {
    * - `failed`: anything else (network, server restart, dead link, blocked WebSocket).
    */
   reason: 'refused' | 'forbidden' | 'expired' | 'failed' | 'finished';
+  /**
+   * The SSE cursor no longer matches what the client has (the server answered 204, nothing
+   * left to send, for jobs the client still watches): the next stream starts without it.
+   */
+  resync?: boolean;
 }
 
 /** What a transport reports to the ProgressClient. Nothing after `ended`. */
@@ -57,6 +64,8 @@ export interface TransportContext {
   baseUrl: string;
   /** Last seq the client has for a job, 0 when it has none. */
   since(jobId: string): number;
+  /** The epoch of the state `since` belongs to (null before any), sent with it on resume. */
+  epoch(jobId: string): string | null;
   timers: TimerSet;
   pingTimeoutMs: number;
   pollIntervalMs: number;

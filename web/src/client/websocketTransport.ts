@@ -154,7 +154,9 @@ export class WebSocketTransport implements Transport {
 
   private sendSubscribe(jobId: string): void {
     const since = this.ctx.since(jobId);
-    this.send(since > 0 ? { op: 'subscribe', job_id: jobId, since } : { op: 'subscribe', job_id: jobId });
+    const epoch = this.ctx.epoch(jobId);
+    // With the epoch, a resume after a store loss is recognised (the server sends the full state).
+    this.send(since > 0 ? { op: 'subscribe', job_id: jobId, since, ...(epoch ? { epoch } : {}) } : { op: 'subscribe', job_id: jobId });
   }
 
   private send(message: Record<string, unknown>): void {
