@@ -202,7 +202,8 @@ def run_ingest(args: argparse.Namespace, results: dict[str, Any]) -> None:
     the same HTTP work with nothing else, on Redis) in the same interleaved invocation."""
     engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
     modes = ["http", "batch", "tracker"] if args.mode == "all" else [args.mode]
-    floors = [f"floor-{kind}" for kind in str(getattr(args, "floor", "raw,asgi")).split(",") if kind and kind != "none"]
+    floors = [f"floor-{kind}" for kind in str(getattr(args, "floor", "raw,rawpipe,asgi")).split(",")
+              if kind and kind != "none"]
     systems = [f"phasecast-{engine}" for engine in engines] + floors
     baseline = getattr(args, "baseline_src", None)
     if baseline:
@@ -424,8 +425,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ing.add_argument("--profile", help="record the server with py-spy into this directory")
     ing.add_argument(
-        "--floor", default="raw,asgi",
-        help="floor servers run beside Phasecast (bench/ingest_floor.py): raw, asgi, both as raw,asgi, or none",
+        "--floor", default="raw,rawpipe,asgi",
+        help="floor servers run beside Phasecast (bench/ingest_floor.py): any of raw, rawpipe, asgi "
+        "(comma-separated), or none",
     )
     ing.add_argument("--baseline-src", help="also run `phasecast serve` from this src/ directory, taking turns")
     ing.add_argument("--window", type=int, default=2, help="pipelined requests in flight per connection")

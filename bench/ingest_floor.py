@@ -1,7 +1,7 @@
 """The floor of HTTP progress ingest on this machine: the smallest servers that do the
 irreducible work of a report, so every Phasecast ingest figure has them beside it.
 
-``python -m bench.ingest_floor PORT REDIS_URL {asgi|raw}``
+``python -m bench.ingest_floor PORT REDIS_URL {asgi|raw|rawpipe}``
 
 Work per request, and nothing else (no auth, no rules, no logging, no metrics):
 
@@ -17,6 +17,8 @@ Two servers:
   on uvicorn pays at least.
 - ``raw``: an ``asyncio.Protocol`` on uvloop with httptools' parser and no ASGI at all;
   pipelined requests on a connection are answered in order by one task per burst.
+- ``rawpipe``: ``raw`` with the EVALSHAs of one event-loop turn sent as one redis-py
+  pipeline (one round trip shared by the reports of that turn), as Phasecast's engine does.
 
 Routes: ``POST /v1/jobs/{id}/progress`` (single) and ``POST /v1/progress`` (batch
 ``{"updates":[{"job_id":…},…]}``); anything else is answered 404.
@@ -45,9 +47,37 @@ BATCH = b"/v1/progress"
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, pipelined: bool = False) -> None:
         self.client = aioredis.Redis.from_url(url)
         self.sha = ""
+        # ``rawpipe``: the EVALSHAs of one event-loop turn go out in one redis-py pipeline
+        # (one round trip for all of them), as Phasecast's Redis engine sends its writes.
+        self.pipelined = pipelined
+        self.queue: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
+        self.flusher: asyncio.Task[None] | None = None
+
+    async def evalsha(self, keys: list[str], values: list[str]) -> Any:
+        if not self.pipelined:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *values)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((keys, values, future))
+        if self.flusher is None:
+            self.flusher = asyncio.get_running_loop().create_task(self.flush())
+        return await future
+
+    async def flush(self) -> None:
+        try:
+            while self.queue:
+                await asyncio.sleep(0)  # the rest of this loop turn's requests
+                batch, self.queue = self.queue, []
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for keys, values, _ in batch:
+                        pipe.evalsha(self.sha, len(keys), *keys, *values)
+                    results = await pipe.execute()
+                for (_, _, future), result in zip(batch, results, strict=True):
+                    future.set_result(result)
+        finally:
+            self.flusher = None
 
     async def start(self) -> None:
         self.sha = await self.client.script_load(SCRIPT)
@@ -57,13 +87,13 @@ class Store:
         if path.startswith(JOBS) and path.endswith(SUFFIX):
             data = json.loads(body)
             job = path[len(JOBS) : -len(SUFFIX)].decode()
-            await self.client.evalsha(self.sha, 1, PREFIX + job, str(data.get("phase_progress")))
+            await self.evalsha([PREFIX + job], [str(data.get("phase_progress"))])
             return SINGLE
         if path == BATCH:
             items = json.loads(body)["updates"]
             keys = [PREFIX + item["job_id"] for item in items]
             values = [str(item.get("phase_progress")) for item in items]
-            await self.client.evalsha(self.sha, len(keys), *keys, *values)
+            await self.evalsha(keys, values)
             return b'{"results":[' + b",".join([ITEM] * len(items)) + b"]}"
         return None
 
@@ -171,7 +201,7 @@ async def serve_raw(port: int, store: Store) -> None:
 
 def main() -> None:
     port, redis_url, kind = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    store = Store(redis_url)
+    store = Store(redis_url, pipelined=kind == "rawpipe")
     if kind == "asgi":
         import uvicorn
 
@@ -190,7 +220,7 @@ if __name__ == "__main__":
 
 
 def system(name: str, redis: Any) -> Any:
-    """``floor-asgi`` or ``floor-raw`` on ``redis`` (a ``PrivateRedis``), as a bench system."""
+    """``floor-asgi``, ``floor-raw`` or ``floor-rawpipe`` on ``redis`` (a ``PrivateRedis``), as a bench system."""
     import contextlib
     import subprocess
     import uuid

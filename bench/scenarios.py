@@ -55,7 +55,7 @@ def system_for(name: str, env: dict[str, str] | None = None, workers: int = 1) -
                 yield system
         elif name == "redis-floor":
             yield redis_floor(redis)
-        elif name in ("floor-asgi", "floor-raw"):
+        elif name in ("floor-asgi", "floor-raw", "floor-rawpipe"):
             from bench import ingest_floor
 
             with ingest_floor.system(name, redis) as system:

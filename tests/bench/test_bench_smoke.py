@@ -89,7 +89,7 @@ def test_ingest_reports_accepted_updates() -> None:
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("system", ["phasecast-sqlite", "floor-raw", "floor-asgi"])
+@pytest.mark.parametrize("system", ["phasecast-sqlite", "floor-raw", "floor-rawpipe", "floor-asgi"])
 @pytest.mark.parametrize("mode", ["http", "batch"])
 def test_ingest_floors_and_batches_count_every_report(system: str, mode: str) -> None:
     """The pipelining load generator against Phasecast and both floor servers: every report

@@ -170,6 +170,8 @@ async def test_a_plain_batch_is_answered_as_the_batch_route_answers(api: httpx.A
     ]
     reply = await api.post("/v1/progress", json={"updates": updates})
     assert reply.status_code == 200
+    # Encoded as json.dumps encodes (the thin path writes the results by hand).
+    assert reply.content == json.dumps(reply.json(), separators=(",", ":"), ensure_ascii=False).encode()
     results = reply.json()["results"]
     one = (await api.get(f"/v1/jobs/{first}")).json()
     two = (await api.get(f"/v1/jobs/{second}")).json()
