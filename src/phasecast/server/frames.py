@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from typing import Any
 
 from phasecast.engines.base import Change
@@ -66,12 +67,22 @@ def ws_text_frame(text: str) -> bytes:
 
 
 def ws_state_frame(change: Change) -> bytes:
-    """The complete text frame carrying ``change``'s state message, encoded once."""
+    """The complete text frame carrying ``change``'s state message, encoded once (and when,
+    on the monotonic clock: ``ws_state_sent_at``)."""
     wire = _wire(change)
     frame: bytes | None = wire.get("ws_frame")
     if frame is None:
         frame = wire["ws_frame"] = ws_text_frame(ws_state_text(change))
+        wire["ws_at"] = time.monotonic()
     return frame
+
+
+def ws_state_sent_at(change: Change) -> float:
+    """When ``change``'s frame was encoded, i.e. first written to a watcher (``time.monotonic``):
+    its watchers' writes follow within milliseconds."""
+    wire = _wire(change)
+    at: float | None = wire.get("ws_at")
+    return time.monotonic() if at is None else at
 
 
 def ws_close_frame(code: int, reason: str = "") -> bytes:

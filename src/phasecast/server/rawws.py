@@ -60,6 +60,7 @@ log = logging.getLogger("phasecast.ws")
 CLOSE_TIMEOUT = 5.0  # after our Close, how long the client has to answer before we hang up
 MAX_QUEUED_REQUESTS = 32  # client messages waiting for the session before reading pauses
 KEEPALIVE_TIMEOUT = 60.0  # seconds without a byte from a client before it is presumed gone
+PING_AFTER_SILENCE = KEEPALIVE_TIMEOUT / 2  # a client silent this long gets a Ping
 CLOSE_FRAME_BYTE = 0x80 | frames.OP_CLOSE
 
 ASGIMessage = dict[str, Any]
@@ -87,6 +88,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         "_heard_at",
         "_inbox",
         "_keepalive",
+        "_last_state",
         "_meter",
         "_paused",
         "_reading_paused",
@@ -137,6 +139,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self._fragments: list[bytes] | None = None
         self._fragment_text = False
         self._drained: asyncio.Future[None] | None = None
+        self._last_state: Change | None = None  # the newest state written (``last_state_at``)
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -281,12 +284,17 @@ class RawWebSocketProtocol(asyncio.Protocol):
         transport = self.transport
         if not self.open or transport is None or self._paused:
             return
-        if asyncio.get_running_loop().time() - self._heard_at > KEEPALIVE_TIMEOUT:
+        silent = asyncio.get_running_loop().time() - self._heard_at
+        if silent > KEEPALIVE_TIMEOUT:
             log.info("websocket closed: nothing heard for %.0f s", KEEPALIVE_TIMEOUT)
             self.open = False
             transport.abort()
             return
-        transport.write(b"\x89\x00")  # Ping, no payload: any Pong proves the client is there
+        if silent >= PING_AFTER_SILENCE:
+            # Ping, no payload: any Pong proves the client is there. Only once the client
+            # has been silent for half the timeout: a Ping and its Pong are a write and a
+            # read of their own per watcher, which a client heard from recently is spared.
+            transport.write(b"\x89\x00")
 
     def _direct(self, change: Change) -> bool:
         """``Mailbox.direct``: write the change's frame now, unless the socket is backed up
@@ -308,6 +316,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
             transport = self.transport
             assert transport is not None
             transport.write(frame)
+            self._last_state = change
             if change.terminal:
                 session.sent(change)
             else:
@@ -325,20 +334,35 @@ class RawWebSocketProtocol(asyncio.Protocol):
         mailbox = session.mailbox
         transport = self.transport
         assert transport is not None
+        out: list[bytes] = []
         if mailbox.control:
             for text in mailbox.take_control():
                 if text is frames.PING_TEXT:
-                    transport.write(frames.PING_FRAME)
+                    out.append(frames.PING_FRAME)
                 elif text is frames.PONG_TEXT:
-                    transport.write(frames.PONG_FRAME)
+                    out.append(frames.PONG_FRAME)
                 else:
-                    transport.write(frames.ws_text_frame(text))
+                    out.append(frames.ws_text_frame(text))
+        written: list[Change] = []
         if mailbox.has_pending:
             jobs = session.jobs
             for change in mailbox.take():
                 if change.job_id in jobs:
-                    transport.write(frames.ws_state_frame(change))
-                    session.sent(change)
+                    out.append(frames.ws_state_frame(change))
+                    written.append(change)
+        if not out:
+            return
+        # One write (one system call, one segment) for everything queued.
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        for change in written:
+            self._last_state = change
+            session.sent(change)
+
+    def last_state_at(self) -> float | None:
+        """``Link.last_state_at``: when the newest state written here went out
+        (``time.monotonic``), or None if none has."""
+        change = self._last_state
+        return None if change is None else frames.ws_state_sent_at(change)
 
     # --- reading ------------------------------------------------------------------------
 

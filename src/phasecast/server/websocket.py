@@ -120,6 +120,10 @@ class Link(Protocol):
     def keepalive(self) -> None:
         """Called once per ping interval: check that the peer is still there."""
 
+    def last_state_at(self) -> float | None:
+        """When (``time.monotonic``) the newest state message went out on this connection,
+        if the transport knows; None otherwise (the session then pings every interval)."""
+
 
 class Session:
     """The ``/v1/ws`` protocol for one connection, independent of how bytes move."""
@@ -197,12 +201,21 @@ class Session:
     def _ping(self) -> None:
         if self.closed:
             return
-        queued = self.mailbox.control
-        if self.principal is not None and not (queued and frames.PING_TEXT in queued):
-            self.say(frames.PING_TEXT)  # one ping waiting is enough
-        self.link.keepalive()
         interval = self.services.settings.ping_interval
-        self._pinger = asyncio.get_running_loop().call_later(interval, self._ping)
+        # A state that went out less than an interval ago told the client as much as a ping
+        # would: the ping waits until the connection has been quiet for a whole interval
+        # (docs/protocol.md), which spares a write per watcher of every active job.
+        sent_at = self.link.last_state_at()
+        quiet = interval if sent_at is None else time.monotonic() - sent_at
+        delay = interval
+        if quiet < interval:
+            delay = interval - max(0.0, quiet)
+        else:
+            queued = self.mailbox.control
+            if self.principal is not None and not (queued and frames.PING_TEXT in queued):
+                self.say(frames.PING_TEXT)  # one ping waiting is enough
+        self.link.keepalive()
+        self._pinger = asyncio.get_running_loop().call_later(delay, self._ping)
 
     def _auth_timed_out(self) -> None:
         self._auth_timer = None
@@ -418,6 +431,10 @@ class AsgiConnection:
 
     def keepalive(self) -> None:
         """The ASGI server keeps the connection alive (uvicorn pings on its own)."""
+
+    def last_state_at(self) -> float | None:
+        """Not tracked on this path: the session pings every interval."""
+        return None
 
     async def run(self) -> None:
         await self.ws.accept()
