@@ -17,6 +17,9 @@ from tests.support.failover import Writer, check_outcome, first_delivery_after, 
 from tests.support.process import ServerProcess
 from tests.support.redis_servers import RedisClusterProcesses
 
+from phasecast.engines import open_engine
+from phasecast.errors import EngineUnavailable
+
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 TERMINAL = ("COMPLETE", "FAILED", "CANCELLED")
@@ -156,3 +159,32 @@ async def test_a_slot_migrated_mid_job_keeps_watchers_live(
                   f"move; {writer.refused} requests refused meanwhile")
         for watcher in watchers:
             await watcher.close()
+
+
+async def test_an_engine_stopped_after_a_failed_command_closes_its_connections(
+    own_cluster: RedisClusterProcesses,
+) -> None:
+    """A command that failed on a dead node leaves redis-py's cluster client waiting to re-read
+    the slot map, and its aclose() then closes nothing; the engine's stop closes every
+    connection anyway (seen from the live primaries: only our own check stays connected)."""
+    engine = open_engine(f"{own_cluster.url}?prefix=closing")
+    await engine.start()
+    jobs = ids_on_every_shard(own_cluster, 1, "closing")
+    for job_id in jobs:
+        assert await engine.load(job_id) is None  # a connection to every primary
+    victim = own_cluster.owner_of(jobs[0])
+    live = [own_cluster.node_at(a) for a in own_cluster.shards() if own_cluster.node_at(a) is not victim]
+    for node in own_cluster.nodes:
+        if node not in live and node is not victim:
+            with node.client() as client:
+                replicating = client.info("replication")
+            if replicating.get("master_port") == victim.port:
+                node.kill()  # no failover: the dead shard stays dead
+    victim.kill()
+    with pytest.raises(EngineUnavailable):
+        await engine.load(jobs[0])
+    await engine.stop()
+    for node in live:
+        with node.client() as client:
+            connected = client.client_list(_type="normal")
+        assert len(connected) == 1, f"{node.address}: {[c['addr'] for c in connected]} still connected"

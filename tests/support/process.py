@@ -91,8 +91,14 @@ class ServerProcess:
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, timeout, self.process)
-        self._wait_ready(timeout)
+        try:
+            wait_for_port(self.port, timeout, self.process)
+            self._wait_ready(timeout)
+        except BaseException:
+            # A server that did not come up in time is stopped here: the caller never gets
+            # it to stop (it was left running, and its Popen warned "still running" later).
+            self.kill()
+            raise
         return self
 
     def _wait_ready(self, timeout: float) -> None:

@@ -142,7 +142,11 @@ class RedisNode:
             ]
         argv += self.extra
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, 10, self.process)
+        try:
+            wait_for_port(self.port, 10, self.process)
+        except BaseException:
+            self.kill()  # never leave a server running that nobody will stop
+            raise
         return self
 
     def kill(self) -> None:
@@ -333,7 +337,11 @@ class SentinelNode:
             [_binary("redis-server"), str(self.dir / "sentinel.conf"), "--sentinel"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port, 10, self.process)
+        try:
+            wait_for_port(self.port, 10, self.process)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def client(self) -> redis.Redis:

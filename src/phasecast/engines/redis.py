@@ -604,6 +604,13 @@ class RedisEngine(Engine):
         if self._client is not None:
             if isinstance(self._client, RedisCluster):
                 await self._client.aclose()
+                # redis-py's aclose() closes nothing while the client is due to re-read the
+                # slot map (after a command failed on a dead node, until the next command):
+                # close every node's connections here too (closing twice is harmless).
+                # Without this, a server stopped during a failover left its connections to
+                # the live shards open ("unclosed transport" at garbage collection).
+                await self._client.nodes_manager.aclose()
+                await self._client.nodes_manager.aclose("startup_nodes")
             else:
                 await self._client.aclose(close_connection_pool=True)
             self._client = None
