@@ -149,45 +149,53 @@ class LoadGen:
 
     # --- connecting ----------------------------------------------------------------------
 
-    async def connect(self, watcher: Watcher) -> None:
-        loop = asyncio.get_running_loop()
-        authority = f"{self.host}:{self.port}"
-        async with self.limit:
-            if self.transport == "ws":
-                path = f"/v1/ws?access_token={quote(self.token)}"
-                client: WebSocketClient | SSEClient = WebSocketClient(
-                    authority, path, lambda text: self._ws_text(watcher, text), watcher.on_close
-                )
-            elif self.transport == "sio":
-                path = "/socket.io/?EIO=4&transport=websocket"
-                client = WebSocketClient(
-                    authority, path, lambda text: self._sio_text(watcher, text), watcher.on_close
-                )
-            elif self.transport == "ssemux":
-                group = self.groups[watcher]
-                by_job = {member.job: member for member in group}
-                jobs = "".join(f"&job={quote(member.job)}" for member in group)
-                path = f"/v1/events?access_token={quote(self.token)}{jobs}"
-                client = SSEClient(
-                    authority, path, {}, lambda text: self._ssemux_text(by_job, text), watcher.on_close
-                )
-            else:
-                since = f"&since={watcher.last_seq}" if watcher.last_seq else ""
-                path = f"/v1/jobs/{watcher.job}/events?access_token={quote(self.token)}{since}"
-                client = SSEClient(
-                    authority, path, {}, lambda text: self._sse_text(watcher, text), watcher.on_close
-                )
-            sources = self.source_addresses
-            local = (sources[watcher.index % len(sources)], 0) if sources else None
-            await loop.create_connection(lambda: client, self.host, self.port, local_addr=local)
-            watcher.client = client
-            await asyncio.wait_for(client.open, 30)
+    async def connect(self, watcher: Watcher, *, limited: bool = True) -> None:
+        """Open the watcher's connection and subscribe. The first connections of a run are
+        paced (``connect_concurrency`` at a time) to set the run up; a reconnect is not:
+        real clients do not queue behind each other, so after a restart they all arrive at
+        their own (jittered) times, and the server's accept queue takes what comes."""
+        async with self.limit if limited else contextlib.nullcontext():
+            await self._open(watcher)
         if self.transport == "ws":
+            client = watcher.client
             assert isinstance(client, WebSocketClient)
             request: dict[str, Any] = {"op": "subscribe", "job_id": watcher.job}
             if watcher.last_seq:
                 request["since"] = watcher.last_seq
             client.send_text(json.dumps(request))
+
+    async def _open(self, watcher: Watcher) -> None:
+        loop = asyncio.get_running_loop()
+        authority = f"{self.host}:{self.port}"
+        if self.transport == "ws":
+            path = f"/v1/ws?access_token={quote(self.token)}"
+            client: WebSocketClient | SSEClient = WebSocketClient(
+                authority, path, lambda text: self._ws_text(watcher, text), watcher.on_close
+            )
+        elif self.transport == "sio":
+            path = "/socket.io/?EIO=4&transport=websocket"
+            client = WebSocketClient(
+                authority, path, lambda text: self._sio_text(watcher, text), watcher.on_close
+            )
+        elif self.transport == "ssemux":
+            group = self.groups[watcher]
+            by_job = {member.job: member for member in group}
+            jobs = "".join(f"&job={quote(member.job)}" for member in group)
+            path = f"/v1/events?access_token={quote(self.token)}{jobs}"
+            client = SSEClient(
+                authority, path, {}, lambda text: self._ssemux_text(by_job, text), watcher.on_close
+            )
+        else:
+            since = f"&since={watcher.last_seq}" if watcher.last_seq else ""
+            path = f"/v1/jobs/{watcher.job}/events?access_token={quote(self.token)}{since}"
+            client = SSEClient(
+                authority, path, {}, lambda text: self._sse_text(watcher, text), watcher.on_close
+            )
+        sources = self.source_addresses
+        local = (sources[watcher.index % len(sources)], 0) if sources else None
+        await loop.create_connection(lambda: client, self.host, self.port, local_addr=local)
+        watcher.client = client
+        await asyncio.wait_for(client.open, 30)
 
     async def reconnect_later(self, watcher: Watcher) -> None:
         while not watcher.stopping and watcher.attempts < MAX_RECONNECT_ATTEMPTS:
@@ -196,7 +204,7 @@ class LoadGen:
             watcher.attempts += 1
             await asyncio.sleep(delay)
             try:
-                await self.connect(watcher)
+                await self.connect(watcher, limited=False)
             except (OSError, TimeoutError, ConnectionError):
                 continue
             watcher.attempts = 0

@@ -170,6 +170,7 @@ STORM_COLUMNS = [
     ("s from ready", "seconds_from_ready"),
     ("server start s", "server_start_seconds"),
     ("server CPU-µs per watcher after ready", "server_cpu_us_per_reconnect"),
+    ("listen drops", "listen_drops"),
     ("out of order", "out_of_order"),
 ]
 

@@ -122,6 +122,15 @@ def _publisher(
     return Child(child_argv("bench.publisher", config), "publisher", source)
 
 
+def listen_drops() -> int:
+    """The kernel's ``TcpExt: ListenDrops`` (it includes ``ListenOverflows``): SYNs and
+    completed connections dropped at a full listen queue, machine-wide."""
+    with open("/proc/net/netstat") as handle:
+        rows = [line.split() for line in handle if line.startswith("TcpExt:")]
+    names, values = rows[0], rows[1]
+    return int(values[names.index("ListenDrops")])
+
+
 def _profile(pid: int, seconds: float, where: str | None) -> subprocess.Popen[bytes] | None:
     """py-spy on the server during the measured window (``--profile DIR``): collapsed
     stacks, to read where the time goes."""
@@ -383,6 +392,7 @@ def storm(
                 published = pub.expect("result", 60)
             finally:
                 pub.close()
+            drops_before = listen_drops()
             spawned = time.time()
             system.server.start(timeout=60)
             ready_at = time.time()
@@ -397,6 +407,7 @@ def storm(
             synced = [g.expect("synced", 150) for g in loadgens]
             user, kernel = (b - a for a, b in zip(cpu_at_ready, cpu_split(system.pid), strict=True))
             storm_cpu = user + kernel
+            drops = listen_drops() - drops_before
             if profiler is not None:
                 profiler.wait(60)
             for g in loadgens:
@@ -420,6 +431,9 @@ def storm(
         "server_cpu_seconds_after_ready": round(storm_cpu, 3),
         "server_cpu_us_per_reconnect": round(storm_cpu * 1e6 / max(1, watchers)),
         "server_kernel_share": round(kernel / storm_cpu, 2) if storm_cpu else None,
+        # Connection attempts the kernel dropped because the accept queue was full (each
+        # costs its client a SYN retransmit: 1 s, then 3 s ...). Machine-wide counters.
+        "listen_drops": drops,
         "loadgen_cpu_seconds": round(sum(r["cpu_seconds"] for r in received), 3),
         "reconnects": sum(r["reconnects"] for r in received),
         "out_of_order": sum(r["out_of_order"] for r in received),

@@ -166,6 +166,9 @@ def _integration_hooks(settings: Settings, *, demo_speed: float | None = None) -
         raise typer.Exit(2) from None
 
 
+LISTEN_BACKLOG = 65535
+
+
 def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> None:
     import uvicorn
 
@@ -184,6 +187,11 @@ def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> Non
         log_level=settings.log_level,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # The listen queue: after a restart every watcher reconnects within a few seconds,
+        # and a connection the kernel drops at a full queue waits for its SYN retransmit
+        # (1 s, then 3 s ...). uvicorn's default is 2048; the kernel caps this at
+        # net.core.somaxconn (4096 on current Linux; raise it for more).
+        backlog=LISTEN_BACKLOG,
         ws_max_size=64 * 1024,
         # Chosen explicitly, not "auto", so a uvicorn upgrade cannot silently change them:
         # uvloop and httptools are the fastest loop and HTTP parser. WebSockets are ours

@@ -100,3 +100,13 @@ def test_ingest_floors_and_batches_count_every_report(system: str, mode: str) ->
     assert result["applied"] > 0 and result["accepted_per_s"] > 0
     assert result["server_cpu_s"] > 0 and result["publisher_cpu_us_per_update"] > 0
     assert result["load"] == shape
+
+
+@pytest.mark.parametrize("system", ["phasecast-redis", "phasecast-sqlite"])
+def test_storm_resyncs_every_watcher_in_order(system: str) -> None:
+    result = scenarios.storm(system, watchers=60, jobs=6)
+    assert result["connected"] == result["resynced"] == 60
+    assert result["out_of_order"] == 0 and result["watchers_behind"] == 0
+    assert result["seconds_from_ready"] is not None
+    assert result["server_cpu_us_per_reconnect"] >= 0
+    assert result["listen_drops"] >= 0
