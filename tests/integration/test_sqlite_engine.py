@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from phasecast.engines.base import Decided, Ending, OtherJob, RuleInputs, history_entry
-from phasecast.engines.sqlite import SQLiteEngine, history_json
+from phasecast.engines.sqlite import SQLiteEngine, history_json, respell
 from phasecast.errors import EngineUnavailable, InvalidUpdate, JobNotFound, JobTerminal
 from phasecast.model import JobState, Phase, ProgressUpdate, apply_progress, new_job, utc_now
-from phasecast.progress import COMIC_WEIGHTS
+from phasecast.progress import COMIC_WEIGHTS, PhaseStat
 
 
 def make(job_id: str) -> JobState:
@@ -309,3 +309,57 @@ async def test_a_restarted_engine_decides_from_what_was_written_while_it_was_sto
     await engine.start()
     late = await engine.apply("job-1", report(20.0), utc_now(), INPUTS)
     assert late == Decided(False, theirs.to_json())
+
+
+# --- respelling: the common report re-encodes only the fields it changed -------------------
+
+MESSAGES = ["", "plain", 'quote " backslash \\', "line\nbreak\x00\x1f", "é ✏️ 𝄞 \u2028", "t=1764423000.123456"]
+
+
+async def test_every_stored_state_is_exactly_what_to_json_writes(engine: SQLiteEngine, path: Path) -> None:
+    learned = {Phase.GENERATING: PhaseStat(40.0, 3), Phase.POST_PROCESSING: PhaseStat(9.5, 2)}
+    with_eta = RuleInputs("comic", "alice", dict(COMIC_WEIGHTS), learned)
+    job = new_job(job_id="job-1", owner='al "ice" ✏️', kind="comic", metadata={"k": ["é", 1.5, None]}, now=utc_now())
+    await engine.insert(job)
+    owner_inputs = [RuleInputs("comic", job.owner, i.weights, i.stats) for i in (INPUTS, with_eta)]
+    start = utc_now()
+    answers = []
+    progress = 0.0
+    for n in range(60):
+        progress = min(100.0, progress + (1e-05 if n % 7 == 0 else 1 / 3))
+        if n < 3:  # entering a phase, then its message only: no ETA yet
+            update = ProgressUpdate(Phase.ANALYZING, message=MESSAGES[n + 1])
+        elif n % 10 == 9 and n > 20:
+            update = ProgressUpdate(Phase.GENERATING, step=f"panel-{n % 3}", step_progress=progress)
+        else:
+            update = ProgressUpdate(Phase.ANALYZING if n < 20 else Phase.GENERATING,
+                                    phase_progress=None if n == 20 else round(progress, 5),
+                                    message=MESSAGES[n % len(MESSAGES)] if n % 4 else None)
+        answers.append(await engine.apply("job-1", update, start + timedelta(seconds=n), owner_inputs[n % 2]))
+    answers.append(await engine.end("job-1", Ending(Phase.COMPLETE), start + timedelta(seconds=99), INPUTS))
+    applied = [a for a in answers if isinstance(a, Decided) and a.applied]
+    assert len(applied) > 40
+    for answer in applied:
+        assert answer.state_json == JobState.from_json(answer.state_json).to_json()
+    assert stored(path, "job-1").to_json() == applied[-1].state_json
+    etas = {JobState.from_json(a.state_json).eta_seconds is None for a in applied}
+    assert etas == {True, False}  # both spellings of the ETA were written
+
+
+def test_respelling_is_refused_for_anything_but_the_common_report() -> None:
+    old = apply_progress(make("job-1"), report(10.0), utc_now(), COMIC_WEIGHTS).state
+    old_json = old.to_json()
+    common = apply_progress(old, report(20.0, "ok ✏️"), utc_now(), COMIC_WEIGHTS).state
+    assert respell(old, old_json, common) == common.to_json()
+    stepped = apply_progress(old, ProgressUpdate(Phase.GENERATING, step="p", step_progress=5.0), utc_now(),
+                             COMIC_WEIGHTS).state
+    moved = apply_progress(old, ProgressUpdate(Phase.POST_PROCESSING), utc_now(), COMIC_WEIGHTS).state
+    counted = apply_progress(old, ProgressUpdate(Phase.GENERATING, steps_total=4), utc_now(), COMIC_WEIGHTS).state
+    for other in (stepped, moved, counted):
+        assert respell(old, old_json, other) is None
+    odd = common.copy()
+    odd.metadata = dict(odd.metadata)
+    assert respell(old, old_json, odd) is None
+    odd = common.copy()
+    odd.progress = float("nan")
+    assert respell(old, old_json, odd) is None

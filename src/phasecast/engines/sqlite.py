@@ -24,7 +24,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from json import loads
-from json.encoder import encode_basestring_ascii
+from json.encoder import encode_basestring, encode_basestring_ascii
+from math import isfinite
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -185,6 +186,68 @@ def history_json(state: JobState) -> str:
     )
 
 
+def _number(value: object) -> str | None:
+    """What ``json.dumps`` writes for a finite number (None for anything else)."""
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is float and isfinite(value):
+        return float.__repr__(value)
+    return None
+
+
+def respell(old: JobState, old_json: str, new: JobState) -> str | None:
+    """``new.to_json()`` for a report that changed only the scalar fields between
+    ``phase_progress`` and ``updated_at`` (the common report: progress, message, ETA), made
+    from ``old_json`` (which must be ``old.to_json()``) by re-encoding that run of fields
+    only. None when anything else changed. Measured: ~5x cheaper than ``to_json``, which is
+    the largest cost of a report in the writer thread after the rules; a check at import
+    and tests/integration/test_sqlite_engine.py hold it to ``to_json``'s bytes."""
+    if (
+        new.phase is not old.phase
+        or new.error is not None
+        or old.error is not None
+        or new.metadata is not old.metadata
+        or new.steps_total != old.steps_total
+        or new.steps != old.steps
+        or new.phases != old.phases
+    ):
+        return None
+    phase_progress, progress = _number(new.phase_progress), _number(new.progress)
+    eta = "null" if new.eta_seconds is None else _number(new.eta_seconds)
+    if phase_progress is None or progress is None or eta is None or type(new.seq) is not int:
+        return None
+    # ``,"`` never occurs inside an encoded string (its quotes are escaped), and no key
+    # before these two has a value that is an object: the first of each is the key.
+    start = old_json.find(',"phase_progress":')
+    end = old_json.find(',"phases":', start)
+    if start < 0 or end < 0:
+        return None
+    return (
+        f'{old_json[:start]},"phase_progress":{phase_progress},"progress":{progress},'
+        f'"message":{encode_basestring(new.message)},"eta_seconds":{eta},"seq":{int.__repr__(new.seq)},'
+        f'"epoch":{encode_basestring(new.epoch)},"created_at":{encode_basestring(new.created_at)},'
+        f'"updated_at":{encode_basestring(new.updated_at)}{old_json[end:]}'
+    )
+
+
+def _respells_exactly() -> bool:
+    """Whether ``respell`` writes what ``to_json`` writes today (a field added to the state
+    between those it re-encodes would make it wrong: then it is not used)."""
+    sample = JobState(
+        job_id="j", owner="o \"é\"", kind="k", phase=Phase.GENERATING, phase_progress=1.5,
+        progress=12.25, message="a", eta_seconds=None, seq=7, epoch="e", created_at="c",
+        updated_at="u", phases={"GENERATING": {"started_at": "s", "finished_at": None}},
+        steps={"p": {"progress": 5.0, "status": "running"}}, steps_total=3, metadata={"m": [1]},
+    )
+    changed = sample.copy()
+    changed.phase_progress, changed.progress, changed.message = 2.0, 13.0, "b\n✏️"
+    changed.eta_seconds, changed.seq, changed.updated_at = 4.5, 8, "v"
+    return respell(sample, sample.to_json(), changed) == changed.to_json()
+
+
+_RESPELL = _respells_exactly()
+
+
 class _Writes:
     """The rows of the reports decided in this transaction: one state row per job (its
     newest), every history entry. Written together (``executemany``) before anything else
@@ -231,8 +294,9 @@ class SQLiteEngine(Engine):
         self._queue: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Writer thread only: job id -> (state, its JSON), the newest first at the end.
-        self._states: OrderedDict[str, tuple[JobState, str]] = OrderedDict()
+        # Writer thread only: job id -> (state, its JSON, whether that JSON is the state's
+        # ``to_json()``: only then can the next one be respelled from it), newest at the end.
+        self._states: OrderedDict[str, tuple[JobState, str, bool]] = OrderedDict()
         self._data_version = 0  # writer thread only
 
     async def start(self, on_change: ChangeHandler | None = None) -> None:
@@ -367,16 +431,16 @@ class SQLiteEngine(Engine):
                 row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
                 if row is None:
                     return JobNotFound(job_id)
-                known = (JobState.from_json(row[0]), row[0])
+                known = (JobState.from_json(row[0]), row[0], False)  # as stored, by anyone
                 self._states[job_id] = known
-            state, state_json = known
+            state, state_json, exact = known
             if state.kind != inputs.kind or state.owner != inputs.owner:
                 return OtherJob(state.kind, state.owner)
             outcome = rule(state)
             if not outcome.applied:
                 return Decided(False, state_json, state.seq, state.phase.value, state.progress)
             new = outcome.state
-            new_json = new.to_json()
+            new_json = (exact and _RESPELL and respell(state, state_json, new)) or new.to_json()
             change = Change.of(new, new_json)
             entry = history_json(new)
         except sqlite3.Error:
@@ -386,7 +450,7 @@ class SQLiteEngine(Engine):
         writes.add(state.seq, new, new_json, entry)
         # Kept until the transaction ends even past the cache's size: a later report of
         # this job in the same transaction must be decided from it, not from the old row.
-        self._states[job_id] = (new, new_json)
+        self._states[job_id] = (new, new_json, True)
         self._states.move_to_end(job_id)
         changes.append(change)
         return Decided(True, new_json, new.seq, new.phase.value, new.progress)
