@@ -331,6 +331,7 @@ class RedisEngine(Engine):
         self._background: set[asyncio.Task[None]] = set()
         self._idle_tags: dict[str, str] = {}
         self._expected: dict[tuple[str, str], str] = {}
+        self._stamp: tuple[int, str] = (-1, "")
         self._numbers: dict[tuple[int, int], tuple[object, object, str, str]] = {}
         self.subscribe_timeout = SUBSCRIBE_TIMEOUT_SECONDS
 
@@ -1002,6 +1003,8 @@ class RedisEngine(Engine):
         """apply.lua's KEYS and ARGV (see the script)."""
         micros = (now - _EPOCH) // _MICROSECOND
         millis = micros // 1000
+        if millis != self._stamp[0]:  # reports a millisecond apart share their timestamp
+            self._stamp = (millis, format_time(now))
         expected = self._expected.get((inputs.kind, inputs.owner))
         if expected is None:
             if len(self._expected) > 4096:
@@ -1013,7 +1016,7 @@ class RedisEngine(Engine):
         weights, means = self._rule_numbers(inputs)
         args: list[Any] = [
             micros,
-            format_time(now),
+            self._stamp[1],
             # as encode_change writes changed_at and the job id
             f"|{millis // 1000}.{millis % 1000:03d}|{job_id}|",
             self.keys.channel(job_id),
