@@ -779,9 +779,10 @@ class _Batcher:
     """The multiplexed streams of one app with events to write in this loop iteration; one
     callback per iteration writes each stream's events as one chunk. A change feed read
     often carries several changes of one stream's jobs (a user's jobs tend to move
-    together): ten per-job streams need ten writes for them, a multiplexed stream one.
-    Without such a batch it costs a list and a deferred write (measured: about 0.3 µs of
-    Python per event, against several µs per write saved when two events share one)."""
+    together): ten per-job streams need ten writes for them, a multiplexed stream one. An
+    event alone costs a list and a callback shared by every stream of the iteration; each
+    event that shares a write saves a ``send`` system call (several µs; in process, ten
+    changes per read made 0.1 writes per delivered message instead of 1)."""
 
     __slots__ = ("streams",)
 
