@@ -258,6 +258,44 @@ async def test_resume_from_the_cursor_misses_nothing_and_repeats_nothing(
     assert done.status_code == 204
 
 
+async def test_every_event_of_a_batch_carries_its_own_resume_point(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    # A batch report moves every job of the stream at once: the changes reach the stream
+    # together and go out in one write. Each event's cursor must still say exactly what the
+    # client has at that event: resuming from any of them sends each job its newest state
+    # if and only if the client did not have it yet.
+    jobs = [await new_job(api) for _ in range(6)]
+    token = make_token("alice")
+    stream = streams(server.url, query(*jobs, token=token))
+    await stream.wait(lambda s: all(s.has_seq(j, 1) for j in jobs))
+    latest: dict[str, int] = {}
+    for step in range(1, 5):
+        reply = await api.post(
+            "/v1/progress",
+            json={"updates": [{"job_id": j, "phase": "ANALYZING", "phase_progress": step * 20} for j in jobs]},
+        )
+        assert reply.status_code == 200, reply.text
+        latest = {j: (await api.get(f"/v1/jobs/{j}")).json()["seq"] for j in jobs}
+        await stream.wait(lambda s, now=latest: all(s.has_seq(j, q) for j, q in now.items()))
+    events = [e for e in stream.events if e.event == "state"]
+    for job_id in jobs:
+        seqs = stream.seqs(job_id)
+        assert seqs == sorted(set(seqs)) and seqs[-1] == latest[job_id]
+    for index in (0, len(events) // 3, len(events) // 2, len(events) - 2, len(events) - 1):
+        had: dict[str, int] = {}
+        for event in events[: index + 1]:
+            had[event.json()["job_id"]] = event.json()["seq"]
+        resumed = streams(server.url, query(*jobs, token=token), {"Last-Event-ID": events[index].id or ""})
+        owed = {j for j in jobs if had.get(j, 0) < latest[j]}
+        await resumed.wait(lambda s, o=owed: all(s.has_seq(j, latest[j]) for j in o))
+        await resumed.wait(lambda s: any(item == ": ping" for item in s.items))  # nothing more
+        for job_id in jobs:
+            assert resumed.seqs(job_id) == ([latest[job_id]] if job_id in owed else []), (index, job_id)
+        await resumed.close()
+
+
 async def test_jobs_that_cannot_be_watched_get_error_events_and_the_rest_goes_on(
     server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
     streams: Callable[..., Stream],
