@@ -384,10 +384,10 @@ class RedisEngine(Engine):
                 raise EngineUnavailable(
                     f"cannot open a pub/sub connection to {self._redacted_url()}"
                 ) from exc
-            if self.sentinel_target is not None:
-                self._primary_watch = asyncio.create_task(
-                    self._watch_primary(), name="phasecast-sentinel-watch"
-                )
+        if self.sentinel_target is not None:
+            self._primary_watch = asyncio.create_task(
+                self._watch_primary(), name="phasecast-sentinel-watch"
+            )
 
     async def _is_cluster(self) -> bool:
         # Asked on database 0: a cluster node refuses SELECT of any other.
@@ -485,8 +485,15 @@ class RedisEngine(Engine):
             before = self._primary
             with contextlib.suppress(EngineUnavailable):
                 await self._find_primary()
-            if self._primary != before and self._feed is not None:
-                log.warning("the sentinels name a new primary: %s (was %s)", self._primary, before)
+            if self._primary == before:
+                continue
+            log.warning("the sentinels name a new primary: %s (was %s)", self._primary, before)
+            # The write pool drops its idle connections to the old primary (redis-py does
+            # so when it learns the new address), so the next writes go to the new one
+            # rather than to a demoted node that may still accept them.
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.client.connection_pool.get_master_address()
+            if self._feed is not None:
                 self._feed.topology_changed()
 
     def _primary_connection(self, node: str) -> AbstractConnection:
