@@ -419,15 +419,24 @@ class RawWebSocketProtocol(asyncio.Protocol):
         """Hand client messages to the session in order. Exists only while some wait."""
         session = self.session
         assert session is not None
+        mailbox = session.mailbox
         inbox = self._inbox
         try:
             while inbox:
+                # What a request makes the session send (``subscribed`` and then the job's
+                # state) leaves in one write once the request is handled, not piece by
+                # piece: one segment and one wake-up of the client per subscribe.
+                mailbox.wakeup = None
                 try:
                     await session.handle(inbox.pop(0))
                 except Exception:
                     log.exception("websocket request failed")
                     self.close(CLOSE_INTERNAL, "internal error")
                     return
+                finally:
+                    mailbox.wakeup = self._flush
+                    if mailbox.has_pending:
+                        self._flush()
                 if self._reading_paused:
                     self._update_reading()
         finally:
