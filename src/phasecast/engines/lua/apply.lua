@@ -6,10 +6,11 @@
 --
 -- The stored state JSON stays byte for byte what Python's JobState.to_json writes (every
 -- reader parses it as it is). Two ways to get there:
--- * the common report (same working phase, no steps, phase_progress and/or message) edits
---   the stored text in place: the few fields it changes all come before "phases", and each
---   top-level key before "phases" is found by plain search (a JSON string cannot hold an
---   unescaped quote, so the first ',"<key>":' is the field itself). Nothing is decoded.
+-- * a report in the current working phase (with or without steps) edits the stored text
+--   in place: each top-level key before "phases" is found by plain search (a JSON string
+--   cannot hold an unescaped quote, so the first ',"<key>":' is the field itself); the
+--   steps are read with a pattern and must give back exactly the stored text, and only the
+--   step reported is encoded again. Nothing is decoded.
 -- * anything else decodes the part before "error", applies the rules and re-encodes it
 --   field by field, numbers as Python's repr writes floats; "error" (null while the job
 --   runs) and "metadata" are kept verbatim. A stored state whose encoding this would not
@@ -149,6 +150,7 @@ end
 
 -- model.MAX_WORKING_PROGRESS: only COMPLETE is 100
 local MAX_WORKING_PROGRESS = 99.9
+local MAX_STEPS = 1000
 
 local function overall_progress(rank, phase_progress, weights)
   local total = 0
@@ -214,12 +216,14 @@ end
 local OWNER_KEY, PHASE_PROGRESS_KEY = ',"owner":', '","phase_progress":'
 local PROGRESS_KEY, MESSAGE_KEY, ETA_KEY = ',"progress":', ',"message":', ',"eta_seconds":'
 local SEQ_KEY, EPOCH_KEY, UPDATED_KEY = ',"seq":', ',"epoch":', ',"updated_at":'
-local PHASES_KEY, STEPS_KEY = '","phases":{', ',"steps":'
-local NO_STEPS = ',"steps":{},"steps_total":null,"error":null,"metadata":'
+local PHASES_KEY, STEPS_KEY, TOTAL_KEY = '","phases":{', ',"steps":', '},"steps_total":'
+local TAIL_KEY = ',"error":null,"metadata":'
+-- One stored step as JobState.to_json writes it (step ids: model.STEP_ID_PATTERN).
+local STEP_PATTERN = '"([%w][%w%._:%-]*)":{"progress":([^,{}"]+),"status":"(%a+)"}'
 
 local rank = RANK[phase]
 local owner_at = string.find(raw, OWNER_KEY, 11, true)
-if rank ~= nil and rank < 4 and (ARGV[10] or '') == '' and (ARGV[13] or '') == '' and owner_at ~= nil
+if rank ~= nil and rank < 4 and owner_at ~= nil
     and string.sub(raw, owner_at, owner_at + #ARGV[5] - 1) == ARGV[5] then
   local phase_at = owner_at + #ARGV[5]
   local pp_at = phase_at + #phase + #PHASE_PROGRESS_KEY
@@ -232,23 +236,112 @@ if rank ~= nil and rank < 4 and (ARGV[10] or '') == '' and (ARGV[13] or '') == '
   local updated_key = epoch_key and string.find(raw, UPDATED_KEY, epoch_key, true)
   local phases_key = updated_key and string.find(raw, PHASES_KEY, updated_key, true)
   local steps_key = phases_key and string.find(raw, STEPS_KEY, phases_key, true)
-  if steps_key and string.sub(raw, steps_key, steps_key + #NO_STEPS - 1) == NO_STEPS then
+  -- "steps" ends at the first '}' followed by ',"steps_total":' and a number or null (a
+  -- step named steps_total would be followed by '{').
+  local steps_at = steps_key and steps_key + #STEPS_KEY
+  local total_key = steps_at and string.sub(raw, steps_at, steps_at) == '{'
+    and string.find(raw, '},"steps_total":[%dn]', steps_at)
+  local tail_at = total_key and string.find(raw, TAIL_KEY, total_key + #TOTAL_KEY, true)
+  local old_total_text = tail_at and string.sub(raw, total_key + #TOTAL_KEY, tail_at - 1)
+  local steps_raw = old_total_text and string.sub(raw, steps_at, total_key)
+  -- The stored steps, in order, each kept as written; read back they must give exactly the
+  -- stored text, or the state goes the general way.
+  local order, steps, texts = {}, {}, {}
+  if steps_raw and (old_total_text == 'null' or string.find(old_total_text, '^%d+$')) then
+    for id, progress, status in string.gmatch(steps_raw, STEP_PATTERN) do
+      if steps[id] ~= nil or tonumber(progress) == nil then
+        steps_raw = nil
+        break
+      end
+      order[#order + 1] = id
+      steps[id] = {progress = tonumber(progress), status = status}
+      texts[#texts + 1] = '"' .. id .. '":{"progress":' .. progress .. ',"status":"' .. status .. '"}'
+    end
+    if steps_raw and '{' .. table.concat(texts, ',') .. '}' ~= steps_raw then
+      steps_raw = nil
+    end
+  else
+    steps_raw = nil
+  end
+  if steps_raw then
     local old_pp_text = string.sub(raw, pp_at, progress_key - 1)
     local old_progress_text = string.sub(raw, progress_key + #PROGRESS_KEY, message_key - 1)
     local old_message = string.sub(raw, message_key + #MESSAGE_KEY, eta_key - 1)
     local old_seq_text = string.sub(raw, seq_key + #SEQ_KEY, epoch_key - 1)
     local old_pp = tonumber(old_pp_text)
-    local pp, pp_text = old_pp, old_pp_text
-    if (ARGV[9] or '') ~= '' then
-      pp = tonumber(ARGV[9])
-      if pp < old_pp then
-        return {0, raw, ix, old_seq_text, phase, old_progress_text}
+    local old_total = tonumber(old_total_text)  -- nil for null
+    local pp, pp_text, total = old_pp, old_pp_text, old_total
+    local function unchanged()
+      return {0, raw, ix, old_seq_text, phase, old_progress_text}
+    end
+    local steps_total = tonumber(ARGV[13] or '')
+    if steps_total ~= nil then
+      total = math.max(total or 0, steps_total)
+    end
+    local step_id = (ARGV[10] or '') ~= '' and ARGV[10] or nil
+    if step_id ~= nil then
+      local step = steps[step_id]
+      local index = nil
+      if step == nil then
+        if #order >= MAX_STEPS then
+          return {-4}
+        end
+        step = {progress = 0.0, status = 'pending'}
+        steps[step_id] = step
+        order[#order + 1] = step_id
+        index = #order
       end
-      pp_text = ARGV[9]  -- as Python's repr wrote it
+      if step.status ~= 'done' then
+        local progress = tonumber(ARGV[11] or '')
+        local status = (ARGV[12] or '') ~= '' and ARGV[12] or nil
+        if status == 'done' then
+          progress = 100.0
+        end
+        if progress ~= nil then
+          step.progress = math.max(step.progress, progress)
+        end
+        if status ~= nil then
+          step.status = status
+        elseif (step.status == 'pending' or step.status == 'failed') and progress ~= nil then
+          step.status = 'running'
+        end
+        if step.progress >= 100.0 and step.status ~= 'failed' then
+          step.status = 'done'
+        end
+        if index == nil then
+          for k, id in ipairs(order) do
+            if id == step_id then index = k break end
+          end
+        end
+      end
+      if index ~= nil then
+        texts[index] = '"' .. step_id .. '":{"progress":' .. float(step.progress)
+          .. ',"status":"' .. step.status .. '"}'
+      end
+    end
+    if #order > 0 then
+      local count = math.max(#order, total or 0)
+      local sum = 0
+      for _, id in ipairs(order) do sum = sum + steps[id].progress end
+      local mean = round(sum / count, 3)
+      if mean > pp then
+        pp, pp_text = mean, float(mean)
+      end
+    elseif (ARGV[9] or '') ~= '' then
+      local reported = tonumber(ARGV[9])
+      if reported < old_pp then
+        return unchanged()
+      end
+      pp, pp_text = reported, ARGV[9]  -- as Python's repr wrote it
     end
     local message = (ARGV[14] or '') ~= '' and ARGV[14] or old_message
-    if pp == old_pp and message == old_message then
-      return {0, raw, ix, old_seq_text, phase, old_progress_text}
+    local steps_json = '{' .. table.concat(texts, ',') .. '}'
+    if pp == old_pp and message == old_message and steps_json == steps_raw
+        and total == old_total then
+      return unchanged()
+    end
+    if pp == old_pp then
+      pp_text = old_pp_text
     end
     local weights = numbers(ARGV[6], false)
     local progress_text = float(math.max(tonumber(old_progress_text),
@@ -266,7 +359,8 @@ if rank ~= nil and rank < 4 and (ARGV[10] or '') == '' and (ARGV[13] or '') == '
     local state = string.sub(raw, 1, pp_at - 1) .. pp_text .. PROGRESS_KEY .. progress_text
       .. MESSAGE_KEY .. message .. ETA_KEY .. (eta == nil and 'null' or float(eta))
       .. SEQ_KEY .. seq_text .. string.sub(raw, epoch_key, updated_key + #UPDATED_KEY - 1)
-      .. '"' .. stamp .. string.sub(raw, phases_key)
+      .. '"' .. stamp .. string.sub(raw, phases_key, steps_at - 1) .. steps_json
+      .. ',"steps_total":' .. (total == nil and 'null' or int(total)) .. string.sub(raw, tail_at)
     store(state, seq_text, '0', '{"seq":' .. seq_text .. ',"at":"' .. stamp .. '","phase":"'
       .. phase .. '","phase_progress":' .. pp_text .. ',"progress":' .. progress_text
       .. ',"message":' .. message .. '}')
@@ -278,7 +372,6 @@ end
 
 local PHASES = {'QUEUED', 'ANALYZING', 'GENERATING', 'POST_PROCESSING',
                 'COMPLETE', 'FAILED', 'CANCELLED'}
-local MAX_STEPS = 1000
 -- model.DEFAULT_MESSAGE for the working phases, as JSON strings
 local DEFAULT_MESSAGE = {QUEUED = '"Queued"', ANALYZING = '"Analyzing"',
                          GENERATING = '"Generating"', POST_PROCESSING = '"Post-processing"'}
