@@ -312,31 +312,23 @@ class EventStream(Response):
     async def resume_marks(self, job_ids: list[str], cursor: Cursor) -> dict[str, Mark | None]:
         """Which state of each job the cursor says the client has (None: start from the
         current state). A version 2 cursor names a job by a key of its id and epoch, so the
-        job's current epoch is needed to recognise it: from this process's hub when it has
-        the job (a reconnect storm costs no reads), else one read of the store. Reading the
-        epoch first is safe: if it changes before the subscription reads the state, the
-        hub sees another epoch and sends the full state."""
+        job's current epoch is needed to recognise it: ``Hub.read`` gives it from this
+        process's hub when it has the job (a reconnect storm costs no reads) and otherwise
+        reads the store, one read shared by the job's watchers reading at the same time.
+        Reading the epoch first is safe: if it changes before the subscription reads the
+        state, the hub sees another epoch and sends the full state."""
         if not cursor.keyed:
             return {job_id: cursor.marks.get(job_id) for job_id in job_ids}
-        hub = self.tracker.hub
+        read = await asyncio.gather(
+            *(self.tracker.hub.read(job_id) for job_id in job_ids), return_exceptions=True
+        )
         epochs: dict[str, str] = {}
-        unknown: list[str] = []
-        for job_id in job_ids:
-            state = hub.known(job_id)
-            if state is None:
-                unknown.append(job_id)
-            else:
-                epochs[job_id] = state.epoch
-        if unknown:
-            loaded = await asyncio.gather(
-                *(self.tracker.get(job_id) for job_id in unknown), return_exceptions=True
-            )
-            for job_id, result in zip(unknown, loaded, strict=True):
-                if isinstance(result, JobState):
-                    epochs[job_id] = result.epoch
-                elif not isinstance(result, PhasecastError):
-                    raise result
-                # A job that cannot be read has no mark; subscribing says why (an error event).
+        for job_id, result in zip(job_ids, read, strict=True):
+            if isinstance(result, tuple):
+                epochs[job_id] = result[0].epoch
+            elif not isinstance(result, PhasecastError):
+                raise result
+            # A job that cannot be read has no mark; subscribing says why (an error event).
         return _marks_by_key(cursor, epochs, job_ids)
 
     async def scan(self, cursor: Cursor | None = None) -> None:
