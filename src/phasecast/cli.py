@@ -298,7 +298,9 @@ def serve(
             f"Using the development secret in {DEV_SECRET_FILE}; set PHASECAST_JWT_SECRET in "
             "production.", fg="yellow", err=True,
         )
-    if processes > 1 and not settings.engine.startswith(("redis://", "rediss://", "unix://")):
+    if processes > 1 and not settings.engine.startswith(
+        ("redis://", "rediss://", "unix://", "redis+sentinel://")
+    ):
         typer.secho(
             f"--workers {processes} needs a shared engine: one process owns an SQLite file. "
             "Use --workers 1, or a Redis engine (--engine redis://host:6379/0) to run several "

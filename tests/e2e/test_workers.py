@@ -47,6 +47,13 @@ def test_workers_must_be_a_count_or_auto(tmp_path: Path) -> None:
 
 
 @pytest.mark.redis
+def test_two_workers_run_behind_redis_sentinel(sentinel_engine_url: str, tmp_path: Path) -> None:
+    with ServerProcess(sentinel_engine_url, args=["--workers", "2"], log_path=tmp_path / "s.log") as server:
+        assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    assert server.log().count("engine started") == 2
+
+
+@pytest.mark.redis
 async def test_two_workers_on_redis_both_serve_watchers(
     redis_engine_url: str, tmp_path: Path, make_token: Callable[..., str], worker_token: str
 ) -> None:
