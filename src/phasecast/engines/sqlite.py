@@ -16,6 +16,7 @@ nothing of it is stored and every request in it is answered ``EngineUnavailable`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -406,9 +407,13 @@ class SQLiteEngine(Engine):
                         changes.append(change)
             writes.flush(conn)
             conn.execute("COMMIT")
-        except (sqlite3.Error, _Diverged) as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        except Exception as exc:
+            if not isinstance(exc, sqlite3.Error | _Diverged):
+                log.exception("SQLite transaction failed")
+            # Whatever happens, the thread goes on and every request is answered.
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             self._states.clear()  # it holds states that were never committed
             failure = EngineUnavailable(f"SQLite transaction failed: {exc}")
             return [], [
