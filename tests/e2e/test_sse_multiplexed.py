@@ -263,9 +263,9 @@ async def test_every_event_of_a_batch_carries_its_own_resume_point(
     streams: Callable[..., Stream],
 ) -> None:
     # A batch report moves every job of the stream at once: the changes reach the stream
-    # together and go out in one write. Each event's cursor must still say exactly what the
-    # client has at that event: resuming from any of them sends each job its newest state
-    # if and only if the client did not have it yet.
+    # together, back to back. Each event's cursor must say exactly what the client has at
+    # that event: resuming from any of them sends each job its newest state if and only if
+    # the client did not have it yet.
     jobs = [await new_job(api) for _ in range(6)]
     token = make_token("alice")
     stream = streams(server.url, query(*jobs, token=token))

@@ -185,7 +185,6 @@ class EventStream(Response):
     """One SSE response. Built and subscribed by a route, then run by the ASGI server."""
 
     media_type = "text/event-stream"
-    batch: list[bytes] | None = None  # multiplexed, direct: events to write this iteration
     marks: dict[str, bytes] = {}  # cursor entry per job (multiplexed)
     created: dict[str, float] = {}  # follow: creation time of each job seen
     finished: dict[str, float] = {}  # follow: ended jobs, by creation time
@@ -202,7 +201,6 @@ class EventStream(Response):
         self.follow = follow
         self.mailbox = Mailbox()
         self.meter = _sse_meter(found.metrics)  # one per app, looked up once per stream
-        self.batcher = _batcher(found.metrics)
         self.open: set[str] = set()  # jobs streaming now
         # Containers only some streams use are made only for them (10,000 idle streams of
         # a process each pay for what they hold); the class-level empty ones are never
@@ -550,15 +548,11 @@ class EventStream(Response):
                 head = _state_body(change) + cursor_prefix(self.watermark)
             else:
                 head = frames.sse_multiplexed_head(change)  # shared by every job= stream
-            event = b"%b%b\n\n" % (head, cursor)
-            # Written at the end of this loop iteration, with whatever else of this stream's
-            # jobs the same read of the change feed brought: one write for all of them.
-            batch = self.batch
-            if batch is None:
-                self.batch = [event]
-                self.batcher.add(self)
-            else:
-                batch.append(event)
+            # One chunk: the event up to its id line, this stream's cursor, the blank line.
+            # (Batching a stream's events of one loop iteration into one write was measured
+            # dearer in bench transports: the deferred write cost more than the rare
+            # coalescing saved.)
+            transport.write(b"%x\r\n%b%b\n\n\r\n" % (len(head) + len(cursor) + 2, head, cursor))
         else:
             transport.write(frames.sse_event_chunk(change))  # the same bytes for every watcher
         self.last_write = time.monotonic()
@@ -624,38 +618,17 @@ class EventStream(Response):
             self._abort()
 
     def _send(self, *parts: bytes) -> None:
-        """Write ``parts`` as one chunk of the response body, without joining them, after
-        the events batched in this iteration (so the stream's order is kept)."""
+        """Write ``parts`` as one chunk of the response body, without joining them."""
         assert self.transport is not None
-        batch = self.batch
-        if batch is not None:
-            self.batch = None
-            parts = (*batch, *parts)
         size = sum(map(len, parts))
         self.transport.writelines((b"%x\r\n" % size, *parts, b"\r\n"))
         self.last_write = time.monotonic()
 
-    def write_batch(self) -> None:
-        """Write the events batched in this iteration as one chunk (``_Batcher``)."""
-        batch = self.batch
-        if batch is None:
-            return
-        self.batch = None
-        transport = self.transport
-        if transport is None:
-            return
-        body = batch[0] if len(batch) == 1 else b"".join(batch)
-        transport.write(b"%x\r\n%b\r\n" % (len(body), body))
-
     def _finish(self, last: bytes) -> None:
-        """End the response properly (the events batched, an optional last event, then the
-        last chunk) and close the connection."""
+        """End the response properly (an optional last event, then the last chunk) and
+        close the connection."""
         transport = self.transport
         if transport is not None:
-            batch = self.batch
-            self.batch = None
-            if batch:
-                transport.write(chunk(b"".join(batch)))
             transport.write((chunk(last) if last else b"") + LAST_CHUNK)
             transport.close()
         self._closed()
@@ -765,45 +738,6 @@ _REGISTRIES: weakref.WeakKeyDictionary[ProgressTracker, _FollowRegistry] = (
 
 
 _METERS: weakref.WeakKeyDictionary[Metrics, DeliveryMeter] = weakref.WeakKeyDictionary()
-
-
-class _Batcher:
-    """The multiplexed streams of one app with events to write in this loop iteration; one
-    callback per iteration writes each stream's events as one chunk. A change feed read
-    often carries several changes of one stream's jobs (a user's jobs tend to move
-    together): ten per-job streams need ten writes for them, a multiplexed stream one. An
-    event alone costs a list and a callback shared by every stream of the iteration; each
-    event that shares a write saves a ``send`` system call (several µs; in process, ten
-    changes per read made 0.1 writes per delivered message instead of 1)."""
-
-    __slots__ = ("streams",)
-
-    def __init__(self) -> None:
-        self.streams: list[EventStream] = []
-
-    def add(self, stream: EventStream) -> None:
-        if not self.streams:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self.streams.append(stream)
-
-    def _flush(self) -> None:
-        streams, self.streams = self.streams, []
-        for stream in streams:
-            try:
-                stream.write_batch()
-            except Exception:
-                log.exception("SSE stream failed; closing it")
-                stream._abort()
-
-
-_BATCHERS: weakref.WeakKeyDictionary[Metrics, _Batcher] = weakref.WeakKeyDictionary()
-
-
-def _batcher(metrics: Metrics) -> _Batcher:
-    batcher = _BATCHERS.get(metrics)
-    if batcher is None:
-        batcher = _BATCHERS[metrics] = _Batcher()
-    return batcher
 
 
 def _sse_meter(metrics: Metrics) -> DeliveryMeter:
