@@ -230,6 +230,7 @@ def _settings_env(settings: Settings) -> dict[str, str]:
         "PHASECAST_LOG_JSON": "1" if settings.log_json else "0",
         "PHASECAST_LOG_LEVEL": settings.log_level,
         "PHASECAST_JWT_SECRET": settings.jwt_secret or "",
+        "PHASECAST_REQUEST_TIMEOUT": repr(settings.request_timeout),
     }
     if settings.archive:
         env["PHASECAST_ARCHIVE"] = settings.archive
@@ -283,13 +284,18 @@ def serve(
             "needs the Redis engine.",
         ),
     ] = "1",
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a request's headers, and then its body, may take to arrive "
+                     "before the answer is 408 (env PHASECAST_REQUEST_TIMEOUT, default 30)."),
+    ] = None,
 ) -> None:
     """Run the Phasecast server."""
     processes = _worker_count(workers)
     settings = load_settings(
         allow_dev_secret=os.environ.get("PHASECAST_ALLOW_DEV_SECRET", "1") != "0",
         host=host, port=port, engine=engine, log_json=log_json or None, log_level=log_level,
-        archive=archive,
+        archive=archive, request_timeout=request_timeout,
     )
     if settings.jwt_secret and Path(DEV_SECRET_FILE).is_file() and (
         settings.jwt_secret == Path(DEV_SECRET_FILE).read_text().strip()

@@ -55,6 +55,11 @@ class Settings:
     max_create_body_bytes: int = 32 * 1024
     max_batch_body_bytes: int = 1024 * 1024
     max_body_bytes: int = 1024 * 1024
+    # Seconds a request may take to arrive: its headers from the first byte of the request
+    # (or from the connection opening), its body from the end of its headers. Past it the
+    # server answers 408 ``request_timeout`` with ``Connection: close`` (or just closes, if
+    # no byte of a request came) and stores nothing.
+    request_timeout: float = 30.0
     archive: str | None = None  # postgresql://… for durable job records
     demo: bool = False
 
@@ -98,6 +103,8 @@ class Settings:
             raise ConfigurationError("sse_transport must be 'raw' or 'asgi'")
         if not 0 < self.ping_interval <= 300:
             raise ConfigurationError("ping_interval must be between 0 and 300 seconds")
+        if not 0 < self.request_timeout <= 3600:
+            raise ConfigurationError("request_timeout must be between 0 and 3600 seconds")
         for name in ("max_report_body_bytes", "max_create_body_bytes", "max_batch_body_bytes",
                      "max_body_bytes"):
             if not 1024 <= getattr(self, name) <= 1024 ** 3:

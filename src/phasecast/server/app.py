@@ -108,7 +108,8 @@ def create_app(
     app.add_api_websocket_route(WS_PATH, websocket_endpoint)
     # Every body is capped before routing (the largest cap); each REST route then applies
     # its own cap after checking the token (server/jsonbody.py).
-    app.add_middleware(RequestGuard, max_body_bytes=settings.largest_body_limit(), refuse=error_response)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.largest_body_limit(), refuse=error_response,
+                       request_timeout=settings.request_timeout)
     app.add_middleware(RequestContextMiddleware)
     if settings.cors_origins:
         app.add_middleware(

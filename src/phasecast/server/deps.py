@@ -27,7 +27,7 @@ from phasecast.errors import (
     UnsupportedMediaType,
 )
 from phasecast.server.auth import Forbidden, Principal, TokenVerifier, Unauthorized
-from phasecast.server.guard import PRINCIPAL_STATE_KEY, TooLarge, body_pending
+from phasecast.server.guard import PRINCIPAL_STATE_KEY, TimedOut, TooLarge, body_pending
 from phasecast.server.metrics import Metrics
 from phasecast.tracker import ProgressTracker
 
@@ -41,6 +41,7 @@ STATUS_BY_ERROR: dict[type[PhasecastError], int] = {
     JobTerminal: 409,
     Unauthorized: 401,
     Forbidden: 403,
+    TimedOut: 408,
     TooLarge: 413,
     UnsupportedMediaType: 415,
     EngineUnavailable: 503,
@@ -51,6 +52,7 @@ CODE_BY_STATUS: dict[int, str] = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "too_large",
     415: "unsupported_media_type",
 }
@@ -131,7 +133,7 @@ def error_response(request: Request, exc: PhasecastError) -> JSONResponse:
     log.log(level, "request rejected: %s", exc.message,
             extra={"status": status, "code": exc.code, "path": request.url.path})
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
-    if status in (401, 413) and body_pending(request.scope):
+    if (status in (401, 413) and body_pending(request.scope)) or status == 408:
         # Refused before the body was read: stop reading it, rather than drain it.
         headers["Connection"] = "close"
     return JSONResponse(error_body(exc.code, exc.message, field), status, headers=headers)

@@ -14,10 +14,19 @@ Two layers share the helpers here:
 Refusals are the ordinary JSON error body, 413 ``too_large`` (401 ``unauthorized`` for the
 token), sent with ``Connection: close`` when body bytes are still on their way, so the server
 stops reading them.
+
+``RequestGuard`` also bounds the time a body may take (``Settings.request_timeout``, from
+the start of the request's ASGI call, i.e. the end of its headers): a ``receive`` still
+waiting for body bytes at the deadline raises ``BodyTimedOut``, answered 408
+``request_timeout`` with ``Connection: close`` (nothing was stored: no route works on a body
+it has not read in full). One deadline per request, kept in its scope, so layers that read
+the body before the guard (``server/ingest.py``'s ``ThinReports``) share it. A request
+without a body costs nothing; one with a body, one timer per ``receive`` that waits.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from phasecast.errors import PhasecastError
 
 PRINCIPAL_STATE_KEY = "phasecast.principal"
+DEADLINE_SCOPE_KEY = "phasecast.body_deadline"  # loop time by which the body must be in
 # Before refusing a body, up to this many more of its bytes are read and dropped (memory
 # stays flat), so that a client whose body is only a little over a cap has sent it all and
 # reads the 413 cleanly. Anything larger is cut off: the answer goes out, the connection
@@ -58,6 +68,56 @@ class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, too_large_message(limit), headers={"Connection": "close"})
         self.limit = limit
+
+
+def timed_out_message(timeout: float) -> str:
+    return (f"the request did not arrive in full within {timeout:g} seconds; send the whole "
+            "request at once (the limit is the server's request_timeout setting)")
+
+
+class TimedOut(PhasecastError):
+    """408: a request whose headers or body did not arrive in time."""
+
+    code = "request_timeout"
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(timed_out_message(timeout))
+        self.timeout = timeout
+
+
+class BodyTimedOut(HTTPException):
+    """Raised from ``receive`` when a body is not in by its deadline; an ``HTTPException``
+    for the same reason as ``BodyTooLarge`` (the handlers answer 408 ``request_timeout``)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(408, timed_out_message(timeout), headers={"Connection": "close"})
+        self.timeout = timeout
+
+
+def timed(scope: Scope, receive: Receive, timeout: float) -> Receive:
+    """``receive`` that raises ``BodyTimedOut`` if the body is not in within ``timeout``
+    seconds of the first call for this request (of any layer: the deadline is kept in the
+    scope). Once the body is complete, later calls (waiting for the client to go away) are
+    not bounded."""
+    complete = False
+
+    async def bounded() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        deadline = scope.get(DEADLINE_SCOPE_KEY)
+        if deadline is None:
+            deadline = scope[DEADLINE_SCOPE_KEY] = asyncio.get_running_loop().time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimedOut(timeout) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            complete = True
+        return message
+
+    return bounded
 
 
 def body_framing(scope: Scope) -> tuple[int | None, bool]:
@@ -131,9 +191,12 @@ Refuse = Callable[[Request, PhasecastError], Any]
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, refuse: Refuse) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, refuse: Refuse, request_timeout: float = 30.0
+    ) -> None:
         self.app = app
         self.limit = max_body_bytes
+        self.timeout = request_timeout
         self.refuse = refuse  # builds the JSON error response for a PhasecastError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -142,7 +205,9 @@ class RequestGuard:
             return
         # Refused when the body is first read, not before: a route that checks a token
         # first answers 401 to a caller without one, whatever its Content-Length.
-        length, _ = body_framing(scope)
+        length, chunked = body_framing(scope)
+        if chunked or length:
+            receive = timed(scope, receive, self.timeout)
         started = False
 
         async def watched_send(message: Message) -> None:
@@ -156,8 +221,12 @@ class RequestGuard:
         except BodyTooLarge:
             if started:
                 raise
-            await self._too_large(scope, receive, send)
+            await self._refuse(scope, receive, send, TooLarge(self.limit))
+        except BodyTimedOut:
+            if started:
+                raise
+            await self._refuse(scope, receive, send, TimedOut(self.timeout))
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = self.refuse(Request(scope), TooLarge(self.limit))
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: PhasecastError) -> None:
+        response = self.refuse(Request(scope), error)
         await response(scope, receive, send)

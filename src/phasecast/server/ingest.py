@@ -32,13 +32,15 @@ for a 2xx, so it costs one level check when debug is off).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.core import CounterMetricFamily, Metric
 from starlette.responses import JSONResponse
@@ -56,6 +58,7 @@ from phasecast.model import (
     validate_update,
 )
 from phasecast.server.deps import STATUS_BY_ERROR, Services, error_body
+from phasecast.server.guard import BodyTimedOut, TimedOut, timed
 from phasecast.server.logs import (
     _access_level,
     _next_request_id,
@@ -126,6 +129,7 @@ class Thin:
         self.tracker = services.tracker
         self.body_limit = min(MAX_THIN_BODY, services.settings.max_report_body_bytes)
         self.batch_limit = services.settings.max_batch_body_bytes
+        self.timeout = services.settings.request_timeout
 
     def caller(self, headers: list[tuple[bytes, bytes]]) -> tuple[bool, int | None, str | None] | None:
         """``(known worker, Content-Length, client request id)`` if the request may take
@@ -261,7 +265,16 @@ class ThinReports:
             return
         started = time.perf_counter()
         read: list[Message] = []
-        body = await _small_body(receive, read, limit)
+        receive = timed(scope, receive, thin.timeout)  # the guard's deadline too, in scope
+        try:
+            body = await _small_body(receive, read, limit)
+        except BodyTimedOut:
+            status, headers, reply = thin.refusal(TimedOut(thin.timeout), path)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [*headers, (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": reply})
+            accessed("POST", path, status, started, request_id or _next_request_id(), None)
+            return
         work = None if body is None else parse(thin, path, body)
         if work is None:
             await self.app(scope, _replay(read, receive), send)
@@ -504,22 +517,66 @@ class ThinCycle:
         self.on_response()
 
 
-def thin_of(app: Any) -> Thin | None:
-    """The protocol path's ``Thin`` of the Phasecast app inside uvicorn's wrappers (proxy
-    headers, ...), made once per app; None if the app is not Phasecast's, or its settings
-    keep reports on ASGI (``ingest_transport = "asgi"``)."""
+def _state_of(app: Any) -> Any | None:
+    """The state of the Phasecast app inside uvicorn's wrappers (proxy headers, ...); None
+    if the app is not Phasecast's."""
     for _ in range(8):
         state = getattr(app, "state", None)
-        services = getattr(state, "services", None)
-        if state is not None and isinstance(services, Services):
-            made: Thin | None = getattr(state, "thin_protocol", None)
-            if made is None and services.settings.ingest_transport == "raw":
-                made = state.thin_protocol = Thin(services, "protocol")
-            return made
+        if state is not None and isinstance(getattr(state, "services", None), Services):
+            return state
         app = getattr(app, "app", None)
         if app is None:
             return None
     return None
+
+
+def services_of(app: Any) -> Services | None:
+    state = _state_of(app)
+    return None if state is None else cast(Services, state.services)
+
+
+def thin_of(app: Any) -> Thin | None:
+    """The protocol path's ``Thin`` of the Phasecast app, made once per app; None if the app
+    is not Phasecast's, or its settings keep reports on ASGI (``ingest_transport = "asgi"``)."""
+    state = _state_of(app)
+    if state is None:
+        return None
+    made: Thin | None = getattr(state, "thin_protocol", None)
+    if made is None and state.services.settings.ingest_transport == "raw":
+        made = state.thin_protocol = Thin(state.services, "protocol")
+    return made
+
+
+class _Sweep:
+    """The request deadline of ``phasecast serve``'s connections, one per server: every
+    eighth of the timeout (at most every second) it looks at each connection's
+    ``reading_since`` (set while a request's headers, or a thin request's body, are being
+    read) and times out those that are overdue. A request costs two attribute writes and a
+    clock read, not a timer; the sweep runs only while the server has connections."""
+
+    def __init__(self, connections: set[Any], timeout: float) -> None:
+        self.connections = connections
+        self.timeout = timeout
+        self.interval = min(1.0, timeout / 8)
+        self.loop = asyncio.get_running_loop()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.interval, self.run)
+
+    def run(self) -> None:
+        self.handle = None
+        overdue = self.loop.time() - self.timeout
+        for connection in list(self.connections):
+            since = getattr(connection, "reading_since", None)
+            if since is not None and since <= overdue:
+                connection.timed_out()
+        if self.connections:
+            self.start()
+
+
+_SWEEPS: weakref.WeakKeyDictionary[Any, _Sweep] = weakref.WeakKeyDictionary()
 
 
 class ReportProtocol(HttpProtocol):
@@ -530,12 +587,63 @@ class ReportProtocol(HttpProtocol):
 
     thin: Thin | None = None
     _taken: _Taken | None = None
+    # Loop time since which a request's headers (or a thin request's body) are being read,
+    # or None: see ``_Sweep``. ``_begun``: a byte of a request has come on this connection.
+    reading_since: float | None = None
+    _begun = False
+    _services: Services | None = None
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self.thin = thin_of(self.app)
+        services = self._services = services_of(self.app)
+        if services is not None:
+            sweep = _SWEEPS.get(self.server_state)
+            if sweep is None:
+                sweep = _SWEEPS[self.server_state] = _Sweep(
+                    self.connections, services.settings.request_timeout
+                )
+            sweep.start()
+            self.reading_since = self.loop.time()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._services is not None:
+            self._begun = True
+            self.reading_since = self.loop.time()
+
+    def timed_out(self) -> None:
+        """The sweep found this connection's request overdue: answer 408 (close without an
+        answer if no byte of a request came), unless a response to an earlier request is
+        still on its way: then the connection closes after it."""
+        self.reading_since = None
+        self._taken = None
+        transport = self.transport
+        services = self._services
+        if transport is None or transport.is_closing() or services is None:
+            return
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:
+            if cycle is not None:
+                cycle.keep_alive = False
+            return
+        if self._begun:
+            timeout = services.settings.request_timeout
+            exc = TimedOut(timeout)
+            services.metrics.rejected_requests.labels(exc.code).inc()
+            log.info("request rejected: %s", exc.message,
+                     extra={"status": 408, "code": exc.code, "path": None})
+            response = JSONResponse(error_body(exc.code, exc.message), 408,
+                                    headers={"Connection": "close"})
+            out = [STATUS_LINE[408]]
+            for name, value in [*self.server_state.default_headers, *response.raw_headers]:
+                out += (name, b": ", value, b"\r\n")
+            out += (b"\r\n", bytes(response.body))
+            transport.write(b"".join(out))
+        transport.close()
 
     def on_headers_complete(self) -> None:
+        self.reading_since = None  # the body: the ASGI guard's deadline, or the thin one below
         self._taken = None
         thin = self.thin
         if thin is not None and self.limit_concurrency is None:
@@ -543,6 +651,7 @@ class ReportProtocol(HttpProtocol):
             if url.startswith(b"/v1/") and self.parser.get_method() == b"POST":
                 self._taken = self._take(thin, url)
                 if self._taken is not None:
+                    self.reading_since = self.loop.time()  # until the body is in
                     return
         super().on_headers_complete()
 
@@ -580,6 +689,7 @@ class ReportProtocol(HttpProtocol):
             super().on_message_complete()
             return
         self._taken = None
+        self.reading_since = None
         thin = self.thin
         assert thin is not None
         body = bytes(taken.body)

@@ -32,6 +32,7 @@ from phasecast.model import MAX_JSON_DEPTH, check_json
 from phasecast.server.deps import authenticate, principal, services
 from phasecast.server.guard import (
     PRINCIPAL_STATE_KEY,
+    BodyTimedOut,
     BodyTooLarge,
     body_framing,
     capped,
@@ -116,7 +117,8 @@ class JSONRoute(APIRoute):
                     caller = authenticate(request)
                 except PhasecastError:
                     if not expects_continue(request.scope):
-                        with contextlib.suppress(BodyTooLarge):  # the outer cap, while draining
+                        # the outer cap or deadline, while draining: the 401 stands
+                        with contextlib.suppress(BodyTooLarge, BodyTimedOut):
                             await drain(request.receive)
                     raise
                 request.scope.setdefault("state", {})[PRINCIPAL_STATE_KEY] = caller

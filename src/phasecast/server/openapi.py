@@ -21,7 +21,7 @@ class FieldProblem(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(description="machine-readable: invalid, invalid_json, unauthorized, forbidden, "
                       "not_found, conflict, terminal, too_large, unsupported_media_type, "
-                      "method_not_allowed, unavailable")
+                      "method_not_allowed, request_timeout, unavailable")
     message: str = Field(description="what is wrong and how to fix it")
     field: str | None = Field(None, description="the offending field, e.g. updates.3.phase_progress")
     details: list[FieldProblem] | None = Field(None, description="every problem found, for 422")
@@ -79,6 +79,7 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     403: "forbidden: the token may not do this (another user's job, missing scope)",
     404: "not_found: no such job (or it has expired)",
     405: "method_not_allowed: the path exists but not with this method (see the Allow header)",
+    408: "request_timeout: the request's body did not arrive in full in time (docs/protocol.md, Limits)",
     409: "conflict (the job id exists) or terminal (the job has ended)",
     413: "too_large: the body is over this route's limit (docs/protocol.md, Limits)",
     415: "unsupported_media_type: a body with a Content-Type other than JSON",
@@ -108,8 +109,8 @@ def _error_response(status: int) -> dict[str, Any]:
 def install_openapi(app: FastAPI) -> None:
     """Generate the document once, then make it true for every operation: FastAPI's own
     validation-error body is replaced by ours, every operation may answer 413 (each route
-    has a body cap), each one that takes a bearer token may answer 401, and every job id in
-    a path carries the job id pattern."""
+    has a body cap), each one with a body 408 (its body did not arrive in time), each one
+    that takes a bearer token 401, and every job id in a path carries the job id pattern."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -133,6 +134,8 @@ def install_openapi(app: FastAPI) -> None:
                     if "HTTPValidationError" in str(response):
                         responses[status] = _error_response(int(status))
                 responses.setdefault("413", _error_response(413))
+                if "requestBody" in operation:
+                    responses.setdefault("408", _error_response(408))
                 if operation.get("security"):
                     responses.setdefault("401", _error_response(401))
         for name in ("HTTPValidationError", "ValidationError"):
