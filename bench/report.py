@@ -27,7 +27,7 @@ def median_of(runs: list[Result]) -> Result:
         ):
             merged[key] = round(statistics.median(values), 3)  # type: ignore[type-var]
         elif key == "uptime_before":
-            merged[key] = " | ".join(str(v) for v in values)  # the load before each run
+            merged[key] = "; ".join(str(v) for v in values)  # the load before each run (one table cell)
         else:
             merged[key] = first
     merged["repeats"] = len(runs)
