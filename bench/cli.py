@@ -288,6 +288,7 @@ def run_storm(args: argparse.Namespace, results: dict[str, Any]) -> None:
                     jobs=args.jobs,
                     loadgen_procs=args.loadgen_procs,
                     profile=getattr(args, "profile", None),
+                    workers=getattr(args, "workers", 1),
                 )
                 result["server_src"] = source or "this checkout"
                 _log(
@@ -439,6 +440,10 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--watchers", type=int, default=10000)
     st.add_argument("--jobs", type=int, default=1000)
     st.add_argument("--profile", help="record the restarted server with py-spy into this directory")
+    st.add_argument(
+        "--workers", type=int, default=1,
+        help="phasecast serve --workers N (Redis): the storm spread over N processes, all killed and restarted",
+    )
     st.add_argument(
         "--compare-src", help="also run the storm against the server from this src/ directory, taking turns"
     )

@@ -163,6 +163,7 @@ FANOUT_COLUMNS = [
 ]
 STORM_COLUMNS = [
     ("engine", "system"),
+    ("workers", "workers"),
     ("load before", "uptime_before"),
     ("watchers", "watchers"),
     ("resynced", "resynced"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import CpuMeter, cpu_split, loadavg, merge_histograms, percentiles, rss_kb, token
+from bench.common import (
+    CpuMeter,
+    cpu_split,
+    descendants,
+    loadavg,
+    merge_histograms,
+    percentiles,
+    rss_kb,
+    token,
+)
 from bench.control import Child, child_argv
 from bench.systems import (
     SERVER_ENV,
@@ -372,18 +382,30 @@ def ingest(
 
 
 def storm(
-    system_name: str, *, watchers: int, jobs: int, loadgen_procs: int = 1, profile: str | None = None
+    system_name: str,
+    *,
+    watchers: int,
+    jobs: int,
+    loadgen_procs: int = 1,
+    profile: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Every watcher dropped at once (SIGKILL of the server), each job changed while the
-    server is down, server started again: seconds until every watcher has the new state."""
+    """Every watcher dropped at once (SIGKILL of the server, all its worker processes
+    with it), each job changed while the server is down, server started again: seconds
+    until every watcher has the new state."""
     uptime_before = loadavg()
-    with system_for(system_name) as system:
+    with system_for(system_name, workers=workers) as system:
         ids = create_jobs(system, jobs, uuid.uuid4().hex[:6])
         loadgens = _loadgens(system, "ws", watchers, loadgen_procs, reconnect=True)
         try:
             ready = [g.expect("ready", 60 + watchers / 50) for g in loadgens]
             assert system.server is not None
+            # ``serve --workers N``: its workers die with it, as in a machine's crash.
+            workers_before = descendants(system.pid)
             system.server.kill()
+            for pid in workers_before:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             # One change per job while the server is away: resync must deliver it.
             pub = _publisher(system, "tracker", ids, len(ids) * 4.0, 0.25, 64)
             try:
@@ -400,12 +422,13 @@ def storm(
             # Server CPU from ready to the last watcher resynced: what the storm costs the
             # restarted process, apart from its start (a figure the machine's load moves less
             # than seconds do).
-            cpu_at_ready = cpu_split(system.pid)
+            tree = [system.pid, *descendants(system.pid)]
+            cpu_at_ready = _tree_cpu(tree)
             profiler = _profile(system.pid, 15, profile)
             for g in loadgens:
                 g.send("expect", seqs=published["seqs"], timeout=120)
             synced = [g.expect("synced", 150) for g in loadgens]
-            user, kernel = (b - a for a, b in zip(cpu_at_ready, cpu_split(system.pid), strict=True))
+            user, kernel = (b - a for a, b in zip(cpu_at_ready, _tree_cpu(tree), strict=True))
             storm_cpu = user + kernel
             drops = listen_drops() - drops_before
             if profiler is not None:
@@ -420,6 +443,7 @@ def storm(
     all_done = None if any(at is None for at in done) else max(done)
     return {
         "system": system_name,
+        "workers": workers,
         "watchers": watchers,
         "jobs": jobs,
         "uptime_before": uptime_before,
@@ -439,3 +463,14 @@ def storm(
         "out_of_order": sum(r["out_of_order"] for r in received),
         "watchers_behind": sum(r["watchers_behind"] for r in received),
     }
+
+
+def _tree_cpu(pids: list[int]) -> tuple[float, float]:
+    """User and kernel CPU seconds of these processes, added up."""
+    user = kernel = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            u, k = cpu_split(pid)
+            user += u
+            kernel += k
+    return user, kernel

@@ -110,3 +110,14 @@ def test_storm_resyncs_every_watcher_in_order(system: str) -> None:
     assert result["seconds_from_ready"] is not None
     assert result["server_cpu_us_per_reconnect"] >= 0
     assert result["listen_drops"] >= 0
+
+
+def test_storm_with_workers_kills_and_restarts_every_process() -> None:
+    """``serve --workers 2``: the storm kills the supervisor and its workers (a worker left
+    alive would keep serving the watchers and hide the storm), restarts them, and every
+    watcher resyncs."""
+    result = scenarios.storm("phasecast-redis", watchers=60, jobs=6, workers=2)
+    assert result["workers"] == 2
+    assert result["connected"] == result["resynced"] == 60
+    assert result["reconnects"] >= 60
+    assert result["out_of_order"] == 0 and result["watchers_behind"] == 0

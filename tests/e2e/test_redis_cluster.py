@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.crc import key_slot
-from tests.support.failover import Writer, check_outcome, first_delivery_after, watch_all
+from tests.support.failover import Writer, check_outcome, first_delivery_after, instances, watch_all
 from tests.support.process import ServerProcess
 from tests.support.redis_servers import RedisClusterProcesses
 
@@ -54,18 +54,8 @@ def own_cluster() -> Iterator[RedisClusterProcesses]:
 async def two_instances(
     own_cluster: RedisClusterProcesses, tmp_path: Path
 ) -> AsyncIterator[list[ServerProcess]]:
-    servers = [
-        ServerProcess(own_cluster.url, env={"PHASECAST_PING_INTERVAL": "1"},
-                      log_path=tmp_path / f"server-{i}.log")
-        for i in range(2)
-    ]
-    try:
-        for server in servers:
-            server.start()
+    with instances(own_cluster.url, tmp_path) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 async def test_watchers_on_two_instances_see_every_job_on_every_shard(

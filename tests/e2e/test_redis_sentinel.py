@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.support.failover import Writer, check_outcome, first_delivery_after, watch_all
+from tests.support.failover import Writer, check_outcome, first_delivery_after, instances, watch_all
 from tests.support.process import ServerProcess
 from tests.support.redis_servers import RedisSentinelProcesses
 
@@ -39,18 +39,8 @@ async def two_instances(
         # in three runs. With every write waiting for a replica, none is acknowledged that
         # the promoted replica does not have.
         query += "&wait_replicas=1&wait_timeout_ms=300"
-    servers = [
-        ServerProcess(f"{own_sentinel.url}?{query}", env={"PHASECAST_PING_INTERVAL": "1"},
-                      log_path=tmp_path / f"server-{i}.log")
-        for i in range(2)
-    ]
-    try:
-        for server in servers:
-            server.start()
+    with instances(f"{own_sentinel.url}?{query}", tmp_path) as servers:
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @pytest.mark.parametrize("how", ["killed", "demoted"])

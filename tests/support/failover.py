@@ -6,12 +6,33 @@ watcher ended with the terminal state."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 from tests.support.clients import WSWatcher
 from tests.support.process import ServerProcess
+
+
+@contextlib.contextmanager
+def instances(engine_url: str, tmp_path: Path, count: int = 2) -> Iterator[list[ServerProcess]]:
+    """``count`` server processes on one engine (pinging watchers every second), each
+    logging to its own file in ``tmp_path``, stopped however the test ends."""
+    servers = [
+        ServerProcess(engine_url, env={"PHASECAST_PING_INTERVAL": "1"},
+                      log_path=tmp_path / f"server-{i}.log")
+        for i in range(count)
+    ]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
 
 
 class Writer:
