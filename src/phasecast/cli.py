@@ -7,6 +7,8 @@ import errno
 import logging
 import os
 import secrets
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -212,6 +214,7 @@ def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> Non
         # They read their settings from the environment, so what the command line set is
         # passed down that way.
         os.environ.update(_settings_env(settings))
+        os.environ[SUPERVISOR_PID_ENV] = str(os.getpid())  # see _leave_with_supervisor
         uvicorn.run("phasecast.cli:worker_app", factory=True, workers=workers, **options)
         return
     try:
@@ -246,7 +249,39 @@ def worker_app() -> Any:
 
     settings = load_settings(allow_dev_secret=False)
     configure_logging(json_output=settings.log_json, level=settings.log_level)
-    return create_app(settings, startup=[*startup_hooks(settings), settle_after_startup])
+    return create_app(
+        settings, startup=[*startup_hooks(settings), settle_after_startup, _leave_with_supervisor]
+    )
+
+
+SUPERVISOR_CHECK_SECONDS = 1.0
+# Set by the supervisor for its workers: a worker started after its supervisor died would
+# otherwise take its new parent (init) for the supervisor.
+SUPERVISOR_PID_ENV = "PHASECAST_SUPERVISOR_PID"
+
+
+async def _leave_with_supervisor(app: Any, services: Any) -> Callable[[], Awaitable[None]]:
+    """A worker of ``serve --workers N`` stops once its supervisor is gone, however it went
+    (SIGKILL, the OOM killer): left running, workers would go on serving on the port, beside
+    a restarted server, under no supervisor. Checked once a second (the parent pid changes
+    when the parent dies); the worker then shuts down as on SIGTERM."""
+    supervisor = int(os.environ.get(SUPERVISOR_PID_ENV) or os.getppid())
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(SUPERVISOR_CHECK_SECONDS)
+            if os.getppid() != supervisor:
+                log.warning("the supervisor (pid %d) is gone; this worker stops", supervisor)
+                os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+                return
+
+    task = asyncio.get_running_loop().create_task(watch(), name="phasecast-supervisor-watch")
+
+    async def stop() -> None:
+        task.cancel()
+        await asyncio.wait([task])  # the task's own cancellation is not ours to raise
+
+    return stop
 
 
 def _worker_count(value: str) -> int:

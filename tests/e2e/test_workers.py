@@ -3,9 +3,12 @@ its own hub and change feed; SQLite refuses more than one."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,3 +88,53 @@ async def test_two_workers_on_redis_both_serve_watchers(
                 assert seqs == sorted(set(seqs))
                 await watcher.close()
     assert server.log().count("engine started") == 2
+
+
+def worker_pids(supervisor: int) -> set[int]:
+    """The uvicorn worker processes below ``supervisor`` (multiprocessing spawns them)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == supervisor and b"spawn_main" in cmdline:
+            found.add(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie no longer does: an orphan's exit is reaped by
+    whatever adopted it, if ever)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.redis
+def test_workers_stop_when_their_supervisor_is_killed(redis_engine_url: str, tmp_path: Path) -> None:
+    """SIGKILL of ``serve --workers 2`` (no shutdown hook runs in the supervisor): its
+    workers notice and stop, instead of serving on under nobody."""
+    server = ServerProcess(redis_engine_url, args=["--workers", "2"], log_path=tmp_path / "s.log")
+    server.start()
+    workers: set[int] = set()
+    try:
+        workers = worker_pids(server.pid)
+        assert len(workers) == 2
+        server.kill()
+        deadline = time.monotonic() + 20
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [pid for pid in workers if running(pid)]
+        assert alive == [], f"workers still running after their supervisor died: {alive}"
+        assert server.log().count("the supervisor (pid") == 2
+    finally:
+        for pid in workers:  # none expected to be left; never leave one serving
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
