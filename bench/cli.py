@@ -409,7 +409,10 @@ def parser() -> argparse.ArgumentParser:
     trans = sub.add_parser("transports", help="SSE vs WebSocket on the same workload")
     sized(trans, 2000, 200, 200, 10)
     trans.add_argument("--transports", default="ws,sse,ssemux", help="which, comma-separated")
-    trans.add_argument("--ab", help="also run each transport against this checkout's src/, taking turns")
+    trans.add_argument(
+        "--baseline-src", "--ab", dest="ab", metavar="SRC",
+        help="also run each transport against this checkout's src/, taking turns",
+    )
 
     ing = sub.add_parser("ingest", help="accepted updates/s per server process")
     ing.add_argument("--engine", default="both", choices=["both", "redis", "sqlite"])
@@ -445,7 +448,8 @@ def parser() -> argparse.ArgumentParser:
         help="phasecast serve --workers N (Redis): the storm spread over N processes, all killed and restarted",
     )
     st.add_argument(
-        "--compare-src", help="also run the storm against the server from this src/ directory, taking turns"
+        "--baseline-src", "--compare-src", dest="compare_src", metavar="SRC",
+        help="also run the storm against the server from this src/ directory, taking turns",
     )
     return top
 
