@@ -86,7 +86,8 @@ async def test_a_passing_status_404_does_not_fail_the_panel(
     try:
         await comic.start(panel_inputs(2, {1: {"steps": 10, "hold_at": 5}, 2: {"steps": 10, "hold_at": 5}}))
         assert comic.watcher is not None
-        await comic.watcher.wait_for(lambda w: all(
+        # Both panels there and at 50 % (all() of no steps yet would be true at once).
+        await comic.watcher.wait_for(lambda w: len(last(comic)["steps"]) == 2 and all(
             info["progress"] == 50 for info in last(comic)["steps"].values()), 20)
         sim.faults.not_found_next = 2  # two 404s, spread over the panels: not yet a confirmed loss
         await eventually(lambda: sim.requests["404"] >= 2, 10, "two 404s answered")
@@ -108,7 +109,10 @@ async def test_a_lasting_status_404_fails_the_panel_only_once_confirmed(
         try:
             await comic.start(panel_inputs(1, {1: {"steps": 10, "hold_at": 5}}))
             assert comic.watcher is not None
-            await comic.watcher.wait_for(lambda w: last(comic)["steps"]["panel-1"]["progress"] == 50, 20)
+            # (states from before the panel started have no steps yet)
+            await comic.watcher.wait_for(
+                lambda w: last(comic)["steps"].get("panel-1", {}).get("progress") == 50, 20
+            )
             (runpod_id,) = sim.jobs
             sim.expire(runpod_id)  # RunPod forgot the job for good
             final = (await comic.watcher.wait_terminal("comic-404", 30)).state
@@ -178,9 +182,12 @@ async def test_a_job_cancelled_while_a_submission_is_in_doubt_never_resubmits_it
         assert comic.watcher is not None
         await comic.watcher.wait_closed()
         server.start()
-        sim.release_runs()
+        # Cancelled while /run's answer is still held (in doubt), and only then does RunPod
+        # answer and run the job: released first, the job could finish and its webhook land
+        # before the cancel, and the panel would rightly be done.
         reply = await comic.api.post("/v1/jobs/comic-doubt/cancel", json={"reason": "no longer needed"})
         assert reply.status_code == 200
+        sim.release_runs()
         await eventually(lambda: any(d.http_status == 200 for d in sim.deliveries), 20, "the webhook delivered")
         assert sim.running() == []
         assert len(sim.jobs) == 1
