@@ -215,6 +215,9 @@ class RunPodPanels:
         if panel.runpod_id is not None and panel.policy.retry_with == "retry":
             await self._retry_on_runpod(panel)
             return
+        if await self._job_over(panel.job_id):
+            await self.stop_job_panels(panel.job_id)
+            return  # the job ended before its panel went out: nothing to start
         key = uuid.uuid4().hex
         intent = panel.evolve(submission=key, submitted_at=time.time(), runpod_id=None,
                               next_poll=time.time() + 3 * self.config.request_timeout)
@@ -261,6 +264,10 @@ class RunPodPanels:
         await self.store.schedule(cleared, at)
 
     async def _store_started(self, intent: Panel, started: RunPodStatus) -> None:
+        if await self._job_over(intent.job_id):
+            # Ended while /run was on its way: the panel is stopped first, so the swap below
+            # fails and the RunPod job is cancelled rather than recorded.
+            await self.stop_job_panels(intent.job_id)
         new = intent.evolve(runpod_id=started.id, status=IN_QUEUE, submitted_at=None,
                             next_poll=time.time() + self._interval(IN_QUEUE))
         if await self.store.swap(intent, new):
@@ -274,6 +281,15 @@ class RunPodPanels:
             with contextlib.suppress(RunPodError):
                 await self.client.cancel(started.id)
             log.info("cancelled RunPod job %s: panel %s no longer wants it", started.id, intent.member)
+
+    async def _job_over(self, job_id: str) -> bool:
+        """Whether the Phasecast job has ended or is gone. Asked before a RunPod job is taken
+        into a panel: the panel alone may still look wanted, because an ended job's panels
+        are stopped after the fact (by the instance that stored the end, in the background)."""
+        try:
+            return (await self.tracker.get(job_id)).terminal
+        except JobNotFound:
+            return True
 
     def _adoption_check_interval(self) -> float:
         return min(self.config.max_poll_interval, max(self.config.queue_poll_interval, 1.0))
@@ -329,6 +345,12 @@ class RunPodPanels:
                 return "already_finished"
             if panel.runpod_id is not None:
                 return None
+            if await self._job_over(job_id):
+                # Cancelled (or failed) while the submission was in doubt: its panels may not be
+                # stopped yet (that runs after the cancel is answered, maybe on another
+                # instance, or not at all if a worker ended the job). Stop them, then look again.
+                await self.stop_job_panels(job_id)
+                continue
             adopted = panel.evolve(runpod_id=status.id, status=IN_QUEUE, submitted_at=None,
                                    next_poll=time.time() + self._interval(IN_QUEUE))
             if await self.store.swap(panel, adopted):

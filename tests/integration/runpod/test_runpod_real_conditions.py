@@ -17,13 +17,16 @@ from runpod_helpers import (
     assert_never_backwards,
     done_transitions,
     eventually,
+    eventually_async,
     panel_inputs,
     runpod_env,
 )
 from tests.support.process import TEST_SECRET, ServerProcess
 
+from phasecast.engines import open_engine
 from phasecast.integrations.runpod import derive_webhook_secret, webhook_url
 from phasecast.simulators.runpod import RunPodSimulator
+from phasecast.tracker import ProgressTracker
 
 pytestmark = pytest.mark.slow
 
@@ -171,23 +174,22 @@ async def test_a_job_cancelled_while_a_submission_is_in_doubt_never_resubmits_it
     submitted again, and when RunPod's job shows up (its webhook names the submission) it is
     not adopted into the cancelled panel."""
     sim.faults.hold_run_answers = True
-    sim.faults.webhook_retry_delay = 5.0  # RunPod's retries (10 s apart) outlast a restart
     server = ServerProcess(sqlite_engine_url, env=runpod_env(sim), log_path=tmp_path / "server.log")
     server.start()
     comic = comic_factory(server, "comic-doubt")
     try:
-        await comic.start(panel_inputs(1, {1: {"steps": 10}}))
+        # RunPod's job holds at step 5 of 10 until resumed: it can neither finish nor send its
+        # webhook before the cancel below, however slow the restart.
+        await comic.start(panel_inputs(1, {1: {"steps": 10, "hold_at": 5}}))
         await eventually(lambda: sim.held_runs == 1, 10, "the /run request in flight")
         server.kill()
         assert comic.watcher is not None
         await comic.watcher.wait_closed()
         server.start()
-        # Cancelled while /run's answer is still held (in doubt), and only then does RunPod
-        # answer and run the job: released first, the job could finish and its webhook land
-        # before the cancel, and the panel would rightly be done.
         reply = await comic.api.post("/v1/jobs/comic-doubt/cancel", json={"reason": "no longer needed"})
         assert reply.status_code == 200
-        sim.release_runs()
+        sim.release_runs()  # the answer goes to the killed process: nobody reads it
+        sim.resume()
         await eventually(lambda: any(d.http_status == 200 for d in sim.deliveries), 20, "the webhook delivered")
         assert sim.running() == []
         assert len(sim.jobs) == 1
@@ -196,6 +198,81 @@ async def test_a_job_cancelled_while_a_submission_is_in_doubt_never_resubmits_it
         assert (await comic.api.get("/v1/jobs/comic-doubt")).json()["phase"] == "CANCELLED"
     finally:
         sim.release_runs()
+        sim.resume()
+        await comic.close()
+        server.stop()
+
+
+async def test_a_job_ended_elsewhere_never_takes_a_runpod_job_in_doubt(
+    redis_engine_url: str, sim: RunPodSimulator, tmp_path: Path, comic_factory: ComicFactory
+) -> None:
+    """An ended job's panels are stopped after the fact, by the process that stored the end.
+    When that is not this instance (here a worker failed the job through its own tracker on the
+    shared Redis while the instance was down), the panel still looks wanted when RunPod's job
+    shows up; the job's own state decides, and the RunPod job is not adopted into it."""
+    sim.faults.hold_run_answers = True
+    # The poller looks at the in-doubt panel only after three request timeouts: until then
+    # only the webhook can touch it, so the test sees what the webhook path does.
+    env = runpod_env(sim, PHASECAST_RUNPOD_REQUEST_TIMEOUT="20")
+    server = ServerProcess(redis_engine_url, env=env, log_path=tmp_path / "server.log")
+    server.start()
+    comic = comic_factory(server, "comic-elsewhere")
+    try:
+        await comic.start(panel_inputs(1, {1: {"steps": 10, "hold_at": 5}}))
+        await eventually(lambda: sim.held_runs == 1, 10, "the /run request in flight")
+        server.kill()
+        async with ProgressTracker(open_engine(redis_engine_url)) as worker:
+            await worker.fail("comic-elsewhere", "out_of_credit", "the customer ran out of credit")
+        server.start()
+        sim.release_runs()
+        sim.resume()
+        await eventually(lambda: any(d.http_status == 200 for d in sim.deliveries), 20, "the webhook delivered")
+
+        async def panel() -> dict[str, Any]:
+            reply = await comic.api.get("/v1/integrations/runpod/jobs/comic-elsewhere/panels")
+            (found,) = reply.json()["panels"]
+            return dict(found)
+
+        async def stopped() -> bool:
+            return (await panel())["status"] == "cancelled"
+
+        # Only the webhook's handling stops the panel (the poller is not due yet).
+        await eventually_async(stopped, 10, "the webhook handled")
+        stopped_panel = await panel()
+        assert stopped_panel["runpod_id"] is None, stopped_panel
+        assert len(sim.jobs) == 1
+        assert (await comic.api.get("/v1/jobs/comic-elsewhere")).json()["phase"] == "FAILED"
+    finally:
+        sim.release_runs()
+        sim.resume()
+        await comic.close()
+        server.stop()
+
+
+async def test_a_run_answer_arriving_after_the_job_ended_elsewhere_is_cancelled_not_recorded(
+    redis_engine_url: str, sim: RunPodSimulator, tmp_path: Path, comic_factory: ComicFactory
+) -> None:
+    """The live sibling of the case above: /run answers after a worker ended the job on the
+    shared Redis (this instance stored no end, so it stopped nothing). The answer must not
+    make the panel look started: the RunPod job is cancelled at once and not recorded."""
+    sim.faults.hold_run_answers = True
+    server = ServerProcess(redis_engine_url, env=runpod_env(sim), log_path=tmp_path / "server.log")
+    server.start()
+    comic = comic_factory(server, "comic-late-answer")
+    try:
+        await comic.start(panel_inputs(1, {1: {"steps": 10, "hold_at": 5}}))
+        await eventually(lambda: sim.held_runs == 1, 10, "the /run request in flight")
+        async with ProgressTracker(open_engine(redis_engine_url)) as worker:
+            await worker.cancel("comic-late-answer", "the reader closed the page")
+        sim.release_runs()
+        await eventually(lambda: len(sim.cancelled) == 1, 10, "the RunPod job cancelled")
+        assert sim.cancelled == list(sim.jobs)
+        (panel,) = (await comic.api.get("/v1/integrations/runpod/jobs/comic-late-answer/panels")).json()["panels"]
+        assert panel["status"] == "cancelled" and panel["runpod_id"] is None, panel
+        assert sim.requests["GET /status"] == 0  # nothing polled a job nobody wants
+    finally:
+        sim.release_runs()
+        sim.resume()
         await comic.close()
         server.stop()
 
