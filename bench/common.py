@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import resource
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -32,6 +33,17 @@ def raise_nofile() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = 10) -> None:
+    """Stop a server process started by the bench: SIGTERM, then SIGKILL if it has not
+    exited within ``grace`` seconds; reaped either way, so no zombie outlives the run."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(grace)
 
 
 def cpu_split(pid: int) -> tuple[float, float]:

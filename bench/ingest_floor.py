@@ -227,6 +227,7 @@ def system(name: str, redis: Any) -> Any:
 
     from tests.support.process import free_port, wait_for_port
 
+    from bench.common import stop_process
     from bench.control import child_env
     from bench.systems import System
 
@@ -245,11 +246,6 @@ def system(name: str, redis: Any) -> Any:
                 channel=f"bench-{name}-{uuid.uuid4().hex[:8]}",
             )
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+            stop_process(process)
 
     return running()

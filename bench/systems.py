@@ -17,7 +17,7 @@ import httpx
 from tests.support.process import PrivateRedis, ServerProcess, free_port, wait_for_port
 from tests.support.redis_servers import RedisClusterProcesses
 
-from bench.common import VIEWER, token
+from bench.common import VIEWER, stop_process, token
 from bench.control import child_env
 
 # Extra environment for every ``phasecast serve`` started (``--server-src`` sets PYTHONPATH
@@ -130,12 +130,7 @@ def _pubsub_fed_server(name: str, module: str, redis: PrivateRedis, log: Path | 
             channel=channel,
         )
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
 
 
 @contextlib.contextmanager
