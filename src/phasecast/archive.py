@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -411,15 +412,32 @@ async def migrate(pool: Any) -> int:
 
 
 def _job_row(state: JobState) -> tuple[Any, ...]:
-    return (state.job_id, state.owner, state.kind, state.phase.value, state.terminal, state.progress,
-            state.seq, state.epoch, parse_time(state.created_at), parse_time(state.updated_at),
-            None if state.error is None else state.error.code,
-            None if state.error is None else state.error.message, state.to_json())
+    return (state.job_id, _pg(state.owner), state.kind, state.phase.value, state.terminal,
+            state.progress, state.seq, state.epoch, parse_time(state.created_at),
+            parse_time(state.updated_at), None if state.error is None else _pg(state.error.code),
+            None if state.error is None else _pg(state.error.message), _pg_json(state.to_json()))
 
 
 def _event_row(event: Event) -> tuple[Any, ...]:
     return (event.job_id, event.epoch, event.seq, parse_time(event.at), event.phase,
-            event.phase_progress, event.progress, event.message, event.error)
+            event.phase_progress, event.progress, _pg(event.message),
+            None if event.error is None else _pg_json(event.error))
+
+
+# PostgreSQL keeps no NUL in text or jsonb. Job text is refused with a NUL since it would
+# stall the archive (model.validate_text), but a state stored before that rule may hold one:
+# the archive keeps it with U+FFFD in its place rather than retrying it forever and holding
+# every later record back.
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _pg(text: str) -> str:
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _pg_json(text: str) -> str:
+    """JSON text without the ``\\u0000`` escape (an escaped backslash before ``u0000`` is kept)."""
+    return _NUL_ESCAPE.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
 
 
 def open_archive(url: str, outbox: ArchiveOutbox | None = None) -> PostgresArchive:

@@ -257,17 +257,39 @@ def validate_step_id(step: object, field: str = "step") -> str:
 
 
 def validate_text(field: str, value: object, *, max_chars: int, min_chars: int = 0) -> str:
-    """A string that every reader can decode: valid Unicode (no lone surrogates), within
-    its length limits."""
+    """A string that every store and reader keeps as it is: valid Unicode (no lone
+    surrogates), no NUL, within its length limits."""
     if not isinstance(value, str):
         raise InvalidUpdate(field, f"must be a string, got {type(value).__name__}")
     if not min_chars <= len(value) <= max_chars:
         raise InvalidUpdate(field, f"must be {min_chars} to {max_chars} characters, got {len(value)}")
-    _check_unicode(field, value)
+    _check_unicode(field, value, stored=True)
     return value
 
 
-def _check_unicode(field: str, text: str) -> None:
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str, max_chars: int) -> str:
+    """Someone else's text (a RunPod error, say) made fit for a job's state: lone surrogates
+    and NUL become U+FFFD, and text longer than ``max_chars`` is cut with an ellipsis."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    if not text.isascii():
+        text = _SURROGATE.sub("\ufffd", text)  # in a str, any surrogate left is a lone one
+    if len(text) > max_chars:
+        text = text[: max(0, max_chars - 1)] + "…"
+    return text
+
+
+def _check_unicode(field: str, text: str, *, stored: bool = False) -> None:
+    if stored and "\x00" in text:
+        # PostgreSQL (the archive) keeps no NUL in text or jsonb: a state holding one could be
+        # served live but never archived, and would stall the archive behind it.
+        raise InvalidUpdate(
+            field, f"contains a NUL character (U+0000) at character {text.index(chr(0))}; "
+            "remove it (the archive cannot store it)",
+        )
     if not text.isascii():
         try:
             text.encode("utf-8")
@@ -280,13 +302,15 @@ def _check_unicode(field: str, text: str) -> None:
 
 
 def check_json(
-    value: object, field: str, *, max_depth: int = MAX_JSON_DEPTH, level: int = 1
+    value: object, field: str, *, max_depth: int = MAX_JSON_DEPTH, level: int = 1,
+    stored: bool = False,
 ) -> None:
     """Raise unless ``value`` is JSON that every reader decodes the same way: objects with
     string keys, arrays, valid Unicode strings, finite numbers, booleans and null, with no
     object or array deeper than level ``max_depth`` (``value`` itself is at ``level``).
     ``field`` names the value in errors, extended with the path (``metadata.a.0``); an empty
-    ``field`` is a whole request body."""
+    ``field`` is a whole request body. ``stored``: the value goes into a job's state, so its
+    strings (keys too) must not hold NUL either."""
     stack: list[tuple[object, str, int]] = [(value, field, level)]
     while stack:
         item, path, depth = stack.pop()
@@ -298,13 +322,13 @@ def check_json(
                 if not isinstance(key, str):
                     raise InvalidUpdate(where, f"has a key that is not a string: {key!r}")
                 inner = f"{path}.{key}" if path else key
-                _check_unicode(inner, key)
+                _check_unicode(inner, key, stored=stored)
                 stack.append((child, inner, depth + 1))
         elif isinstance(item, list):
             for index, child in enumerate(item):
                 stack.append((child, f"{path}.{index}" if path else str(index), depth + 1))
         elif isinstance(item, str):
-            _check_unicode(where, item)
+            _check_unicode(where, item, stored=stored)
         elif isinstance(item, float):
             if not math.isfinite(item):
                 raise InvalidUpdate(
@@ -317,7 +341,7 @@ def check_json(
 def validate_metadata(metadata: object) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise InvalidUpdate("metadata", "must be a JSON object")
-    check_json(metadata, "metadata")
+    check_json(metadata, "metadata", stored=True)
     size = len(json.dumps(metadata, separators=(",", ":")).encode())
     if size > MAX_METADATA_BYTES:
         raise InvalidUpdate(

@@ -423,6 +423,7 @@ class ProgressTracker:
         )
 
     async def cancel(self, job_id: str, reason: str | None = None) -> Outcome:
+        validate_message(reason, "reason")  # it becomes the message; errors name it as sent
         return await self._end(job_id, Ending(Phase.CANCELLED, reason))
 
     async def _end(self, job_id: str, ending: Ending) -> Outcome:

@@ -266,7 +266,7 @@ def nested(depth: int) -> dict[str, Any]:
 ACCEPTED_METADATA: dict[str, Any] = {
     "depth-32": nested(32),
     "big-numbers": {"big": 2**63, "neg": -(2**70), "tiny": 5e-324, "huge": 1.7976931348623157e308, "negzero": -0.0},
-    "unicode": {"astral": "😀 𝄞", "rtl": "مرحبا", "nul": "a\u0000b", "newline": "line\nbreak", "": "empty key",
+    "unicode": {"astral": "😀 𝄞", "rtl": "مرحبا", "controls": "a\u0001\u001f\u007fb", "newline": "line\nbreak", "": "empty key",
                 "quote": "\"'\\</script>"},
     "near-16k": {"blob": "x" * (16 * 1024 - 20)},
     "empty-containers": {"o": {}, "a": [], "nested": [[], {}, [[]]]},
@@ -337,13 +337,13 @@ async def test_every_accepted_input_can_be_read_updated_and_streamed_by_every_pa
         for job_id in jobs:
             reply = await client.post(f"/v1/jobs/{job_id}/progress",
                                       json={"phase": "GENERATING", "step": "p-1", "step_progress": 50,
-                                            "steps_total": 2, "message": "Drawing 😀 \u0000"})
+                                            "steps_total": 2, "message": "Drawing 😀 \u0001"})
             assert reply.status_code == 200, reply.text
             assert reply.json()["applied"] is True
     for job_id, metadata in jobs.items():
         state = await read_everywhere(server, worker_token, job_id, owner)
         assert state["metadata"] == metadata
-        assert state["message"] == "Drawing 😀 \u0000"
+        assert state["message"] == "Drawing 😀 \u0001"
     async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
         for job_id in jobs:
             reply = await client.post(f"/v1/jobs/{job_id}/complete")
@@ -364,6 +364,9 @@ REFUSED_CREATES: dict[str, tuple[str, int, str, str | None]] = {
     "overflow-literal": ('{"a": 1e400}', 422, "invalid", "metadata.a"),
     "lone-surrogate-value": ('{"a": "\\ud800"}', 422, "invalid", "metadata.a"),
     "lone-surrogate-key": ('{"\\udfff": 1}', 422, "invalid", "metadata.\\udfff"),
+    # PostgreSQL (the archive) keeps no NUL: refused, not stored and then never archived.
+    "nul-value": ('{"a": ["ok", "x\\u0000y"]}', 422, "invalid", "metadata.a.1"),
+    "nul-key": ('{"a": {"k\\u0000": 1}}', 422, "invalid", "metadata.a.k\u0000"),
     "reversed-pair": ('{"a": "\\ude00\\ud83d"}', 422, "invalid", "metadata.a"),
     "depth-33": (json.dumps(nested(33)), 422, "invalid", "metadata" + ".n" * 31 + ".n"),
     "depth-5000": ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", 422, "invalid", None),
@@ -406,6 +409,7 @@ REFUSED_REPORTS: dict[str, tuple[str, str]] = {
     "string-steps-total": ('{"phase": "GENERATING", "step": "p1", "steps_total": "2"}', "steps_total"),
     "bool-steps-total": ('{"phase": "GENERATING", "step": "p1", "steps_total": true}', "steps_total"),
     "surrogate-message": ('{"phase": "GENERATING", "message": "\\udc00"}', "message"),
+    "nul-message": ('{"phase": "GENERATING", "message": "a\\u0000b"}', "message"),
     "number-message": ('{"phase": "GENERATING", "message": 5}', "message"),
     "step-newline": ('{"phase": "GENERATING", "step": "p1\\n", "step_progress": 5}', "step"),
     "step-status-alone": ('{"phase": "GENERATING", "step_status": "done"}', "step"),
@@ -435,6 +439,41 @@ async def test_a_refused_report_names_the_field_and_changes_nothing(
             expected = field if path != "/v1/progress" else f"updates.0.{field}"
             assert error.get("field") == expected, (path, error)
         assert (await client.get(f"/v1/jobs/{job_id}")).json() == before
+
+
+# Every text a job keeps, with a NUL in it (PostgreSQL, the archive, cannot keep one).
+NUL_TEXTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    # name: (path after /v1/jobs/<id>, body, field)
+    "owner": ("", {"owner": "al\u0000ice"}, "owner"),
+    "complete-message": ("/complete", {"message": "Ready\u0000"}, "message"),
+    "fail-code": ("/fail", {"error": {"code": "oom\u0000", "message": "out of memory"}}, "error.code"),
+    "fail-message": ("/fail", {"error": {"code": "oom", "message": "out of\u0000memory"}}, "error.message"),
+    "cancel-reason": ("/cancel", {"reason": "\u0000"}, "reason"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUL_TEXTS))
+async def test_a_nul_in_any_text_a_job_keeps_is_refused_and_changes_nothing(
+    server: ServerProcess, worker_token: str, case: str
+) -> None:
+    path, body, field = NUL_TEXTS[case]
+    job_id = new_id(f"nul-{case}")
+    auth = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10) as client:
+        if path:
+            assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+            before = (await client.get(f"/v1/jobs/{job_id}")).json()
+            reply = await client.post(f"/v1/jobs/{job_id}{path}", json=body)
+        else:
+            reply = await client.post("/v1/jobs", json={"job_id": job_id, **body})
+        assert reply.status_code == 422, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == "invalid" and error.get("field") in (field, f"body.{field}"), error
+        assert "NUL" in error["message"], error
+        if path:
+            assert (await client.get(f"/v1/jobs/{job_id}")).json() == before
+        else:
+            assert (await client.get(f"/v1/jobs/{job_id}")).status_code == 404
 
 
 # --- 3. One job id pattern, everywhere ---------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from tests.support.process import PrivateRedis, ServerProcess, free_port
 from phasecast.archive import MIGRATIONS, PostgresArchive, migrate, open_archive
 from phasecast.engines import open_engine
 from phasecast.errors import ConfigurationError
-from phasecast.model import Phase
+from phasecast.model import JobError, Phase
 from phasecast.tracker import ProgressTracker
 
 pytestmark = pytest.mark.postgres
@@ -258,6 +259,43 @@ async def test_failed_jobs_keep_their_error(archived_tracker: ProgressTracker, a
     await until(written, what="the FAILED record")
     row = (await fetch(archive_url, "SELECT error_code, error_message FROM jobs WHERE job_id = $1", job_id))[0]
     assert (row["error_code"], row["error_message"]) == ("gpu_oom", "panel 3: out of memory")
+
+
+async def test_a_state_postgres_cannot_hold_as_it_is_never_holds_the_archive_back(
+    archived_tracker: ProgressTracker, archive_url: str
+) -> None:
+    """New text with a NUL is refused (PostgreSQL keeps none), but a state stored before that
+    rule may hold one in its message, owner, error or metadata. It is archived with U+FFFD in
+    the NUL's place, and the records after it are not held back."""
+    tracker = archived_tracker
+    assert tracker.archive is not None
+    legacy = f"legacy-{uuid.uuid4().hex[:8]}"
+    state = await tracker.create(owner="alice", job_id=legacy)
+    # As stored by an older release (before the rule), straight to the archive.
+    old = state.copy()
+    old.owner, old.message, old.seq = "al\x00ice", "Drawing\x00 panel \\u0000 1", state.seq + 1
+    old.phase, old.error = Phase.FAILED, JobError("c\x00", "out of memory\x00")
+    old.metadata = {"k\x00": ["v\x00", {"\\u0000": "\x00"}]}
+    tracker.archive.record(old)
+    later = f"later-{uuid.uuid4().hex[:8]}"
+    await tracker.create(owner="bob", job_id=later)
+    await tracker.complete(later)
+
+    async def both_written() -> bool:
+        return (await archived_phase(archive_url, legacy), await archived_phase(archive_url, later)) == (
+            "FAILED", "COMPLETE")
+
+    await until(both_written, what="the legacy record and the one after it")
+    row = (await fetch(archive_url, "SELECT owner, error_code, error_message, state::text AS state"
+                                    " FROM jobs WHERE job_id = $1", legacy))[0]
+    assert (row["owner"], row["error_code"], row["error_message"]) == ("al\ufffdice", "c\ufffd",
+                                                                       "out of memory\ufffd")
+    kept = json.loads(row["state"])
+    assert kept["message"] == "Drawing\ufffd panel \\u0000 1"  # an escaped backslash stays as it was
+    assert kept["metadata"] == {"k\ufffd": ["v\ufffd", {"\\u0000": "\ufffd"}]}
+    event = (await fetch(archive_url, "SELECT message FROM job_events WHERE job_id = $1 AND phase = 'FAILED'",
+                         legacy))[0]
+    assert event["message"] == "Drawing\ufffd panel \\u0000 1"
 
 
 async def test_recording_never_waits_for_an_unreachable_postgres(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from phasecast.integrations.runpod import (
+    MAX_ERROR_TEXT,
     InvalidPayload,
     RunPodStatus,
     decode_error,
@@ -17,6 +18,7 @@ from phasecast.integrations.runpod import (
     webhook_token,
     webhook_url,
 )
+from phasecast.model import JobError, validate_job_error
 
 
 @pytest.mark.parametrize(
@@ -66,6 +68,20 @@ def test_decode_plain_and_missing_errors() -> None:
     assert decode_error("worker exited with code 137") == ("runpod_failed", "worker exited with code 137")
     assert decode_error(None)[0] == "runpod_failed"
     assert decode_error({"message": "bad input"}) == ("runpod_failed", "bad input")
+
+
+@pytest.mark.parametrize("error", [
+    "x" * 5000,
+    "out of memory\x00 at \ud800 step",
+    json.dumps({"error_type": "<class '" + "Very" * 40 + "Error'>", "error_message": "m\x00" * 900}),
+    json.dumps({"error_type": "\x00\x00", "error_message": "\udfff"}),
+    {"error_type": 5, "error_message": ["not", "text"]},
+    {"no": "message"},
+])
+def test_any_runpod_error_decodes_to_text_a_job_can_keep(error: object) -> None:
+    code, message = decode_error(error)
+    validate_job_error(JobError(code, message))  # raises if a job could not keep it
+    assert len(message) <= MAX_ERROR_TEXT and "\x00" not in message
 
 
 def test_status_parse_accepts_runpod_fields() -> None:

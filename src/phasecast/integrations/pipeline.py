@@ -53,7 +53,15 @@ from phasecast.integrations.runpod import (
 )
 from phasecast.integrations.settings import RunPodSettings
 from phasecast.integrations.store import FailurePolicy, Panel, PanelStore
-from phasecast.model import STEP_ID_PATTERN, JobState, Phase, ProgressUpdate
+from phasecast.model import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_MESSAGE_CHARS,
+    STEP_ID_PATTERN,
+    JobState,
+    Phase,
+    ProgressUpdate,
+    storable_text,
+)
 from phasecast.tracker import ProgressTracker
 
 log = logging.getLogger("phasecast.integrations.runpod")
@@ -457,8 +465,9 @@ class RunPodPanels:
                         extra={"job_id": panel.job_id, "source": source})
             await self._tracked(self.tracker.step(
                 panel.job_id, Phase.GENERATING, panel.step, status="failed",
-                message=f"{panel.step} failed ({message}); retrying, attempt {new.attempt} of "
-                f"{policy.max_retries + 1}",
+                message=_fitted(f"{panel.step} failed (", message,
+                                f"); retrying, attempt {new.attempt} of {policy.max_retries + 1}",
+                                MAX_MESSAGE_CHARS),
             ), panel)
             await self._submit_panel(new)
             return "retried"
@@ -470,10 +479,11 @@ class RunPodPanels:
                     extra={"job_id": panel.job_id, "source": source})
         await self._tracked(self.tracker.step(
             panel.job_id, Phase.GENERATING, panel.step, status="failed",
-            message=f"{panel.step} failed: {message}",
+            message=_fitted(f"{panel.step} failed: ", message, "", MAX_MESSAGE_CHARS),
         ), panel)
         with contextlib.suppress(JobTerminal, JobNotFound):
-            await self.tracker.fail(panel.job_id, code, f"{panel.step}: {message}")
+            await self.tracker.fail(panel.job_id, code,
+                                    _fitted(f"{panel.step}: ", message, "", MAX_ERROR_MESSAGE_CHARS))
         return "failed"
 
     async def _tracked(self, work: Awaitable[Any], panel: Panel | None) -> JobState | None:
@@ -622,6 +632,12 @@ class RunPodPanels:
         if not status.terminal:
             await self.store.schedule(panel, time.time() + self._interval(status.status))
         log.debug("polled %s: %s -> %s", panel.member, status.status, result)
+
+
+def _fitted(before: str, text: str, after: str, limit: int) -> str:
+    """``before + text + after`` within ``limit`` characters, cutting ``text`` (RunPod's,
+    of any length) rather than failing the write that carries it."""
+    return before + storable_text(text, max(1, limit - len(before) - len(after))) + after
 
 
 def panels_message(done: int, total: int) -> str:

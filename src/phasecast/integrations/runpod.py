@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 import httpx
 
 from phasecast.errors import InvalidUpdate, PhasecastError
-from phasecast.model import MAX_JSON_DEPTH, check_json
+from phasecast.model import MAX_ERROR_CODE_CHARS, MAX_JSON_DEPTH, check_json, storable_text
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
@@ -214,9 +214,16 @@ def _clamp(value: float) -> float:
     return round(min(100.0, max(0.0, value)), 3)
 
 
+# The longest RunPod error text kept: a panel's record keeps it whole; the job's own messages
+# cut it further to fit their limits.
+MAX_ERROR_TEXT = 1000
+
+
 def decode_error(error: Any) -> tuple[str, str]:
     """``(code, message)`` from RunPod's ``error``: a plain string, or a string holding JSON
-    (the Python SDK sends ``{"error_type", "error_message", "error_traceback", …}``)."""
+    (the Python SDK sends ``{"error_type", "error_message", "error_traceback", …}``). Both fit
+    a job's state whatever RunPod sent: a code of at most 64 safe characters, and text with
+    no NUL or lone surrogate, at most ``MAX_ERROR_TEXT`` characters."""
     if error is None or error == "":
         return "runpod_failed", "RunPod reported a failure without an error message"
     value = error
@@ -224,17 +231,17 @@ def decode_error(error: Any) -> tuple[str, str]:
         try:
             value = json.loads(value)
         except ValueError:
-            return "runpod_failed", value[:1000]
+            return "runpod_failed", storable_text(value, MAX_ERROR_TEXT)
     if isinstance(value, dict):
         kind = value.get("error_type") or value.get("type") or "runpod_failed"
         message = value.get("error_message") or value.get("message") or value.get("error")
-        text = str(message) if message is not None else json.dumps(value)[:1000]
-        code = re.sub(r"[^A-Za-z0-9_.:-]+", "_", str(kind)).strip("_")[:64] or "runpod_failed"
+        text = str(message) if message is not None else json.dumps(value)
+        code = re.sub(r"[^A-Za-z0-9_.:-]+", "_", str(kind)).strip("_")
         # "<class 'torch.cuda.OutOfMemoryError'>" → "torch.cuda.OutOfMemoryError"
         if code.startswith("class_"):
             code = code[len("class_"):]
-        return code, text[:1000]
-    return "runpod_failed", str(value)[:1000]
+        return code[:MAX_ERROR_CODE_CHARS] or "runpod_failed", storable_text(text, MAX_ERROR_TEXT)
+    return "runpod_failed", storable_text(str(value), MAX_ERROR_TEXT)
 
 
 # --- signed webhook URLs -------------------------------------------------------------------

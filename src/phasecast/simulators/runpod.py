@@ -69,6 +69,7 @@ class Faults:
     hold_run_answers: bool = False  # /run starts the job but answers only after release_runs()
     outcome: str = "COMPLETED"  # COMPLETED, FAILED, TIMED_OUT or NO_OUTPUT
     error_message: str = "CUDA out of memory. Tried to allocate 2.00 GiB"
+    error_type: str = "<class 'torch.cuda.OutOfMemoryError'>"  # as RunPod's Python SDK names it
 
     def storm(self, seconds: float) -> None:
         """A 429 storm: every API call is rate limited for ``seconds``."""
@@ -431,7 +432,7 @@ class RunPodSimulator:
         else:
             job.output = None
             job.error = json.dumps({
-                "error_type": "<class 'torch.cuda.OutOfMemoryError'>",
+                "error_type": str(options.get("error_type", self.faults.error_type)),
                 "error_message": str(options.get("error_message", self.faults.error_message)),
                 "error_traceback": "Traceback (most recent call last):\n  ...",
                 "hostname": "sim-worker-1",

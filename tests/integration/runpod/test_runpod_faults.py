@@ -181,6 +181,45 @@ async def test_a_failed_panel_is_retried_by_policy(
         await comic.close()
 
 
+# What a RunPod worker may put in its error: a long traceback-like text, a NUL (which the
+# PostgreSQL archive cannot hold), control characters, an error type that is no code at all.
+HOSTILE_ERRORS = {
+    "long": ("CUDA out of memory. " + "Tried to allocate 2.00 GiB; " * 200, "x" * 300),
+    "nul": ("out of memory\x00 at step 3\x00", "torch.cuda.OutOfMemoryError"),
+    "control": ("line one\nline two\r\n\x1b[31mred\x1b[0m\x7f", "<class 'RuntimeError'>"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_ERRORS))
+@pytest.mark.parametrize("policy", ["fail", "retry"])
+async def test_any_runpod_error_text_fails_or_retries_the_job_with_a_storable_message(
+    runpod_server: ServerProcess, sim: RunPodSimulator, comic_factory: ComicFactory, case: str, policy: str
+) -> None:
+    """RunPod's error text is not ours: whatever its length or content, the panel's failure
+    reaches the job (retried, or the job failed) with text every store and reader accepts."""
+    text, kind = HOSTILE_ERRORS[case]
+    sim.faults.error_message, sim.faults.error_type = text, kind
+    comic = comic_factory(runpod_server, f"comic-error-{case}-{policy}")
+    special = {"outcome": "FAILED", "steps": 1} if policy == "fail" else {"fail_runs": 1, "steps": 1}
+    try:
+        await comic.start(panel_inputs(2, {1: special}), on_failure=policy, max_retries=1)
+        generated = await comic.wait_generated()
+        if policy == "fail":
+            assert generated["phase"] == "FAILED", generated
+            error = generated["error"]
+            assert error["message"].startswith("panel-1: "), error
+            assert "\x00" not in error["message"] and len(error["message"]) <= 2000
+            assert error["code"] and "\x00" not in error["code"] and len(error["code"]) <= 64
+        else:
+            assert generated["phase"] == "POST_PROCESSING", generated
+            retried = [s for s in comic.states() if "retrying" in s["message"]]
+            assert retried and retried[0]["message"].startswith("panel-1 failed ("), retried
+            assert all("\x00" not in s["message"] and len(s["message"]) <= 500 for s in comic.states())
+        assert_never_backwards(comic.states())
+    finally:
+        await comic.close()
+
+
 @pytest.mark.parametrize(("outcome", "code"), [("TIMED_OUT", "runpod_timed_out"),
                                                 ("NO_OUTPUT", "runpod_no_output")])
 async def test_timed_out_and_completed_without_output_are_failures(
