@@ -30,11 +30,13 @@ import httpx
 from phasecast.backoff import backoff_delay
 from phasecast.errors import EngineUnavailable, InvalidUpdate, JobNotFound, JobTerminal, PhasecastError
 from phasecast.model import (
-    MAX_MESSAGE_CHARS,
+    MAX_ERROR_CODE_CHARS,
+    MAX_ERROR_MESSAGE_CHARS,
     JobState,
     Phase,
     ProgressUpdate,
     StepStatus,
+    storable_text,
     validate_job_id,
     validate_metadata,
     validate_update,
@@ -315,5 +317,7 @@ def error_of(exc: BaseException) -> tuple[str, str]:
     if not isinstance(code, str) or not code:
         code = type(exc).__name__
     message = str(exc) or type(exc).__name__
-    return code[:64], message[:MAX_MESSAGE_CHARS * 4]
+    # Any exception's text, whatever it holds, must be a failure the job can keep: one that
+    # cannot be written leaves the job running for ever.
+    return storable_text(code, MAX_ERROR_CODE_CHARS), storable_text(message, MAX_ERROR_MESSAGE_CHARS)
 

@@ -58,6 +58,31 @@ async def test_an_exception_fails_the_job_with_the_error_and_propagates(worker: 
     assert job.state.steps["panel-1"]["progress"] == 60  # where it stopped stays visible
 
 
+class CodedError(Exception):
+    def __init__(self, code: object, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+@pytest.mark.parametrize("exc", [
+    GPUError("x" * 10_000),
+    GPUError("out of memory\x00 at \ud800"),
+    GPUError(""),
+    CodedError("oom\x00" * 40, "m"),
+    CodedError(7, "a code that is not text"),
+], ids=["long", "nul-surrogate", "empty", "bad-code", "int-code"])
+async def test_any_exception_fails_the_job(worker: Worker, exc: Exception) -> None:
+    """Whatever the exception says, the job ends FAILED: a failure that cannot be written
+    would leave it running for ever."""
+    job_id = (await worker.create(owner="alice")).job_id
+    job = worker.job(job_id)
+    with pytest.raises(type(exc)):
+        async with job:
+            raise exc
+    assert job.state is not None and job.state.phase.value == "FAILED", job.state
+    assert job.state.error is not None and job.state.error.code and job.state.error.message
+
+
 async def test_progress_never_goes_backwards_and_bad_values_are_refused(worker: Worker) -> None:
     await worker.create(owner="alice", job_id="w-3")
     async with worker.job("w-3", complete_on_exit=False) as job, job.phase("ANALYZING") as phase:

@@ -20,6 +20,7 @@ from phasecast.integrations.store import FailurePolicy
 from phasecast.model import Phase
 from phasecast.server.deps import Services
 from phasecast.tracker import ProgressTracker
+from phasecast.worker import error_of
 
 
 def demo_runpod_startup(
@@ -104,4 +105,4 @@ async def simulate_comic_on_runpod(
         raise
     except Exception as exc:
         with contextlib.suppress(JobTerminal):
-            await tracker.fail(job_id, "generation_failed", str(exc))
+            await tracker.fail(job_id, "generation_failed", error_of(exc)[1])
