@@ -7,6 +7,7 @@ and engine to test recovery.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -42,6 +43,27 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | 
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
+
+
+def sockets_to(port: int) -> set[str]:
+    """The TCP sockets this process holds open to ``port`` on the remote side (their inode
+    numbers), read from /proc: what a client left open, whatever the library holding it."""
+    held: set[str] = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                held.add(target[len("socket:["):-1])
+    found: set[str] = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as rows:
+            next(rows)  # the header
+            for row in rows:
+                fields = row.split()
+                # fields: sl, local address, remote address (hex host:port), state, ..., inode (#10)
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in held:
+                    found.add(fields[9])
+    return found
 
 
 def kill_and_wait(process: subprocess.Popen[bytes] | None) -> None:

@@ -158,7 +158,12 @@ class PhasecastClient:
         intermediate ones, never the terminal one. After a store loss the job's states start
         again under a new ``epoch``: the first state of a new epoch is yielded whatever its
         ``seq``, and ``seq`` increases from there. Raises a ``ClientError`` subclass when
-        retrying cannot help (refused token, no such job, server unreachable for too long)."""
+        retrying cannot help (refused token, no such job, server unreachable for too long).
+
+        The connection is closed when the watch ends, raises or is cancelled. To stop
+        watching early with ``break``, wrap the watch in ``contextlib.aclosing(...)``: Python
+        does not close an async generator left by ``break``, and the connection would stay
+        open until the garbage collector finds it."""
         _check_job_id(job_id)
         attempts = Attempts(self.retry, refreshable_token=self._tokens.refreshable, url=self.base_url)
         last_seq = 0
@@ -172,14 +177,20 @@ class PhasecastClient:
             first = False
             token = prefetched.pop() if prefetched else await self._tokens.get()
             try:
+                # Closed here, not left to the garbage collector: after the terminal state
+                # (or a consumer's break) the link is closed before the watch returns. Left
+                # unclosed, the generator was closed by a task asyncio schedules when it is
+                # collected, which an event loop shutting down cancels or never runs, leaving
+                # the link's socket open.
                 following = self._follow(transport, job_id, last_seq, last_epoch, token, attempts, prefetched)
-                async for state in following:
-                    if state.seq <= last_seq and state.epoch == last_epoch:
-                        continue
-                    last_seq, last_epoch = state.seq, state.epoch
-                    yield state
-                    if state.terminal:
-                        return
+                async with contextlib.aclosing(following):
+                    async for state in following:
+                        if state.seq <= last_seq and state.epoch == last_epoch:
+                            continue
+                        last_seq, last_epoch = state.seq, state.epoch
+                        yield state
+                        if state.terminal:
+                            return
             except LinkDown as down:
                 if down.outcome is Outcome.ENDED:
                     # SSE's 204: the job reached its terminal state at or before the resume
@@ -220,7 +231,7 @@ class PhasecastClient:
         token: Token | None,
         attempts: Attempts,
         prefetched: list[Token],
-    ) -> AsyncIterator[JobState]:
+    ) -> AsyncGenerator[JobState, None]:
         """One link: its states, until it ends (``LinkDown``) or the job does."""
         self.stats.links[transport] += 1
         link: WebSocketLink | SSELink
@@ -292,13 +303,16 @@ class PhasecastClient:
                 else:
                     yield event
         finally:
-            for task in (pending, refresher):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, LinkDown):
-                        await task
-            await events.aclose()
-            await link.close()
+            try:
+                for task in (pending, refresher):
+                    if task is not None and not task.done():
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, LinkDown):
+                            await task
+                await events.aclose()
+            finally:
+                # Even when cancelled while stopping the tasks above.
+                await link.close()
 
     async def _fresh_token(self) -> Token | None:
         """A new token from the function, or ``None`` (logged) if it failed this time."""

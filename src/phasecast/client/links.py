@@ -23,6 +23,7 @@ import httpx_sse
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.protocol import State
 
 from phasecast.client.tokens import Token
 from phasecast.model import JobState
@@ -199,9 +200,18 @@ class WebSocketLink:
                 await self._socket.send(json.dumps({"op": "auth", "token": token.value}))
 
     async def close(self) -> None:
-        if self._socket is not None:
-            await self._socket.close()
-            self._socket = None
+        socket, self._socket = self._socket, None
+        if socket is None:
+            return
+        try:
+            await socket.close()
+        finally:
+            if socket.state is not State.CLOSED:
+                # The closing handshake was cut short (the task was cancelled while the
+                # server had not answered yet): drop the TCP connection now. Otherwise the
+                # socket stays open until the server closes it, or, when the event loop
+                # stops first, until the garbage collector finds it unclosed.
+                socket.transport.abort()
 
 
 class SSELink:
