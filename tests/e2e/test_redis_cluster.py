@@ -13,7 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.crc import key_slot
-from tests.support.failover import Writer, check_outcome, first_delivery_after, instances, watch_all
+from tests.support.failover import (
+    Writer,
+    check_outcome,
+    first_delivery_after,
+    instances,
+    jobs_under_way,
+    watch_all,
+)
 from tests.support.process import ServerProcess
 from tests.support.redis_servers import RedisClusterProcesses
 
@@ -98,26 +105,18 @@ async def test_a_primary_killed_mid_job_fails_over_and_watchers_end_complete(
     jobs = ids_on_every_shard(own_cluster, 2, "fo")
     victim = own_cluster.owner_of(jobs[0])
     doomed = [j for j in jobs if own_cluster.owner_of(j) is victim]
-    headers = {"Authorization": f"Bearer {worker_token}"}
-    async with httpx.AsyncClient(base_url=two_instances[0].url, headers=headers, timeout=10) as api:
-        writer = Writer(api)
-        for job_id in jobs:
-            await writer.create(job_id)
-        watchers = await watch_all(two_instances, make_token("alice"), jobs)
-        running = asyncio.gather(*(writer.run_job(j, 60, 0.03) for j in jobs))
-        await watchers[0].wait_seq(doomed[0], 10)
+    async with jobs_under_way(two_instances, worker_token, make_token("alice"), jobs, until=doomed[0]) as run:
+        writer, watchers = run.writer, run.watchers
         killed_at = time.time()
         victim.kill()
-        await running
-        await check_outcome(watchers, writer, api, jobs)
+        await run.running
+        await check_outcome(watchers, writer, run.api, jobs)
         promoted = own_cluster.owner_of(doomed[0])
         assert promoted is not victim and promoted.alive
         delay = first_delivery_after(watchers, doomed, killed_at + 0.0)
         with capsys.disabled():
             print(f"\nprimary killed: first live update of its jobs {delay * 1000:.0f} ms after the "
                   f"kill; {writer.refused} requests refused (503) during the election")
-        for watcher in watchers:
-            await watcher.close()
 
 
 async def test_a_slot_migrated_mid_job_keeps_watchers_live(
@@ -130,25 +129,18 @@ async def test_a_slot_migrated_mid_job_keeps_watchers_live(
     target = next(
         own_cluster.node_at(a) for a in own_cluster.shards() if own_cluster.node_at(a) is not source
     )
-    headers = {"Authorization": f"Bearer {worker_token}"}
-    async with httpx.AsyncClient(base_url=two_instances[1].url, headers=headers, timeout=10) as api:
-        writer = Writer(api)
-        for job_id in jobs:
-            await writer.create(job_id)
-        watchers = await watch_all(two_instances, make_token("alice"), jobs)
-        running = asyncio.gather(*(writer.run_job(j, 60, 0.02) for j in jobs))
-        await watchers[1].wait_seq(moving, 10)
+    async with jobs_under_way(two_instances, worker_token, make_token("alice"), jobs,
+                              until=moving, via=1, pause=0.02) as run:
+        writer, watchers = run.writer, run.watchers
         await asyncio.to_thread(own_cluster.migrate_slot, key_slot(moving.encode()), target)
         moved_at = time.time()
         assert own_cluster.owner_of(moving) is target
-        await running
-        await check_outcome(watchers, writer, api, jobs)
+        await run.running
+        await check_outcome(watchers, writer, run.api, jobs)
         delay = first_delivery_after(watchers, [moving], moved_at)
         with capsys.disabled():
             print(f"\nslot migrated: first update of the moved job {delay * 1000:.0f} ms after the "
                   f"move; {writer.refused} requests refused meanwhile")
-        for watcher in watchers:
-            await watcher.close()
 
 
 async def test_an_engine_stopped_after_a_failed_command_closes_its_connections(

@@ -11,9 +11,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from tests.support.failover import Writer, check_outcome, first_delivery_after, instances, watch_all
+from tests.support.failover import check_outcome, first_delivery_after, instances, jobs_under_way
 from tests.support.process import ServerProcess
 from tests.support.redis_servers import RedisSentinelProcesses
 
@@ -50,14 +49,8 @@ async def test_the_primary_lost_mid_job_is_replaced_and_watchers_end_complete(
 ) -> None:
     jobs = ["sentinel-1", "sentinel-2", "sentinel-3"]
     victim = own_sentinel.current_primary()
-    headers = {"Authorization": f"Bearer {worker_token}"}
-    async with httpx.AsyncClient(base_url=two_instances[0].url, headers=headers, timeout=10) as api:
-        writer = Writer(api)
-        for job_id in jobs:
-            await writer.create(job_id)
-        watchers = await watch_all(two_instances, make_token("alice"), jobs)
-        running = asyncio.gather(*(writer.run_job(j, 60, 0.03) for j in jobs))
-        await watchers[0].wait_seq(jobs[0], 10)
+    async with jobs_under_way(two_instances, worker_token, make_token("alice"), jobs, until=jobs[0]) as run:
+        writer, watchers = run.writer, run.watchers
         lost_at = time.time()
         if how == "killed":
             victim.kill()
@@ -69,8 +62,8 @@ async def test_the_primary_lost_mid_job_is_replaced_and_watchers_end_complete(
         promoted = await asyncio.to_thread(own_sentinel.wait_promoted, victim)
         promoted_at = time.time()
         assert promoted is own_sentinel.replica
-        await running
-        await check_outcome(watchers, writer, api, jobs)
+        await run.running
+        await check_outcome(watchers, writer, run.api, jobs)
         # Live again: every watcher got several updates of every job after the promotion,
         # not only the state reloaded when its feed came back.
         for watcher in watchers:
@@ -82,5 +75,3 @@ async def test_the_primary_lost_mid_job_is_replaced_and_watchers_end_complete(
             print(f"\nsentinel failover, primary {how}: replica promoted "
                   f"{promoted_at - lost_at:.1f}s later; first live update {delay * 1000:.0f} ms after the promotion; "
                   f"{writer.refused} requests refused (503) meanwhile")
-        for watcher in watchers:
-            await watcher.close()

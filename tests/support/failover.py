@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,45 @@ async def watch_all(servers: list[ServerProcess], token: str, jobs: list[str]) -
         for job_id in jobs:
             await watcher.wait_seq(job_id, 1)
     return watchers
+
+
+@dataclass
+class UnderWay:
+    """Jobs reporting in the background while a failover test breaks something."""
+
+    api: httpx.AsyncClient  # the writer's client, on the instance the jobs report through
+    writer: Writer
+    watchers: list[WSWatcher]  # one per instance, each subscribed to every job
+    running: asyncio.Future[list[None]]  # every job's reports; awaited by the test
+
+
+@contextlib.asynccontextmanager
+async def jobs_under_way(
+    servers: list[ServerProcess], worker_token: str, watcher_token: str, jobs: list[str], *,
+    until: str, via: int = 0, pause: float = 0.03, reports: int = 60,
+) -> AsyncIterator[UnderWay]:
+    """The opening every failover test shares: ``jobs`` created through ``servers[via]``, a
+    watcher on every instance, each job sending ``reports`` reports ``pause`` seconds apart in
+    the background, and ``until`` seen at seq 10 by the watcher on ``servers[via]``, so what the
+    test breaks next breaks mid-job. On the way out the reports still running are cancelled
+    (a test that failed early) and the watchers closed."""
+    headers = {"Authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(base_url=servers[via].url, headers=headers, timeout=10) as api:
+        writer = Writer(api)
+        for job_id in jobs:
+            await writer.create(job_id)
+        watchers = await watch_all(servers, watcher_token, jobs)
+        running = asyncio.gather(*(writer.run_job(j, reports, pause) for j in jobs))
+        try:
+            await watchers[via].wait_seq(until, 10)
+            yield UnderWay(api, writer, watchers, running)
+        finally:
+            if not running.done():
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+            for watcher in watchers:
+                await watcher.close()
 
 
 async def check_outcome(
