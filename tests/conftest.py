@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -167,20 +168,46 @@ def server(engine_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
     process.stop()
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+# The engines a module's shared server runs on: SQLite, and the shared Redis (marked).
+MODULE_ENGINES: tuple[tuple[str, tuple[pytest.MarkDecorator, ...]], ...] = (
+    ("sqlite", ()),
+    ("redis", (pytest.mark.redis,)),
+)
+
+
+def engine_variants(variants: Sequence[str]) -> list[Any]:
+    """Fixture params for a module's server on every engine of MODULE_ENGINES crossed with
+    ``variants`` (a server setting, such as a transport): ``(engine, variant)`` pairs with ids
+    like ``redis-raw``."""
+    return [
+        pytest.param((engine, variant), id=f"{engine}-{variant}", marks=marks)
+        for engine, marks in MODULE_ENGINES
+        for variant in variants
+    ]
+
+
+@contextlib.contextmanager
+def module_server_on(engine: str, folder: Path, env: Mapping[str, str]) -> Iterator[ServerProcess]:
+    """A running ``phasecast serve`` for a module's tests: on ``sqlite`` (a database in
+    ``folder``) or ``redis`` (a private key prefix on the shared Redis, its keys removed
+    afterwards), with ``env`` and its log in ``folder``; stopped on the way out."""
+    with contextlib.ExitStack() as stack:
+        if engine == "sqlite":
+            url = f"sqlite:///{folder / 'phasecast.db'}"
+        else:
+            url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
+        process = ServerProcess(url, env=env, log_path=folder / "server.log")
+        stack.enter_context(process)
+        yield process
+
+
+@pytest.fixture(scope="module", params=[pytest.param(e, marks=m) for e, m in MODULE_ENGINES])
 def module_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """One server per engine for a whole module, for tests that never restart it; each test
     uses job ids of its own."""
-    folder = tmp_path_factory.mktemp("server")
-    with contextlib.ExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite:///{folder / 'phasecast.db'}"
-        else:
-            url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
-        process = ServerProcess(url, env={"PHASECAST_PING_INTERVAL": "1"}, log_path=folder / "server.log")
-        stack.enter_context(process)
+    with module_server_on(request.param, tmp_path_factory.mktemp("server"), {"PHASECAST_PING_INTERVAL": "1"}) as process:
         yield process
 
 
@@ -189,28 +216,14 @@ def module_server(
 WS_TRANSPORTS = ("raw", "asgi")
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param((engine, transport), id=f"{engine}-{transport}", marks=marks)
-        for engine, marks in (("sqlite", ()), ("redis", (pytest.mark.redis,)))
-        for transport in WS_TRANSPORTS
-    ],
-)
+@pytest.fixture(scope="module", params=engine_variants(WS_TRANSPORTS))
 def ws_module_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """Like ``module_server``, once per engine and WebSocket transport."""
     engine, transport = request.param
-    folder = tmp_path_factory.mktemp("server")
-    with contextlib.ExitStack() as stack:
-        if engine == "sqlite":
-            url = f"sqlite:///{folder / 'phasecast.db'}"
-        else:
-            url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
-        env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_WS_TRANSPORT": transport}
-        process = ServerProcess(url, env=env, log_path=folder / "server.log")
-        stack.enter_context(process)
+    env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_WS_TRANSPORT": transport}
+    with module_server_on(engine, tmp_path_factory.mktemp("server"), env) as process:
         yield process
 
 

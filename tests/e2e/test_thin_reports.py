@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import REDIS_URL, private_prefix
+from tests.conftest import engine_variants, module_server_on
 from tests.support.process import ServerProcess
 
 from phasecast.model import Phase, ProgressUpdate
@@ -28,26 +28,12 @@ from phasecast.server.ingest import MAX_THIN_BODY, _batch, _update
 TRANSPORTS = ("raw", "asgi")
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param((engine, transport), id=f"{engine}-{transport}", marks=marks)
-        for engine, marks in (("sqlite", ()), ("redis", (pytest.mark.redis,)))
-        for transport in TRANSPORTS
-    ],
-)
+@pytest.fixture(scope="module", params=engine_variants(TRANSPORTS))
 def thin_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     engine, transport = request.param
-    folder = tmp_path_factory.mktemp("server")
-    with contextlib.ExitStack() as stack:
-        if engine == "sqlite":
-            url = f"sqlite:///{folder / 'phasecast.db'}"
-        else:
-            url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
-        env = {"PHASECAST_INGEST_TRANSPORT": transport}
-        process = ServerProcess(url, env=env, log_path=folder / "server.log")
+    env = {"PHASECAST_INGEST_TRANSPORT": transport}
+    with module_server_on(engine, tmp_path_factory.mktemp("server"), env) as process:
         process.transport = transport  # type: ignore[attr-defined]
-        stack.enter_context(process)
         yield process
 
 
