@@ -84,6 +84,44 @@ def _workers(args: argparse.Namespace) -> list[int]:
     return [int(n) for n in str(getattr(args, "workers", "1")).split(",")]
 
 
+def runs_for_sources(
+    key: str, baseline: str | None, run_one: Callable[[str], dict[str, Any]]
+) -> dict[str, Callable[[], dict[str, Any]]]:
+    """One configuration's runs for ``interleaved``, A/B: ``key`` with the server of this
+    checkout (or of ``--server-src``) and, given ``baseline`` (``--baseline-src``), also
+    ``key@baseline`` with the server of that ``src/``, taking turns in one invocation.
+
+    For its duration a run points ``systems.SERVER_ENV["PYTHONPATH"]`` at its source (the
+    server and a tracker publisher import Phasecast from there), calls ``run_one(name)`` (the
+    run's key, for the log) and records the source in the result (``server_src``; ``None``:
+    this checkout)."""
+    sources: dict[str, str | None] = {key: systems.SERVER_ENV.get("PYTHONPATH")}
+    if baseline:
+        sources[f"{key}@baseline"] = str(Path(baseline).resolve())
+    runs: dict[str, Callable[[], dict[str, Any]]] = {}
+    for name, source in sources.items():
+
+        def run(name: str = name, source: str | None = source) -> dict[str, Any]:
+            before = systems.SERVER_ENV.get("PYTHONPATH")
+            _server_src(source)
+            try:
+                result = run_one(name)
+            finally:
+                _server_src(before)
+            result["server_src"] = source
+            return result
+
+        runs[name] = run
+    return runs
+
+
+def _server_src(source: str | None) -> None:
+    if source is None:
+        systems.SERVER_ENV.pop("PYTHONPATH", None)
+    else:
+        systems.SERVER_ENV["PYTHONPATH"] = source
+
+
 def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
     systems = {
         # Phasecast, its peer, the raw-socket floor (same work at the socket floor) and the
@@ -94,14 +132,14 @@ def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
         # A Redis Cluster of three shards next to a single Redis, in one invocation.
         "cluster": ["phasecast-redis", "phasecast-cluster"],
     }.get(args.system, [args.system])
+    baseline = getattr(args, "baseline_src", None)
     runs: dict[str, Callable[[], dict[str, Any]]] = {}
     for name in systems:
         for workers in _workers(args) if name.startswith("phasecast") else [1]:
-            key = name if workers == 1 else f"{name}/w{workers}"
 
-            def run(name: str = name, workers: int = workers) -> dict[str, Any]:
+            def run(key: str, name: str = name, workers: int = workers) -> dict[str, Any]:
                 _log(
-                    f"fanout {name} (workers {workers}): {args.watchers} watchers, {args.jobs} jobs, "
+                    f"fanout {key} (workers {workers}): {args.watchers} watchers, {args.jobs} jobs, "
                     f"{args.rate}/s, {args.seconds}s; load {loadavg()}"
                 )
                 result = scenarios.fanout(
@@ -120,30 +158,9 @@ def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 _summary(result)
                 return result
 
-            runs[key] = run
-    baseline = getattr(args, "baseline_src", None)
-    if baseline and "phasecast-redis" in systems:
-        # Another checkout's server in the same invocation, taking turns with this one.
-        source = str(Path(baseline).resolve())
-
-        def run_baseline() -> dict[str, Any]:
-            _log(f"fanout phasecast-redis from {source}: {args.watchers} watchers; load {loadavg()}")
-            result = scenarios.fanout(
-                "phasecast-redis",
-                watchers=args.watchers,
-                jobs=args.jobs,
-                rate=args.rate,
-                seconds=args.seconds,
-                transport=args.transport,
-                publisher=args.publisher,
-                loadgen_procs=args.loadgen_procs,
-                env={"PYTHONPATH": source},
-            )
-            result["server_src"] = source
-            _summary(result)
-            return result
-
-        runs["phasecast-redis/baseline"] = run_baseline
+            key = name if workers == 1 else f"{name}/w{workers}"
+            # --baseline-src: every Phasecast configuration also from that checkout.
+            runs.update(runs_for_sources(key, baseline if name.startswith("phasecast") else None, run))
     for key, result in interleaved(args.repeat, runs).items():
         headline = result["transport"] in ("ws", "sio", "redis") and result["publisher"] in (
             "tracker",
@@ -154,7 +171,7 @@ def run_fanout(args: argparse.Namespace, results: dict[str, Any]) -> None:
             headline
             and result["workers"] == 1
             and result["system"] != "phasecast-sqlite"
-            and "server_src" not in result
+            and not key.endswith("@baseline")
         ):
             results.setdefault("fanout", {})[key] = result
         else:
@@ -165,35 +182,25 @@ def run_transports(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """WebSocket, per-job SSE and multiplexed SSE (10 jobs per stream) on the same workload,
     taking turns."""
     runs: dict[str, Callable[[], dict[str, Any]]] = {}
-    # --ab SRC: every transport also runs against that checkout's server (src/), taking turns
-    # with this one, so before/after figures come from one invocation.
-    sources: dict[str, str | None] = {"": systems.SERVER_ENV.get("PYTHONPATH")}
-    if args.ab:
-        sources["@ab"] = str(Path(args.ab).resolve())
-    for transport in args.transports.split(","):
-        for label, source in sources.items():
+    for transport in getattr(args, "transports", "ws,sse,ssemux").split(","):
 
-            def run(t: str = transport, src: str | None = source, label: str = label) -> dict[str, Any]:
-                if src is None:
-                    systems.SERVER_ENV.pop("PYTHONPATH", None)
-                else:
-                    systems.SERVER_ENV["PYTHONPATH"] = src
-                _log(f"transports {t}{label}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s; load {loadavg()}")
-                result = scenarios.fanout(
-                    "phasecast-redis",
-                    watchers=args.watchers,
-                    jobs=args.jobs,
-                    rate=args.rate,
-                    seconds=args.seconds,
-                    transport=t,
-                    publisher="tracker",
-                    loadgen_procs=args.loadgen_procs,
-                )
-                result["server_src"] = src
-                _summary(result)
-                return result
+        def run(key: str, t: str = transport) -> dict[str, Any]:
+            _log(f"transports {key}: {args.watchers} watchers, {args.jobs} jobs, {args.rate}/s; load {loadavg()}")
+            result = scenarios.fanout(
+                "phasecast-redis",
+                watchers=args.watchers,
+                jobs=args.jobs,
+                rate=args.rate,
+                seconds=args.seconds,
+                transport=t,
+                publisher="tracker",
+                loadgen_procs=args.loadgen_procs,
+            )
+            _summary(result)
+            return result
 
-            runs[transport + label] = run
+        # --baseline-src: every transport also against that checkout's server, taking turns.
+        runs.update(runs_for_sources(transport, getattr(args, "baseline_src", None), run))
     results.setdefault("transports", {}).update(interleaved(args.repeat, runs))
 
 
@@ -265,39 +272,28 @@ def _load_shape(args: argparse.Namespace, mode: str) -> dict[str, Any] | None:
 
 
 def run_storm(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """``--compare-src DIR``: the same storm against the server from another checkout's
+    """``--baseline-src DIR``: the same storm against the server from another checkout's
     ``src`` too, taking turns (A B A B ...), so both see the same machine."""
     engines = ["redis", "sqlite"] if args.engine == "both" else [args.engine]
-    compare = getattr(args, "compare_src", None)
-    sources: dict[str, str | None] = {"": systems.SERVER_ENV.get("PYTHONPATH")}
-    if compare:
-        sources[" (compare)"] = str(Path(compare).resolve())
     for engine in engines:
-        runs: dict[str, Callable[[], dict[str, Any]]] = {}
-        for label, source in sources.items():
 
-            def run(e: str = engine, label: str = label, source: str | None = source) -> dict[str, Any]:
-                if source is None:
-                    systems.SERVER_ENV.pop("PYTHONPATH", None)
-                else:
-                    systems.SERVER_ENV["PYTHONPATH"] = source
-                _log(f"storm {e}{label}: {args.watchers} watchers over {args.jobs} jobs; load {loadavg()}")
-                result = scenarios.storm(
-                    f"phasecast-{e}",
-                    watchers=args.watchers,
-                    jobs=args.jobs,
-                    loadgen_procs=args.loadgen_procs,
-                    profile=getattr(args, "profile", None),
-                    workers=getattr(args, "workers", 1),
-                )
-                result["server_src"] = source or "this checkout"
-                _log(
-                    f"  resynced {result['resynced']:,} {result['seconds_from_ready']} s after ready, "
-                    f"{result['server_cpu_us_per_reconnect']} server CPU-µs per watcher"
-                )
-                return result
+        def run(key: str, e: str = engine) -> dict[str, Any]:
+            _log(f"storm {key}: {args.watchers} watchers over {args.jobs} jobs; load {loadavg()}")
+            result = scenarios.storm(
+                f"phasecast-{e}",
+                watchers=args.watchers,
+                jobs=args.jobs,
+                loadgen_procs=args.loadgen_procs,
+                profile=getattr(args, "profile", None),
+                workers=getattr(args, "workers", 1),
+            )
+            _log(
+                f"  resynced {result['resynced']:,} {result['seconds_from_ready']} s after ready, "
+                f"{result['server_cpu_us_per_reconnect']} server CPU-µs per watcher"
+            )
+            return result
 
-            runs[f"phasecast-{engine}{label}"] = run
+        runs = runs_for_sources(f"phasecast-{engine}", getattr(args, "baseline_src", None), run)
         results.setdefault("storm", {}).update(interleaved(args.repeat, runs))
 
 
@@ -403,14 +399,14 @@ def parser() -> argparse.ArgumentParser:
     fan.add_argument("--profile", help="record the server with py-spy into this directory")
     fan.add_argument(
         "--baseline-src",
-        help="also run phasecast-redis from this src/ directory, taking turns (A/B in one invocation)",
+        help="also run each Phasecast configuration from this src/ directory, taking turns (A/B in one invocation)",
     )
 
     trans = sub.add_parser("transports", help="SSE vs WebSocket on the same workload")
     sized(trans, 2000, 200, 200, 10)
     trans.add_argument("--transports", default="ws,sse,ssemux", help="which, comma-separated")
     trans.add_argument(
-        "--baseline-src", "--ab", dest="ab", metavar="SRC",
+        "--baseline-src", "--ab", dest="baseline_src", metavar="SRC",
         help="also run each transport against this checkout's src/, taking turns",
     )
 
@@ -448,7 +444,7 @@ def parser() -> argparse.ArgumentParser:
         help="phasecast serve --workers N (Redis): the storm spread over N processes, all killed and restarted",
     )
     st.add_argument(
-        "--baseline-src", "--compare-src", dest="compare_src", metavar="SRC",
+        "--baseline-src", "--compare-src", dest="baseline_src", metavar="SRC",
         help="also run the storm against the server from this src/ directory, taking turns",
     )
     return top
