@@ -288,8 +288,11 @@ def run_storm(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 workers=getattr(args, "workers", 1),
             )
             _log(
-                f"  resynced {result['resynced']:,} {result['seconds_from_ready']} s after ready, "
-                f"{result['server_cpu_us_per_reconnect']} server CPU-µs per watcher"
+                f"  resynced {result['resynced']:,} {result['seconds_from_ready']} s after ready "
+                f"({result['seconds_from_listening']} s after listening), "
+                f"{result['server_cpu_us_per_reconnect']} server CPU-µs per watcher "
+                f"({result['server_cpu_us_per_reconnect_from_listening']} from listening), "
+                f"{result['listen_drops']} listen drops"
             )
             return result
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from phasecast.engines.base import Change, ChangeFeed
 from phasecast.model import JobState
@@ -214,7 +216,13 @@ def _listening(entry: _JobWatchers) -> bool:
 
 
 Loader = Callable[[str], Awaitable[JobState]]
+# Reads many jobs' states in one round trip (a Redis pipeline): each job's state, or None
+# where the store has none (that job then goes through the ``Loader``, which restores it
+# from the archive or raises ``JobNotFound``).
+BatchLoader = Callable[[list[str]], Awaitable[list[JobState | None]]]
 Authorise = Callable[[JobState], None]
+# Store reads asked for in one turn of the event loop go out together, in slices this big.
+MAX_LOAD_BATCH = 512
 
 
 @dataclass(slots=True, frozen=True)
@@ -232,11 +240,14 @@ class Subscribed:
 class Hub:
     """Which local mailboxes watch which job; tells the engine which jobs to listen to."""
 
-    def __init__(self, feed: ChangeFeed, load: Loader) -> None:
+    def __init__(self, feed: ChangeFeed, load: Loader, load_many: BatchLoader | None = None) -> None:
         self._engine = feed
         self._load = load
+        self._load_many = load_many
         self._jobs: dict[str, _JobWatchers] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        # Store reads waiting for the end of this loop turn (``_load_soon``).
+        self._to_load: dict[str, asyncio.Future[JobState]] = {}
 
     @property
     def watched_jobs(self) -> int:
@@ -362,7 +373,7 @@ class Hub:
             return entry.latest_state, entry.latest
         loading = entry.loading
         if loading is None:
-            loading = entry.loading = asyncio.ensure_future(self._load(job_id))
+            loading = entry.loading = self._load_soon(job_id)
             loading.add_done_callback(lambda done: self._loaded(entry, done))
         state = await asyncio.shield(loading)
         latest = entry.latest
@@ -373,6 +384,54 @@ class Hub:
         if entry.latest_state is None:
             entry.latest_state = JobState.from_json(latest.state_json)
         return entry.latest_state, latest
+
+    def _load_soon(self, job_id: str) -> asyncio.Future[JobState]:
+        """The state of ``job_id`` from the store. With a batch loader, the reads asked for
+        in one turn of the event loop (a reconnect storm: the subscribe requests of every
+        connection that spoke in that turn) go out in one round trip, not one each."""
+        if self._load_many is None:
+            return asyncio.ensure_future(self._load(job_id))
+        loop = asyncio.get_running_loop()
+        found = self._to_load.get(job_id)
+        if found is not None:
+            return found
+        if not self._to_load:
+            loop.call_soon(self._start_loads)
+        future = self._to_load[job_id] = loop.create_future()
+        return future
+
+    def _start_loads(self) -> None:
+        waiting, self._to_load = self._to_load, {}
+        ids = list(waiting)
+        for start in range(0, len(ids), MAX_LOAD_BATCH):
+            part = {job_id: waiting[job_id] for job_id in ids[start : start + MAX_LOAD_BATCH]}
+            task = asyncio.get_running_loop().create_task(self._load_batch(part))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _load_batch(self, waiting: dict[str, asyncio.Future[JobState]]) -> None:
+        load_many = self._load_many
+        assert load_many is not None
+        try:
+            states = await load_many(list(waiting))
+        except asyncio.CancelledError:
+            for future in waiting.values():
+                future.cancel()
+            raise
+        except Exception as exc:
+            for future in waiting.values():
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (job_id, future), state in zip(waiting.items(), states, strict=True):
+            if state is None:
+                # Not in the store: the single read decides (archive, or JobNotFound).
+                single: asyncio.Future[JobState] = asyncio.ensure_future(self._load(job_id))
+                self._background.add(single)
+                single.add_done_callback(self._background.discard)
+                single.add_done_callback(functools.partial(_settle, future))
+            elif not future.done():
+                future.set_result(state)
 
     @staticmethod
     def _loaded(entry: _JobWatchers, done: asyncio.Future[JobState]) -> None:
@@ -427,3 +486,15 @@ class Hub:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _settle(future: asyncio.Future[JobState], done: asyncio.Future[JobState]) -> None:
+    """Give ``future`` the outcome of ``done``."""
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif (exc := done.exception()) is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(done.result())

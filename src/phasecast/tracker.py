@@ -78,7 +78,9 @@ class ProgressTracker:
         self.engine = engine
         self.weights = weights or WeightTable()
         self.archive = archive
-        self.hub = Hub(engine, load=self.get)
+        # Engines that read many jobs in one round trip (Redis: a pipeline) offer
+        # ``load_many``; the hub then batches the store reads of a reconnect storm.
+        self.hub = Hub(engine, load=self.get, load_many=getattr(engine, "load_many", None))
         self._clock = clock
         # job id -> writers waiting for their turn (present while one is writing)
         self._locks: dict[str, list[asyncio.Future[None]]] = {}

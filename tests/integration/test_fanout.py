@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from phasecast.engines.base import Change
+from phasecast.engines.redis import RedisEngine
 from phasecast.engines.sqlite import SQLiteEngine
 from phasecast.errors import JobNotFound
 from phasecast.fanout import MAX_CONTROL_MESSAGES, Hub, Mailbox
@@ -168,6 +169,53 @@ async def test_a_failed_shared_read_fails_every_watcher_and_the_next_one_reads_a
     await tracker.create(owner="alice", job_id="missing")
     assert (await hub.subscribe("missing", Mailbox())).state.seq == 1
     assert reads == ["missing", "missing"]
+
+
+async def test_store_reads_asked_for_in_one_loop_turn_go_out_as_one_batch(
+    redis_engine_url: str,
+) -> None:
+    """A reconnect storm on Redis: watchers of many jobs the hub has not seen subscribe at
+    once. Their reads leave as one pipelined batch; a job missing from the store still
+    fails with JobNotFound through the single read, and the others are unaffected."""
+    async with ProgressTracker(RedisEngine(redis_engine_url)) as tracker:
+        ids = [f"storm-{n}" for n in range(20)]
+        for job_id in ids:
+            await tracker.create(owner="alice", job_id=job_id)
+            await tracker.report(job_id, Phase.ANALYZING, 30)
+        engine = tracker.engine
+        assert isinstance(engine, RedisEngine)
+        batches: list[list[str]] = []
+        singles: list[str] = []
+
+        async def load_many(job_ids: list[str]) -> list[JobState | None]:
+            batches.append(list(job_ids))
+            return await engine.load_many(job_ids)
+
+        async def load(job_id: str) -> JobState:
+            singles.append(job_id)
+            return await tracker.get(job_id)
+
+        hub = Hub(engine, load=load, load_many=load_many)
+        engine._on_change = hub.dispatch
+        mailboxes = {job_id: [Mailbox(), Mailbox()] for job_id in [*ids, "storm-missing"]}
+        results = await asyncio.gather(
+            *(hub.subscribe(job_id, m) for job_id, pair in mailboxes.items() for m in pair),
+            return_exceptions=True,
+        )
+        assert [sorted(batch) for batch in batches] == [sorted([*ids, "storm-missing"])]
+        assert singles == ["storm-missing"]
+        assert all(isinstance(r, JobNotFound) for r in results[-2:])
+        assert {r.state.seq for r in results[:-2] if not isinstance(r, BaseException)} == {2}
+        for job_id in ids:
+            assert [[c.seq for c in m.take()] for m in mailboxes[job_id]] == [[2], [2]]
+        assert hub.watchers == 40
+        # Known now: the next watcher is served without any read.
+        await hub.subscribe(ids[0], Mailbox())
+        assert len(batches) == 1 and singles == ["storm-missing"]
+        for job_id in ids:
+            for mailbox in mailboxes[job_id]:
+                hub.unsubscribe(job_id, mailbox)
+        await hub.close()
 
 
 async def test_subscribe_authorises_before_anything_reaches_the_mailbox(
