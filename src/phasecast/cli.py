@@ -176,9 +176,8 @@ def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> Non
 
     from phasecast.server.app import create_app
     from phasecast.server.gcpolicy import settle_after_startup
-    from phasecast.server.ingest import ReportProtocol
     from phasecast.server.logs import configure_logging
-    from phasecast.server.rawws import WS_PROTOCOLS
+    from phasecast.server.rawws import WS_PROTOCOLS, UpgradingHttpProtocol
 
     configure_logging(json_output=settings.log_json, level=settings.log_level)
     options: dict[str, Any] = dict(
@@ -201,9 +200,10 @@ def _run_server(settings: Settings, startup: list[Any], workers: int = 1) -> Non
         # the websockets package, states written as pre-encoded frames; "asgi" serves
         # /v1/ws through plain ASGI instead (docs/architecture.md).
         loop="uvloop",
-        # uvicorn's httptools protocol, plus the raw seam for SSE (sse_transport.py) and the
-        # thin path for progress reports (ingest.py)
-        http=ReportProtocol,
+        # uvicorn's httptools protocol, plus the raw seam for SSE (sse_transport.py), the
+        # thin path for progress reports (ingest.py) and plain /v1/ws upgrades handed to the
+        # WebSocket protocol before they are parsed as HTTP (rawws.py)
+        http=UpgradingHttpProtocol,
         ws=WS_PROTOCOLS[settings.ws_transport],
         # Raw connections ping from their session; plain ASGI ones from the protocol.
         ws_ping_interval=settings.ping_interval,

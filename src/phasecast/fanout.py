@@ -336,7 +336,8 @@ class Hub:
         entry = self._jobs.get(job_id)
         if entry is not None:
             entry.mailboxes.add(mailbox)
-            await asyncio.shield(entry.ready)
+            if not _listening(entry):  # (a reconnect storm: mostly listening already)
+                await asyncio.shield(entry.ready)
             return
         entry = _JobWatchers(asyncio.get_running_loop().create_future(), {mailbox})
         self._jobs[job_id] = entry

@@ -197,6 +197,10 @@ async def test_store_reads_asked_for_in_one_loop_turn_go_out_as_one_batch(
 
         hub = Hub(engine, load=load, load_many=load_many)
         engine._on_change = hub.dispatch
+        for job_id in [*ids, "storm-missing"]:
+            # Listened already (as after the first watcher of each job), so that every
+            # subscribe reaches its read in the same loop turn, as a storm's do.
+            await engine.listen(job_id)
         mailboxes = {job_id: [Mailbox(), Mailbox()] for job_id in [*ids, "storm-missing"]}
         results = await asyncio.gather(
             *(hub.subscribe(job_id, m) for job_id, pair in mailboxes.items() for m in pair),

@@ -34,10 +34,11 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.utils import accept_key
+from websockets.utils import accept_key, apply_mask
 
 from phasecast.engines.base import Change
 from phasecast.server import frames
+from phasecast.server.ingest import ReportProtocol
 from phasecast.server.logs import _client_request_id, _next_request_id, request_id_var
 from phasecast.server.websocket import (
     BINARY_REFUSED,
@@ -76,12 +77,12 @@ class RawWebSocketProtocol(asyncio.Protocol):
     offer_raw = True
     # The delivery meter, set by ``adopt`` (only adopted connections write states directly).
     _meter: DeliveryMeter
-    conn: ServerProtocol  # made on the first bytes: see ``data_received``
 
     __slots__ = (
         "_asgi_queue",
         "_close_timer",
         "_closed_frame_sent",
+        "_conn",
         "_drained",
         "_fragment_text",
         "_fragments",
@@ -100,7 +101,6 @@ class RawWebSocketProtocol(asyncio.Protocol):
         "app",
         "app_state",
         "config",
-        "conn",
         "open",
         "server_state",
         "session",
@@ -121,6 +121,9 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self.server_state = server_state
         self.app_state = app_state
         self._started = False
+        # The sans-I/O protocol: made on the first bytes (``data_received``), except on a
+        # plain ``/v1/ws`` upgrade, whose first client frames usually need none (``conn``).
+        self._conn: ServerProtocol | None = None
         self._unsent: bytes | None = None  # the handshake response, until the session's first words join it
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
@@ -207,7 +210,9 @@ class RawWebSocketProtocol(asyncio.Protocol):
             self._started = True
             if self.offer_raw and self._upgrade_fast(data):
                 return
-            self.conn = ServerProtocol(max_size=self.config.ws_max_size)
+            self._conn = ServerProtocol(max_size=self.config.ws_max_size)
+        elif self._conn is None and self._lone_text_frame(data):
+            return
         conn = self.conn
         conn.receive_data(data)
         for event in conn.events_received():
@@ -226,10 +231,34 @@ class RawWebSocketProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if not self._started:
             self._started = True
-            self.conn = ServerProtocol(max_size=self.config.ws_max_size)
+            self._conn = ServerProtocol(max_size=self.config.ws_max_size)
         self.conn.receive_eof()
         self._send_protocol_output()
         return None
+
+    @property
+    def conn(self) -> ServerProtocol:
+        """The sans-I/O protocol; on a connection upgraded by ``upgrade_plain`` made when
+        first needed (a frame ``_lone_text_frame`` does not take, a Close, an error), open
+        and at a frame boundary, as the library would have it at that point."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = ServerProtocol(state=State.OPEN, max_size=self.config.ws_max_size)
+        return conn
+
+    def _lone_text_frame(self, data: bytes) -> bool:
+        """Take ``data`` if it is exactly one short text frame, final, masked, with no RSV
+        bit: what a watcher sends after connecting (its subscribe request), read without
+        making the library's protocol object (~25 µs: a generator, a logger, a UUID). False
+        for anything else, which the library parses, and every byte after it too. Only while
+        no library object exists: then no fragmented message can be in progress."""
+        size = len(data) - 6
+        if size < 0 or size > 125 or data[0] != 0x81 or data[1] != 0x80 | size:
+            return False
+        if size > self.config.ws_max_size:
+            return False
+        self._on_message(apply_mask(data[6:], data[2:6]), True)
+        return True
 
     def shutdown(self) -> None:
         """uvicorn is stopping: tell the client to come back later."""
@@ -509,16 +538,19 @@ class RawWebSocketProtocol(asyncio.Protocol):
         services = self.app_state.get(SERVICES_STATE)
         if services is None:
             return False
-        found = plain_upgrade(data)
+        found = plain_ws_upgrade(data)
         if found is None:
             return False
-        target, key, sent_id = found
-        raw_path, _, query = target.partition("?")
-        if unquote(raw_path) != WS_PATH:
-            return False
-        self.conn = ServerProtocol(state=State.OPEN, max_size=self.config.ws_max_size)
-        self._upgrade_directly(services, sent_id, query, handshake_response(key))
+        self.upgrade_plain(services, found)
         return True
+
+    def upgrade_plain(self, services: Services, found: PlainUpgrade) -> None:
+        """Answer a plain ``/v1/ws`` upgrade (``plain_ws_upgrade``) and start the session;
+        also called by ``UpgradingHttpProtocol`` on a connection's first bytes."""
+        self._started = True
+        self._heard_at = asyncio.get_running_loop().time()
+        key, sent_id, query = found
+        self._upgrade_directly(services, sent_id, query, handshake_response(key))
 
     def _upgrade_directly(
         self, services: Services, sent_id: str | None, query: str, handshake: bytes
@@ -684,6 +716,46 @@ class RawWebSocketProtocol(asyncio.Protocol):
             await self._drained
 
 
+class UpgradingHttpProtocol(ReportProtocol):
+    """uvicorn's HTTP protocol as Phasecast serves it (``ReportProtocol``: the thin path for
+    progress reports, the SSE seam), which hands a connection whose first bytes are a plain
+    ``/v1/ws`` upgrade (``plain_ws_upgrade``) to the WebSocket protocol at once. uvicorn
+    would parse the request with httptools, build an HTTP scope of it, write the request out
+    again and give that to the WebSocket protocol, which parses it once more: in a reconnect
+    storm, work done 10,000 times for nothing. Every other request, a plain upgrade split
+    over several reads included, takes uvicorn's way."""
+
+    _spoken = False  # bytes have come on this connection
+
+    def data_received(self, data: bytes) -> None:
+        if not self._spoken:
+            self._spoken = True
+            if data.startswith(_WS_REQUEST_START) and self._hand_over(data):
+                return
+        super().data_received(data)
+
+    def _hand_over(self, data: bytes) -> bool:
+        ws_class = self.ws_protocol_class
+        services = self.app_state.get(SERVICES_STATE)
+        if services is None or not (
+            isinstance(ws_class, type) and issubclass(ws_class, RawWebSocketProtocol) and ws_class.offer_raw
+        ):
+            return False
+        found = plain_ws_upgrade(data)
+        if found is None:
+            return False
+        # What uvicorn does on an upgrade, without the request in between.
+        self.connections.discard(self)
+        protocol = ws_class(config=self.config, server_state=self.server_state, app_state=self.app_state)
+        protocol.connection_made(self.transport)
+        protocol.upgrade_plain(services, found)
+        self.transport.set_protocol(protocol)
+        # The httptools parser holds this object's callbacks: a reference cycle the
+        # collector would have to find, once per connection. Broken, this object goes now.
+        self.parser = None  # type: ignore[assignment]
+        return True
+
+
 class AsgiWebSocketProtocol(RawWebSocketProtocol):
     """The same protocol without the raw extension: ``/v1/ws`` runs through plain ASGI
     (what it does on any other ASGI server). Chosen by ``PHASECAST_WS_TRANSPORT=asgi``."""
@@ -773,6 +845,23 @@ def plain_upgrade(data: bytes) -> tuple[str, str, str | None] | None:
     ):
         return None
     return request_line[1].decode("ascii"), key.decode("ascii"), sent_id
+
+
+# (Sec-WebSocket-Key, X-Request-ID, query string) of a plain ``/v1/ws`` upgrade request.
+PlainUpgrade = tuple[str, str | None, str]
+_WS_REQUEST_START = b"GET " + WS_PATH.encode()
+
+
+def plain_ws_upgrade(data: bytes) -> PlainUpgrade | None:
+    """``plain_upgrade`` of a request for ``/v1/ws`` itself (and no other path)."""
+    found = plain_upgrade(data)
+    if found is None:
+        return None
+    target, key, sent_id = found
+    raw_path, _, query = target.partition("?")
+    if unquote(raw_path) != WS_PATH:
+        return None
+    return key, sent_id, query
 
 
 def handshake_response(key: str) -> bytes:

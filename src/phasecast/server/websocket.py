@@ -66,9 +66,12 @@ class DeliveryMeter:
     writes happen within microseconds of each other). Two Prometheus updates per message
     cost more than the write itself."""
 
-    __slots__ = ("_changes", "_latency", "_messages", "_scheduled", "count", "last")
+    __slots__ = ("_changes", "_latency", "_messages", "_scheduled", "connections", "count", "last")
 
     def __init__(self, metrics: Metrics, transport: str) -> None:
+        # The open-connections gauge of this transport, looked up once (``labels`` costs a
+        # lock and a dictionary look-up, once per connection in a reconnect storm).
+        self.connections = metrics.connections.labels(transport)
         self._messages = metrics.messages.labels(transport)
         self._latency = metrics.latency.labels(transport)
         self.count = 0
@@ -160,7 +163,7 @@ class Session:
     def start(self, query_token: str | None) -> None:
         """The connection is open: authenticate by the URL's token, or wait for an ``auth``
         message; ping from then on."""
-        self.services.metrics.connections.labels("websocket").inc()
+        self._meter.connections.inc()
         loop = asyncio.get_running_loop()
         if query_token is not None:
             if not self._accept_token(query_token):
@@ -185,7 +188,7 @@ class Session:
         self.jobs.clear()
         metrics = self.services.metrics
         metrics.conflated.inc(self.mailbox.conflated)
-        metrics.connections.labels("websocket").dec()
+        self._meter.connections.dec()
 
     def close(self, code: int, reason: str) -> None:
         if not self.closed:
@@ -267,7 +270,7 @@ class Session:
             self._expiry.cancel()
         loop = asyncio.get_running_loop()
         self._expiry = loop.call_later(max(0.0, principal.expires_at - time.time()), self._expired)
-        self.say(frames.message("authenticated", None, expires_at=principal.expires_at))
+        self.say(_authenticated(principal.expires_at))
         self._drop_unreadable()
         return True
 
@@ -349,7 +352,7 @@ class Session:
         if job_id in self.jobs:
             # Re-subscribing means "send me what I am missing": honour the new since.
             self.mailbox.set_floor(job_id, since)
-            self.say(frames.message("subscribed", job_id))
+            self.say(_subscribed(job_id))
             return
         if len(self.jobs) >= self.services.settings.max_subscriptions:
             self.say(frames.error(
@@ -365,7 +368,7 @@ class Session:
                 raise _Gone
             if not current.can_read(state):
                 raise Forbidden(f"job {job_id!r} belongs to another user")
-            self.say(frames.message("subscribed", job_id))
+            self.say(_subscribed(job_id))
 
         try:
             subscribed = await self.hub.subscribe(
@@ -396,6 +399,34 @@ class Session:
     def _drop(self, job_id: str) -> None:
         self.jobs.discard(job_id)
         self.hub.unsubscribe(job_id, self.mailbox)
+
+
+# Acknowledgements are the same text for every watcher of a job (every token of one
+# expiry): a reconnect storm sends 10,000 of them; each is encoded once. Bounded: cleared
+# when full.
+_ACKS_CACHED = 8192
+_subscribed_texts: dict[str, str] = {}
+_authenticated_texts: dict[float, str] = {}
+
+
+def _subscribed(job_id: str) -> str:
+    text = _subscribed_texts.get(job_id)
+    if text is None:
+        if len(_subscribed_texts) >= _ACKS_CACHED:
+            _subscribed_texts.clear()
+        text = _subscribed_texts[job_id] = frames.message("subscribed", job_id)
+    return text
+
+
+def _authenticated(expires_at: float) -> str:
+    text = _authenticated_texts.get(expires_at)
+    if text is None:
+        if len(_authenticated_texts) >= _ACKS_CACHED:
+            _authenticated_texts.clear()
+        text = _authenticated_texts[expires_at] = frames.message(
+            "authenticated", None, expires_at=expires_at
+        )
+    return text
 
 
 class _Gone(Exception):
