@@ -12,14 +12,14 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import pytest
 from tests.conftest import WS_TRANSPORTS
 from tests.support.process import ServerProcess
 from websockets.server import ServerProtocol
 
-from phasecast.server.rawws import handshake_response, plain_upgrade
+from phasecast.server.rawws import _query_token, handshake_response, plain_upgrade
 
 WAIT = 10.0
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
@@ -252,4 +252,23 @@ def test_the_plain_request_path_leaves_unusual_shapes_to_the_library() -> None:
     ]
     for raw in cases:
         assert plain_upgrade(raw) is None, raw[:80]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "access_token=abc.def_ghi-1", "access_token=", "access_token", "access_token=a=b",
+        "x=1&access_token=z", "access_token=a%20b", "access_token=a+b",
+        "access_token=1&access_token=2", "access_tokenx=1", "",
+    ],
+)
+def test_the_url_token_is_read_as_starlette_reads_it(query: str) -> None:
+    """The raw upgrade reads ``access_token`` itself (a shortcut for the usual
+    ``access_token=<jwt>`` query); whatever the query, the same value as the ASGI path,
+    which takes the last of the parsed pairs."""
+    expected = None
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == "access_token":
+            expected = value
+    assert _query_token(query) == expected
 

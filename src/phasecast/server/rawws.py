@@ -50,6 +50,7 @@ from phasecast.server.websocket import (
     WS_PATH,
     DeliveryMeter,
     Session,
+    control_frame,
     websocket_meter,
 )
 
@@ -371,7 +372,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
                 elif text is frames.PONG_TEXT:
                     out.append(frames.PONG_FRAME)
                 else:
-                    out.append(frames.ws_text_frame(text))
+                    out.append(control_frame(text))
         written: list[Change] = []
         if mailbox.has_pending:
             jobs = session.jobs
@@ -622,7 +623,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
             out = [] if self._unsent is None else [self._unsent]
             self._unsent = None
             if self.open and mailbox.control:
-                out.extend(frames.ws_text_frame(text) for text in mailbox.take_control())
+                out.extend(control_frame(text) for text in mailbox.take_control())
             if out and not transport.is_closing():
                 transport.write(b"".join(out))
             mailbox.direct = self._direct
@@ -889,6 +890,8 @@ def _query_token(query: str) -> str | None:
     (the last one if repeated; blank values kept)."""
     if "access_token" not in query:
         return None
+    if query.startswith("access_token=") and not any(c in query for c in "&%+"):
+        return query[13:]  # the usual form, which parse_qsl would read the same way
     found = None
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key == "access_token":

@@ -407,6 +407,7 @@ class Session:
 _ACKS_CACHED = 8192
 _subscribed_texts: dict[str, str] = {}
 _authenticated_texts: dict[float, str] = {}
+_ack_frames: dict[str, bytes] = {}  # the complete WebSocket frame of each cached text
 
 
 def _subscribed(job_id: str) -> str:
@@ -414,7 +415,9 @@ def _subscribed(job_id: str) -> str:
     if text is None:
         if len(_subscribed_texts) >= _ACKS_CACHED:
             _subscribed_texts.clear()
+            _ack_frames.clear()
         text = _subscribed_texts[job_id] = frames.message("subscribed", job_id)
+        _ack_frames[text] = frames.ws_text_frame(text)
     return text
 
 
@@ -423,10 +426,19 @@ def _authenticated(expires_at: float) -> str:
     if text is None:
         if len(_authenticated_texts) >= _ACKS_CACHED:
             _authenticated_texts.clear()
+            _ack_frames.clear()
         text = _authenticated_texts[expires_at] = frames.message(
             "authenticated", None, expires_at=expires_at
         )
+        _ack_frames[text] = frames.ws_text_frame(text)
     return text
+
+
+def control_frame(text: str) -> bytes:
+    """The complete WebSocket text frame of a control message: an acknowledgement's frame
+    made once for all the watchers that get that text, any other message's made now."""
+    frame = _ack_frames.get(text)
+    return frames.ws_text_frame(text) if frame is None else frame
 
 
 class _Gone(Exception):
