@@ -1,7 +1,8 @@
 """The npm package as its users get it: `npm pack`, installed into a fresh project.
 
-- The tarball carries README, LICENSE, a `repository` field and both entry points, and React
-  is an optional peer dependency: installing the package alone installs no React.
+- The tarball carries README, LICENSE and both entry points, names the source repository only
+  as the Python package does (none while pyproject.toml gives none), and React is an optional
+  peer dependency: installing the package alone installs no React.
 - `@phasecast/client` (the framework-free ProgressClient) imports and type-checks without
   React; `@phasecast/client/react` says it needs React when React is missing, and works with
   the app's own React once installed.
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,7 @@ def node_eval(project: Path, script: str) -> subprocess.CompletedProcess[str]:
     return run(["node", "--input-type=module", "-e", script], cwd=project)
 
 
-def test_tarball_carries_readme_license_repository_and_both_entries(tarball: Path) -> None:
+def test_tarball_carries_readme_license_and_both_entries(tarball: Path) -> None:
     with tarfile.open(tarball) as archive:
         names = set(archive.getnames())
         manifest_file = archive.extractfile("package/package.json")
@@ -110,7 +112,14 @@ def test_tarball_carries_readme_license_repository_and_both_entries(tarball: Pat
     ):
         assert f"package/{required}" in names, f"{required} is missing from the tarball: {sorted(names)}"
     assert manifest["license"] == "MIT"
-    assert manifest["repository"]["url"], manifest.get("repository")
+    # The same source address as the Python package's ([project.urls] Repository), none while
+    # the project publishes none: a placeholder would send users to someone else's page.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    published = project.get("urls", {}).get("Repository")
+    if published is None:
+        assert "repository" not in manifest, manifest["repository"]
+    else:
+        assert manifest["repository"]["url"].removeprefix("git+").removesuffix(".git") == published
     assert manifest["exports"]["./react"]["import"] == "./dist/react.js"
     assert manifest["peerDependenciesMeta"]["react"] == {"optional": True}
     assert not manifest.get("dependencies"), "the client must not pull anything into the app"
