@@ -84,7 +84,7 @@ def phasecast(
         env={"PHASECAST_LOG_LEVEL": "warning", **SERVER_ENV, **(env or {})},
         log_path=workdir / "server.log",
     )
-    server.start(timeout=30)
+    server.start(timeout=60)
     try:
         yield System(
             "phasecast",

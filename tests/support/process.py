@@ -106,7 +106,9 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> ServerProcess:
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        # 60 s, not less: on the shared 2-core machine at load 11 a server (a cluster engine,
+        # serve --workers 2) has taken more than 20 s to listen. One that exits fails at once.
         argv = [
             sys.executable, "-m", "phasecast", self.command,
             "--host", "127.0.0.1", "--port", str(self.port), "--engine", self.engine, *self.args,
