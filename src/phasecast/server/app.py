@@ -22,7 +22,7 @@ from phasecast.errors import EngineUnavailable
 from phasecast.progress import WeightTable
 from phasecast.server import routes, sse
 from phasecast.server.auth import TokenVerifier
-from phasecast.server.deps import Services, error_response, install_error_handlers
+from phasecast.server.deps import Services, error_body, error_response, install_error_handlers
 from phasecast.server.guard import RequestGuard
 from phasecast.server.ingest import ThinReports
 from phasecast.server.logs import RequestContextMiddleware
@@ -106,6 +106,18 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(sse.router)
     app.add_api_websocket_route(WS_PATH, websocket_endpoint)
+
+    @app.get(WS_PATH, tags=["streams"], status_code=426, response_model=None,
+             responses={426: {"description": "a WebSocket endpoint, asked without an upgrade"}})
+    async def websocket_without_upgrade() -> JSONResponse:
+        """``/v1/ws`` is a WebSocket: asked as plain HTTP (or with an upgrade the server does
+        not recognise) it answers 426, saying how to open it, rather than 404."""
+        return JSONResponse(
+            error_body("upgrade_required", f"{WS_PATH} speaks WebSocket only: open it with a WebSocket "
+                       "client (GET with Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key and "
+                       "Sec-WebSocket-Version: 13)"),
+            status_code=426, headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+        )
     # Every body is capped before routing (the largest cap); each REST route then applies
     # its own cap after checking the token (server/jsonbody.py).
     app.add_middleware(RequestGuard, max_body_bytes=settings.largest_body_limit(), refuse=error_response,

@@ -94,6 +94,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         "_meter",
         "_paused",
         "_reading_paused",
+        "_refused",
         "_request",
         "_response",
         "_started",
@@ -139,6 +140,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         self._request: Request | None = None
         self._response: Response | None = None
+        self._refused = False  # answered 400 for an upgrade request the library could not parse
         self._asgi_queue: asyncio.Queue[ASGIMessage] | None = None
         self._fragments: list[bytes] | None = None
         self._fragment_text = False
@@ -221,6 +223,9 @@ class RawWebSocketProtocol(asyncio.Protocol):
                 self._on_frame(event)
             elif isinstance(event, Request):
                 self._on_request(event)
+        if conn.state is State.CONNECTING and conn.handshake_exc is not None and self._response is None \
+                and self.session is None and not self._refused:
+            self._refuse_unparsed(conn.handshake_exc)
         self._send_protocol_output()
         if conn.parser_exc is not None and conn.close_sent is not None:
             self.open = False
@@ -573,6 +578,20 @@ class RawWebSocketProtocol(asyncio.Protocol):
         finally:
             request_id_var.reset(context)
 
+    def _refuse_unparsed(self, exc: Exception) -> None:
+        """The library could not parse the upgrade request (a body, chunked encoding, a
+        malformed line): it only ends the stream. The client gets a 400 saying why first,
+        as for every other request the server refuses."""
+        self._refused = True
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        text = (f"Failed to open a WebSocket connection: {exc}{cause}. An upgrade request is a GET "
+                "with no body.\n").encode("utf-8", "replace")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain; "
+                b"charset=utf-8\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text)
+            )
+
     def _reply(self, response: Response) -> None:
         """Answer the upgrade request with an HTTP response and hang up."""
         self.conn.send_response(response)
@@ -731,11 +750,17 @@ class UpgradingHttpProtocol(ReportProtocol):
     def data_received(self, data: bytes) -> None:
         if not self._spoken:
             self._spoken = True
-            if data.startswith(_WS_REQUEST_START) and self._hand_over(data):
-                return
+            if data.startswith(_WS_REQUEST_START):
+                # A client that sends frames without waiting for the 101 (RFC 6455 says it
+                # must wait; some do not) has them in the same read: they are the new
+                # protocol's, not lost.
+                end = data.find(b"\r\n\r\n") + 4
+                head, rest = (data, b"") if end in (3, len(data)) else (data[:end], data[end:])
+                if self._hand_over(head, rest):
+                    return
         super().data_received(data)
 
-    def _hand_over(self, data: bytes) -> bool:
+    def _hand_over(self, data: bytes, rest: bytes = b"") -> bool:
         ws_class = self.ws_protocol_class
         services = self.app_state.get(SERVICES_STATE)
         if services is None or not (
@@ -751,6 +776,8 @@ class UpgradingHttpProtocol(ReportProtocol):
         protocol.connection_made(self.transport)
         protocol.upgrade_plain(services, found)
         self.transport.set_protocol(protocol)
+        if rest:
+            protocol.data_received(rest)
         # The httptools parser holds this object's callbacks: a reference cycle the
         # collector would have to find, once per connection. Broken, this object goes now.
         self.parser = None  # type: ignore[assignment]
