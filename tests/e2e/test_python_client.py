@@ -59,6 +59,7 @@ class Watching:
     """A watch running in a task, its states kept and announced as they arrive."""
 
     def __init__(self, client: PhasecastClient, job_id: str) -> None:
+        self.job_id = job_id
         self.states: list[JobState] = []
         self._arrived = asyncio.Condition()
         self.task = asyncio.create_task(self._run(client, job_id))
@@ -87,6 +88,23 @@ class Watching:
 
     def seqs(self) -> list[int]:
         return [s.seq for s in self.states]
+
+
+async def report_for(api: httpx.AsyncClient, watching: Watching, seconds: float, step: float) -> list[int]:
+    """Report the watched job's progress (``step`` more each time, 99 at most) every 0.25 s
+    for ``seconds``, each report waited for until the watch has it, then complete the job.
+    Returns the seqs the watch must have yielded before the terminal state."""
+    await watching.seq(1)
+    expected = [1]
+    started = time.monotonic()
+    value = 0.0
+    while time.monotonic() - started < seconds:
+        value = min(99.0, value + step)
+        expected.append(await progress(api, watching.job_id, value))
+        await watching.seq(expected[-1])
+        await asyncio.sleep(0.25)
+    await api.post(f"/v1/jobs/{watching.job_id}/complete", json={})
+    return expected
 
 
 def strictly_increasing(seqs: list[int]) -> bool:
@@ -344,17 +362,8 @@ async def test_short_lived_tokens_are_refreshed_without_interrupting_the_watch(
         await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})
         async with PhasecastClient(module_server.url, token=token, transports=(transport,)) as client:
             watching = Watching(client, job)
-            await watching.seq(1)
-            expected = [1]
-            started = time.monotonic()
             # Several token lifetimes: the job outlives the first token twice over.
-            value = 0
-            while time.monotonic() - started < 9:
-                value = min(99, value + 2)
-                expected.append(await progress(api, job, value))
-                await watching.seq(expected[-1])
-                await asyncio.sleep(0.25)
-            await api.post(f"/v1/jobs/{job}/complete", json={})
+            expected = await report_for(api, watching, 9, step=2)
             states = await watching.end()
     assert [s.seq for s in states][:-1] == expected
     assert states[-1].phase is Phase.COMPLETE
@@ -387,16 +396,7 @@ async def test_a_token_function_that_fails_once_is_asked_again_before_the_token_
         await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})
         async with PhasecastClient(module_server.url, token=flaky, transports=(transport,)) as client:
             watching = Watching(client, job)
-            await watching.seq(1)
-            expected = [1]
-            started = time.monotonic()
-            value = 0
-            while time.monotonic() - started < 5:
-                value += 3
-                expected.append(await progress(api, job, value))
-                await watching.seq(expected[-1])
-                await asyncio.sleep(0.25)
-            await api.post(f"/v1/jobs/{job}/complete", json={})
+            expected = await report_for(api, watching, 5, step=3)
             states = await watching.end()
     assert [s.seq for s in states][:-1] == expected
     assert states[-1].phase is Phase.COMPLETE
