@@ -115,6 +115,8 @@ DEFAULT_TTL_SECONDS = 24 * 3600
 SUBSCRIBE_TIMEOUT_SECONDS = 5.0
 POOL_SIZE = 64
 POOL_WAIT_SECONDS = 10.0
+# Write pipelines in flight at once (each on its own pooled connection).
+MAX_PIPELINES = 4
 SINGLE_NODE = "redis"
 
 # A pooled connection idle for a second is checked with a PING before it is used, and may
@@ -326,7 +328,10 @@ class RedisEngine(Engine):
         self._feed: RedisFeed | None = None
         self._publish = "PUBLISH"
         self._replace_queue: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
-        self._replace_flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._collecting = False  # a flusher is gathering this loop turn's writes
+        self._pipelines = 0  # pipelines sent and not yet answered
+        self._busy: dict[str, int] = {}  # first key of a write -> its writes in flight
         self._index_touched: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._idle_tags: dict[str, str] = {}
@@ -590,11 +595,9 @@ class RedisEngine(Engine):
     # --- lifecycle -----------------------------------------------------------------------
 
     async def stop(self) -> None:
-        if self._replace_flusher is not None:
-            # Let writes already queued finish; they were accepted by callers still waiting.
-            with contextlib.suppress(Exception):
-                await self._replace_flusher
-            self._replace_flusher = None
+        # Let writes already queued finish; they were accepted by callers still waiting.
+        while pending := [task for task in self._flushers if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
@@ -762,37 +765,94 @@ class RedisEngine(Engine):
     def _queue_script(self, keys: list[str], args: list[Any], script: Any) -> asyncio.Future[Any]:
         """Queue one script for the next pipeline; the future is its reply, or the
         exception it raised."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._replace_queue.append((script, keys, args, future))
-        if self._replace_flusher is None or self._replace_flusher.done():
-            self._replace_flusher = loop.create_task(self._flush_replaces())
+        self._start_flush()
         return future
 
+    def _start_flush(self) -> None:
+        """Start gathering this loop turn's writes into a pipeline, unless one is being
+        gathered already or ``MAX_PIPELINES`` are waiting for their replies (then the next
+        one starts when one of them is answered)."""
+        if self._collecting or self._pipelines >= MAX_PIPELINES or not self._replace_queue:
+            return
+        self._collecting = True
+        task = asyncio.get_running_loop().create_task(self._flush_replaces())
+        self._flushers.add(task)
+        task.add_done_callback(self._flushers.discard)
+
+    def _sendable(self) -> list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]:
+        """Take from the queue, in order, every write whose job has no write in a pipeline
+        still unanswered (nor one held back earlier in the queue): the writes of one job
+        are sent one pipeline after another, so Redis runs them in the order they were
+        queued even though pipelines overlap. The rest stay queued, in order."""
+        batch, held = [], []
+        held_keys: set[str] = set()
+        busy = self._busy
+        for entry in self._replace_queue:
+            key = entry[1][0]
+            if key in busy or key in held_keys:
+                held.append(entry)
+                held_keys.add(key)
+            else:
+                batch.append(entry)
+        self._replace_queue = held
+        return batch
+
     async def _flush_replaces(self) -> None:
-        while self._replace_queue:
+        try:
             await asyncio.sleep(0)  # let the writers of this loop turn queue theirs too
-            batch, self._replace_queue = self._replace_queue, []
+        finally:
+            self._collecting = False
+        batch = self._sendable()
+        if not batch:
+            return
+        # Up to MAX_PIPELINES pipelines in flight: while Redis runs the scripts of one,
+        # this process decides and answers the replies of another, instead of the two
+        # taking turns (measured: one pipeline at a time capped ingest at 1 / (server +
+        # Redis CPU per report); see docs/benchmarks.md, "Ingest: overlapping pipelines").
+        self._pipelines += 1
+        busy = self._busy
+        for entry in batch:
+            key = entry[1][0]
+            busy[key] = busy.get(key, 0) + 1
+        try:
             if self.clustered:
                 results = await self._pipelined_on_shards(batch)
             else:
                 results = await self._pipelined_replaces(batch)
-            alone = []
-            for entry, result in zip(batch, results, strict=True):
-                future = entry[3]
-                if future.done():
-                    continue
-                if isinstance(result, NoScriptError | _SentAlone):
-                    # A node that never saw the script (restarted, or a promoted replica),
-                    # or a cluster write that met a moved slot or a failed node: sent
-                    # again on its own (in order), which loads the script first.
-                    alone.append(entry)
-                elif isinstance(result, BaseException):
-                    future.set_exception(result)
+        except Exception as exc:  # a bug: every writer of the batch hears of it
+            results = [exc] * len(batch)
+        except BaseException:
+            for entry in batch:
+                entry[3].cancel()
+            raise
+        finally:
+            self._pipelines -= 1
+            for entry in batch:
+                key = entry[1][0]
+                left = busy[key] - 1
+                if left:
+                    busy[key] = left
                 else:
-                    future.set_result(result)
-            if alone:
-                self._retry_alone(alone)
+                    del busy[key]
+            self._start_flush()
+        alone = []
+        for entry, result in zip(batch, results, strict=True):
+            future = entry[3]
+            if future.done():
+                continue
+            if isinstance(result, NoScriptError | _SentAlone):
+                # A node that never saw the script (restarted, or a promoted replica),
+                # or a cluster write that met a moved slot or a failed node: sent
+                # again on its own (in order), which loads the script first.
+                alone.append(entry)
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if alone:
+            self._retry_alone(alone)
 
     async def _pipelined_replaces(
         self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
