@@ -104,12 +104,30 @@ end
 
 -- Python's round(x, n): correctly rounded, ties to even on the exact binary value, which
 -- is what C's printf does too.
+local ROUNDING = {[1] = '%.1f', [3] = '%.3f'}  -- the formats, not built on every call
 local function round(x, decimals)
-  return tonumber(string.format('%.' .. decimals .. 'f', x))
+  return tonumber(string.format(ROUNDING[decimals], x))
 end
 
+-- ARGV 6 and 7: one number (or '') per working phase, comma-separated.
 local function numbers(csv, allow_missing)
   local out = {}
+  if allow_missing and (csv == '' or csv == ',,,') then
+    return out  -- nothing learned yet
+  end
+  local a, b, c, d = string.match(csv, '^([^,]*),([^,]*),([^,]*),([^,]*)$')
+  if a then  -- the four working phases: one match, not an iterator
+    local items = {a, b, c, d}
+    for k = 1, 4 do
+      local item = items[k]
+      if item ~= '' then
+        out[k] = tonumber(item)
+      elseif not allow_missing then
+        out[k] = 0.0
+      end
+    end
+    return out
+  end
   local i = 0
   for item in string.gmatch(csv .. ',', '([^,]*),') do
     i = i + 1
