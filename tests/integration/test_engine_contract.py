@@ -421,6 +421,30 @@ async def test_apply_decides_stores_and_appends_history(engine: Engine) -> None:
     assert again == Decided(False, decided.state_json)
 
 
+async def test_batches_issued_while_others_are_unanswered_keep_each_jobs_order(
+    engine: Engine,
+) -> None:
+    """Forty batches of the same two jobs, each issued in its own loop turn while earlier
+    ones are still unanswered (on Redis, several pipelines are in flight at once): every
+    report applies, in the order issued, so seq and progress only go up."""
+    jobs = [make("job-1"), make("job-2")]
+    for state in jobs:
+        await engine.insert(state)
+    inputs = inputs_for(jobs[0])
+    tasks = []
+    for n in range(1, 41):
+        items = [(s.job_id, ProgressUpdate(Phase.ANALYZING, phase_progress=float(n)), inputs) for s in jobs]
+        tasks.append(asyncio.create_task(engine.apply_many(items, utc_now())))
+        await asyncio.sleep(0)  # the next batch comes in a later loop turn
+    answers = await asyncio.gather(*tasks)
+    for k, state in enumerate(jobs):
+        decided = [batch[k] for batch in answers]
+        assert all(isinstance(d, Decided) and d.applied for d in decided), decided
+        assert [d.summary()[0] for d in decided if isinstance(d, Decided)] == list(range(2, 42))
+        stored = await engine.load(state.job_id)
+        assert stored is not None and (stored.seq, stored.phase_progress) == (41, 40.0)
+
+
 async def test_apply_asks_again_for_another_kind_or_owner(engine: Engine) -> None:
     state = make()
     await engine.insert(state)

@@ -616,12 +616,10 @@ class RedisEngine(Engine):
     # --- lifecycle -----------------------------------------------------------------------
 
     async def stop(self) -> None:
-        # Let writes already queued finish; they were accepted by callers still waiting.
-        while pending := [task for task in self._flushers if not task.done()]:
+        # Let writes already queued finish (a retry may start another pipeline); they were
+        # accepted by callers still waiting.
+        while pending := [task for task in (*self._flushers, *self._background) if not task.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
-        for task in list(self._background):
-            with contextlib.suppress(Exception):
-                await task
         if self._primary_watch is not None:
             self._primary_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -833,47 +831,59 @@ class RedisEngine(Engine):
         # taking turns (measured: one pipeline at a time capped ingest at 1 / (server +
         # Redis CPU per report); see docs/benchmarks.md, "Ingest: overlapping pipelines").
         self._pipelines += 1
-        busy = self._busy
-        for entry in batch:
-            key = entry[1][0]
-            busy[key] = busy.get(key, 0) + 1
+        self._hold(batch)
+        alone: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
         try:
-            if self.clustered:
-                results = await self._pipelined_on_shards(batch)
-            else:
-                results = await self._pipelined_replaces(batch)
-        except Exception as exc:  # a bug: every writer of the batch hears of it
-            results = [exc] * len(batch)
-        except BaseException:
-            for entry in batch:
-                entry[3].cancel()
-            raise
+            try:
+                if self.clustered:
+                    results = await self._pipelined_on_shards(batch)
+                else:
+                    results = await self._pipelined_replaces(batch)
+            except Exception as exc:  # a bug: every writer of the batch hears of it
+                results = [exc] * len(batch)
+            except BaseException:
+                for entry in batch:
+                    entry[3].cancel()
+                raise
+            for entry, result in zip(batch, results, strict=True):
+                future = entry[3]
+                if future.done():
+                    continue
+                if isinstance(result, NoScriptError | _SentAlone):
+                    # A node that never saw the script (restarted, or a promoted replica),
+                    # or a cluster write that met a moved slot or a failed node: sent
+                    # again on its own (in order), which loads the script first. Its job
+                    # stays held meanwhile: no later write of it overtakes the retry.
+                    alone.append(entry)
+                elif isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
         finally:
             self._pipelines -= 1
-            for entry in batch:
-                key = entry[1][0]
-                left = busy[key] - 1
-                if left:
-                    busy[key] = left
-                else:
-                    del busy[key]
-            self._start_flush()
-        alone = []
-        for entry, result in zip(batch, results, strict=True):
-            future = entry[3]
-            if future.done():
-                continue
-            if isinstance(result, NoScriptError | _SentAlone):
-                # A node that never saw the script (restarted, or a promoted replica),
-                # or a cluster write that met a moved slot or a failed node: sent
-                # again on its own (in order), which loads the script first.
-                alone.append(entry)
-            elif isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            retried = {id(entry) for entry in alone}
+            self._release([entry for entry in batch if id(entry) not in retried])
         if alone:
             self._retry_alone(alone)
+
+    def _hold(self, entries: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        """Mark the jobs of ``entries`` as having writes in flight."""
+        busy = self._busy
+        for entry in entries:
+            key = entry[1][0]
+            busy[key] = busy.get(key, 0) + 1
+
+    def _release(self, entries: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> None:
+        """``entries`` are answered: their jobs' next writes may go (in the next pipeline)."""
+        busy = self._busy
+        for entry in entries:
+            key = entry[1][0]
+            left = busy[key] - 1
+            if left:
+                busy[key] = left
+            else:
+                del busy[key]
+        self._start_flush()
 
     async def _pipelined_replaces(
         self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
@@ -999,23 +1009,41 @@ class RedisEngine(Engine):
 
     def _retry_alone(self, entries: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> None:
         """Writes that met NOSCRIPT (or, on a cluster, anything ``_SentAlone`` stands for),
-        one after another in their order: on a single Redis the script is loaded and the
-        write queued again (in the next pipeline, so that its WAIT, if any, covers it); on
-        a cluster it goes through redis-py's cluster client, which loads the script,
-        follows redirections and retries."""
+        in their order, while their jobs stay held (``_busy``): on a single Redis the
+        scripts are loaded and the writes sent again as one pipeline (with its WAIT, if
+        any); on a cluster each goes through redis-py's cluster client, which loads the
+        script, follows redirections and retries. Before, a later write of the same job
+        could be sent while the retry was still loading the script, and overtake it (the
+        contract test of batches in flight together caught it on a cluster and with
+        Sentinel)."""
         async def run() -> None:
-            for script, keys, args, future in entries:
+            try:
+                if self.clustered:
+                    for script, keys, args, future in entries:
+                        try:
+                            result = await script(keys=keys, args=args)
+                        except BaseException as exc:  # handed to the waiting writer
+                            if not future.done():
+                                future.set_exception(exc)
+                            continue
+                        if not future.done():
+                            future.set_result(result)
+                    return
                 try:
-                    if self.clustered:
-                        result = await script(keys=keys, args=args)
-                    else:
+                    for script in {id(entry[0]): entry[0] for entry in entries}.values():
                         await self.client.script_load(script.script)
-                        result = await self._queue_script(keys, args, script)
-                    if not future.done():
+                    results = await self._pipelined_replaces(entries)
+                except BaseException as exc:  # handed to the waiting writers
+                    results = [exc] * len(entries)
+                for (_, _, _, future), result in zip(entries, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
                         future.set_result(result)
-                except BaseException as exc:  # handed to the waiting writer
-                    if not future.done():
-                        future.set_exception(exc)
+            finally:
+                self._release(entries)
 
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
