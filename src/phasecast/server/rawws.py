@@ -796,6 +796,12 @@ class AsgiWebSocketProtocol(RawWebSocketProtocol):
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 _KEY = re.compile(rb"[A-Za-z0-9+/]{22}==")  # base64 of 16 bytes
+# The whole request at once in the shape clients send: each header line a token, a colon
+# and printable ASCII (no tab). A request that matches needs no check of its lines one by
+# one (about half of ``plain_upgrade``'s time); one that does not is checked line by line.
+_PLAIN_HEAD = re.compile(
+    rb"GET [\x21-\x7e]+ HTTP/1\.1(?:\r\n[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[\x20-\x7e]*)*\r\n\r\n"
+)
 _MAX_HEAD_BYTES = 8192  # the library's limit per line; here for the whole request
 _MAX_HEADERS = 128  # the library's limit
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -814,8 +820,9 @@ def plain_upgrade(data: bytes) -> tuple[str, str, str | None] | None:
     lines = data[:-4].split(b"\r\n")
     if len(lines) > _MAX_HEADERS + 1:
         return None
+    checked = _PLAIN_HEAD.fullmatch(data) is not None
     request_line = lines[0].split(b" ")
-    if (
+    if not checked and (
         len(request_line) != 3
         or request_line[0] != b"GET"
         or request_line[2] != b"HTTP/1.1"
@@ -830,10 +837,10 @@ def plain_upgrade(data: bytes) -> tuple[str, str, str | None] | None:
     sent_id: str | None = None
     for line in lines[1:]:
         raw_name, colon, raw_value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(raw_name):
-            return None
         value = raw_value.strip(b" \t")
-        if not _PRINTABLE.fullmatch(value):
+        if not checked and (
+            not colon or not _TOKEN.fullmatch(raw_name) or not _PRINTABLE.fullmatch(value)
+        ):
             return None
         name = raw_name.lower()
         if name == b"sec-websocket-key":
