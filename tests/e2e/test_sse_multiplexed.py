@@ -20,7 +20,7 @@ from tests.support.clients import SSEEvent, sse_events
 from tests.support.process import ServerProcess
 from tests.support.redis_servers import wipe_store
 
-from phasecast.server.sse_cursor import entry, format_cursor
+from phasecast.server.sse_cursor import entry, format_cursor, job_key, parse_cursor
 
 TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
 
@@ -258,6 +258,33 @@ async def test_resume_from_the_cursor_misses_nothing_and_repeats_nothing(
     assert done.status_code == 204
 
 
+async def test_a_job_resumed_without_news_stays_in_the_cursor(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    """A resumed stream sends nothing of a job the client is up to date with; every id it
+    sends must still name that job, or the next resume would send its state again."""
+    moving, still = await new_job(api), await new_job(api)
+    first = streams(server.url, query(moving, still, token=make_token("alice")))
+    await first.wait(lambda s: s.has_seq(moving, 1) and s.has_seq(still, 1))
+    cursor = first.last_id
+    await first.close()
+
+    news = await report(api, moving, 10)
+    second = streams(server.url, query(moving, still, token=make_token("alice")), {"Last-Event-ID": cursor})
+    await second.wait(lambda s: s.has_seq(moving, news))
+    assert second.seqs(still) == []
+    cursor = second.last_id  # the id of an event of the other job only
+    await second.close()
+
+    third = streams(server.url, query(moving, still, token=make_token("alice")), {"Last-Event-ID": cursor})
+    more = await report(api, moving, 20)
+    # Whatever the resume sends comes before the live change: once that is in, it is all.
+    await third.wait(lambda s: s.has_seq(moving, more))
+    assert third.seqs(moving) == [more]
+    assert third.seqs(still) == [], "the job the client was up to date with came again"
+
+
 async def test_every_event_of_a_batch_carries_its_own_resume_point(
     server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
     streams: Callable[..., Stream],
@@ -294,6 +321,55 @@ async def test_every_event_of_a_batch_carries_its_own_resume_point(
         for job_id in jobs:
             assert resumed.seqs(job_id) == ([latest[job_id]] if job_id in owed else []), (index, job_id)
         await resumed.close()
+
+
+def named(cursor_text: str) -> dict[str, int]:
+    """The seq a cursor names per key."""
+    return dict(parse_cursor(cursor_text, field="id", max_jobs=100).keyed)
+
+
+async def test_streams_of_the_same_jobs_share_cursors_and_each_id_is_still_its_own(
+    server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str],
+    streams: Callable[..., Stream],
+) -> None:
+    # Streams whose cursors are equal share the work of each change (one builds the new
+    # cursor, the others reuse it). Streams out of step with them (other jobs, a resume,
+    # jobs named in another order) must still get ids that name exactly what each has.
+    a, b, c = [await new_job(api) for _ in range(3)]
+    token = make_token("alice")
+    alike = [streams(server.url, query(a, b, token=token)) for _ in range(3)]
+    reordered = streams(server.url, query(b, a, token=token))
+    wider = streams(server.url, query(a, b, c, token=token))
+    for stream in (*alike, reordered, wider):
+        await stream.wait(lambda s: s.has_seq(a, 1) and s.has_seq(b, 1))
+    moved = await report(api, a, 10)
+    for stream in (*alike, reordered, wider):
+        await stream.wait(lambda s: s.has_seq(a, moved))
+    # Resumed from an id that names a@1 and b@1 only: it has a newer a than that cursor says.
+    resumed = streams(
+        server.url, query(a, b, token=token), {"Last-Event-ID": alike[0].events[1].id or ""}
+    )
+    await resumed.wait(lambda s: s.has_seq(a, moved))
+    everyone = (*alike, reordered, wider, resumed)
+    latest: dict[str, int] = {}
+    for step in range(2, 6):
+        for job_id in (a, b, c):
+            latest[job_id] = await report(api, job_id, step * 15)
+        for stream in everyone:
+            await stream.wait(lambda s: all(s.has_seq(j, latest[j]) for j in (a, b)))
+    epoch = {j: (await api.get(f"/v1/jobs/{j}")).json()["epoch"] for j in (a, b, c)}
+    resume_point = named(alike[0].events[1].id or "")
+    for stream in everyone:
+        has: dict[str, int] = {}
+        if stream is resumed:
+            has = {j: q for j in (a, b) if (q := resume_point.get(job_key(j, epoch[j]), 0))}
+        for event in stream.events:
+            state = event.json()
+            has[state["job_id"]] = state["seq"]
+            assert event.id is not None
+            assert named(event.id) == {job_key(j, epoch[j]): q for j, q in has.items()}, event
+    ids = {stream.last_id for stream in alike}
+    assert len(ids) == 1 and {reordered.last_id} == ids  # same jobs, same cursor
 
 
 async def test_jobs_that_cannot_be_watched_get_error_events_and_the_rest_goes_on(

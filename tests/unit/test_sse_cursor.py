@@ -11,6 +11,8 @@ from phasecast.server.sse_cursor import (
     SEQ_RESUME_PATTERN,
     Cursor,
     Mark,
+    Marks,
+    chunk_size,
     cursor_prefix,
     entry,
     epoch_of,
@@ -144,3 +146,34 @@ def test_the_prefix_and_entries_make_the_same_cursor_as_format_cursor() -> None:
         line = cursor_prefix(watermark) + b"".join(e.encode() for e in entries)
         assert line == b"id: " + format_cursor(watermark, entries).encode()
     assert Cursor().empty
+
+
+def test_marks_join_to_the_cursor_of_their_entries_through_every_change() -> None:
+    marks = Marks()
+    assert marks.joined() == format_cursor(0, []).encode()
+    made = {job: entry(job, "e1", seq).encode() for job, seq in (("c", 3), ("a", 1), ("b", 2))}
+    for job, part in made.items():
+        marks.set(job, part)
+    marks.setdefault("d", b"")  # named once a state of it is sent
+    marks.setdefault("a", b"never")  # a job already named keeps its entry
+    assert marks.get("a") == made["a"] and marks.get("d") == b"" and marks.get("zz") == b""
+    assert marks.joined() == format_cursor(0, [made["c"].decode(), made["a"].decode(), made["b"].decode()]).encode()
+    marks.set_watermark(1764400000)
+    marks.pop("a")
+    marks.pop("missing")
+    marks.set("b", entry("b", "e1", 9).encode())
+    parsed = parse_cursor(marks.joined().decode(), field="id", max_jobs=10)
+    assert parsed.watermark == 1764400000
+    assert parsed.keyed == {job_key("c", "e1"): 3, job_key("b", "e1"): 9}
+    marks.sort()
+    assert list(marks.slots) == ["b", "c", "d"] and len(marks) == 3 and "a" not in marks
+    assert [marks.entries[at] for at in marks.slots.values()] == [
+        entry("b", "e1", 9).encode(), made["c"], b""
+    ]
+    assert marks.joined() == b"".join(marks.entries)
+
+
+def test_a_chunk_size_line_is_the_size_in_hex() -> None:
+    assert chunk_size(0) == b"0\r\n"
+    assert chunk_size(764) == b"2fc\r\n"
+    assert chunk_size(764) is chunk_size(764)

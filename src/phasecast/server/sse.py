@@ -58,7 +58,10 @@ from phasecast.server.sse_cursor import (
     SEQ_RESUME_PATTERN,
     Cursor,
     Mark,
-    cursor_prefix,
+    Marks,
+    Move,
+    Moves,
+    chunk_size,
     entry,
     job_key,
     parse_cursor,
@@ -185,7 +188,7 @@ class EventStream(Response):
     """One SSE response. Built and subscribed by a route, then run by the ASGI server."""
 
     media_type = "text/event-stream"
-    marks: dict[str, bytes] = {}  # cursor entry per job (multiplexed)
+    marks = Marks()  # the cursor's entry per job (multiplexed)
     created: dict[str, float] = {}  # follow: creation time of each job seen
     finished: dict[str, float] = {}  # follow: ended jobs, by creation time
     refused: set[str] = set()  # follow: jobs refused once, never retried
@@ -206,7 +209,7 @@ class EventStream(Response):
         # a process each pay for what they hold); the class-level empty ones are never
         # written to: per-job streams keep no marks, only follow streams use the rest.
         if multiplexed:
-            self.marks = {}
+            self.marks = Marks()
         if follow:
             self.created, self.finished = {}, {}
             self.refused, self.arrivals = set(), set()
@@ -251,6 +254,13 @@ class EventStream(Response):
             self.open.discard(job_id)
             self._ended(job_id, state, subscribed.floor)
             return False
+        if self.multiplexed:
+            # The cursor names the job from now on: with the state the client already has
+            # (a resume), or with nothing yet (b""). A job whose state the client has is not
+            # sent again, so its mark must be in every id from the first one on. (A live
+            # stream may have written a newer state during ``subscribe``: that one stays.)
+            floor = subscribed.floor
+            self.marks.setdefault(job_id, entry(job_id, state.epoch, floor).encode() if floor else b"")
         return True
 
     async def subscribe_all(self, wanted: dict[str, Mark | None]) -> None:
@@ -289,7 +299,7 @@ class EventStream(Response):
         if self.follow:
             created = self.created.pop(job_id, None)
             if created is None or created < self.watermark - FOLLOW_SLACK_SECONDS:
-                self.marks.pop(job_id, None)  # older than any rescan looks: forget it
+                self.marks.pop(job_id)  # older than any rescan looks: forget it
                 return
             self.finished[job_id] = created
             if len(self.finished) > self.services.settings.max_subscriptions:
@@ -297,9 +307,9 @@ class EventStream(Response):
                 # oldest is forgotten (a resume within the rescan window may send it again).
                 oldest = min(self.finished, key=self.finished.__getitem__)
                 del self.finished[oldest]
-                self.marks.pop(oldest, None)
+                self.marks.pop(oldest)
         if state is not None:
-            self.marks[job_id] = entry(job_id, state.epoch, seq).encode()
+            self.marks.set(job_id, entry(job_id, state.epoch, seq).encode())
 
     @property
     def nothing_to_send(self) -> bool:
@@ -343,6 +353,7 @@ class EventStream(Response):
         now = int(time.time())
         since = self.watermark - FOLLOW_SLACK_SECONDS if self.watermark else None
         self.watermark = now
+        self.marks.set_watermark(now)
         wanted: dict[str, Mark | None] = {}
         listed: list[JobState] = []
         if cursor is not None:
@@ -367,12 +378,12 @@ class EventStream(Response):
                     wanted[state.job_id] = None
                 elif state.terminal:
                     self.finished[state.job_id] = created
-                    self.marks[state.job_id] = entry(state.job_id, state.epoch, state.seq).encode()
+                    self.marks.set(state.job_id, entry(state.job_id, state.epoch, state.seq).encode())
         if since is not None:
             for job_id, created in list(self.finished.items()):
                 if created < since:
                     del self.finished[job_id]
-                    self.marks.pop(job_id, None)
+                    self.marks.pop(job_id)
         await self._follow_jobs(wanted)
 
     async def _follow_jobs(self, wanted: dict[str, Mark | None]) -> None:
@@ -402,11 +413,31 @@ class EventStream(Response):
         if not self.multiplexed:
             parts.append(_state_event(change))  # shared by every watcher of the job
             return
-        job_id = change.job_id
+        parts += (_state_body(change), b"id: ", self._move(change)[1], b"\n\n")
+
+    def _move(self, change: Change) -> Move:
+        """Put ``change`` in this stream's cursor. Streams whose cursors were equal share
+        the result (``sse_cursor.Moves``): the first one joins the new cursor, the others
+        only look it up, so a delivery to a stream that is up to date with others costs
+        what a per-job stream's does. The entries stay in the marks, so a stream that falls
+        out of step joins its own. (``_direct`` does the same steps inline.)"""
+        moves = _MOVES
+        if moves.change is not change:
+            moves.begin(change, frames.sse_cursor_entry(change), _state_body(change))
         marks = self.marks
-        marks[job_id] = frames.sse_cursor_entry(change)
-        # The cursor: this stream's prefix (with its watermark), then every job's entry.
-        parts += (_state_body(change), cursor_prefix(self.watermark), b"".join(marks.values()), b"\n\n")
+        slot = marks.slots.get(change.job_id)
+        if slot is None:  # a job the cursor has no place for yet
+            marks.set(change.job_id, b"")
+            slot = marks.slots[change.job_id]
+        cursor = marks.cursor or marks.joined()
+        entries = marks.entries
+        old = entries[slot]
+        entries[slot] = moves.entry
+        move = moves.table.get(cursor)
+        if move is None or move[0] != old:
+            move = moves.table[cursor] = (old, b"".join(entries), None)
+        marks.cursor = move[1]
+        return move
 
     def _drain(self) -> list[bytes]:
         """Everything queued, as the byte strings to write one after the other."""
@@ -541,18 +572,35 @@ class EventStream(Response):
             return False
         transport = self.transport
         if self.multiplexed:
+            # ``_move``, written out: this runs once per watcher of every change.
+            moves = _MOVES
+            if moves.change is not change:
+                moves.begin(change, frames.sse_cursor_entry(change), _state_body(change))
             marks = self.marks
-            marks[change.job_id] = frames.sse_cursor_entry(change)
-            cursor = b"".join(marks.values())
-            if self.watermark:  # follow=active: the prefix carries this stream's watermark
-                head = _state_body(change) + cursor_prefix(self.watermark)
+            slot = marks.slots.get(change.job_id)
+            if slot is None:  # a job the cursor has no place for yet
+                marks.set(change.job_id, b"")
+                slot = marks.slots[change.job_id]
+            before = marks.cursor or marks.joined()
+            entries = marks.entries
+            old = entries[slot]
+            entries[slot] = moves.entry
+            move = moves.table.get(before)
+            if move is None or move[0] != old:
+                after, data = b"".join(entries), None
             else:
-                head = frames.sse_multiplexed_head(change)  # shared by every job= stream
-            # One chunk: the event up to its id line, this stream's cursor, the blank line.
-            # (Batching a stream's events of one loop iteration into one write was measured
-            # dearer in bench transports: the deferred write cost more than the rare
-            # coalescing saved.)
-            transport.write(b"%x\r\n%b%b\n\n\r\n" % (len(head) + len(cursor) + 2, head, cursor))
+                after, data = move[1], move[2]
+            if data is None:
+                # One chunk: the event, its id line carrying the cursor, the blank line;
+                # made once per move, written by every stream that shares it. (Batching a
+                # stream's events of one loop iteration into one write was measured dearer
+                # in bench transports: the deferred write cost more than the rare
+                # coalescing saved.)
+                head = moves.head
+                data = b"".join((chunk_size(len(head) + len(after) + 2), head, after, b"\n\n\r\n"))
+                moves.table[before] = (old, after, data)
+            marks.cursor = after
+            transport.write(data)
         else:
             transport.write(frames.sse_event_chunk(change))  # the same bytes for every watcher
         self.last_write = time.monotonic()
@@ -674,6 +722,7 @@ class EventStream(Response):
         self._finish(b"")
 
 
+_MOVES = Moves()  # the cursor moves of the change being delivered, shared by all streams
 _END = _control_event("end", {"message": "every job of this stream has ended; close the EventSource"})
 _EXPIRED = _control_event(
     "expired",
@@ -875,7 +924,10 @@ async def events(
             await stream.subscribe_all(await stream.resume_marks(wanted, cursor))
         else:
             stream.watermark = cursor.watermark
+            stream.marks.set_watermark(cursor.watermark)
             await stream.scan(cursor)
+        # In one order, so streams of the same jobs hold equal cursors (and share moves).
+        stream.marks.sort()
     except BaseException:
         stream.release_all()
         raise

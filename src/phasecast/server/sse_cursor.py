@@ -35,6 +35,7 @@ read as a seq of an unknown epoch.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -95,8 +96,10 @@ class Cursor:
         return None if seq is None else Mark(epoch, seq)
 
 
+@functools.lru_cache(maxsize=16384)
 def job_key(job_id: str, epoch: str) -> str:
-    """The 8-character key of a job and epoch in a cursor."""
+    """The 8-character key of a job and epoch in a cursor (kept: every change of a job in
+    one epoch has the same key, and hashing it costs more than the rest of the entry)."""
     digest = hashlib.blake2b(f"{epoch}\x00{job_id}".encode(), digest_size=6).digest()
     return base64.urlsafe_b64encode(digest).decode()
 
@@ -111,6 +114,131 @@ def format_cursor(watermark: int, entries: list[str]) -> str:
 
 
 _PREFIXES: dict[int, bytes] = {}
+_STARTS: dict[int, bytes] = {}
+
+
+def cursor_start(watermark: int) -> bytes:
+    """The cursor up to its first entry, as bytes: ``cursor_start(w) + b"".join(entries)``
+    is ``format_cursor(w, entries)`` encoded (kept, as ``cursor_prefix`` is)."""
+    start = _STARTS.get(watermark)
+    if start is None:
+        if len(_STARTS) > 1024:
+            _STARTS.clear()
+        start = _STARTS[watermark] = f"{VERSION}.{watermark or ''}".encode()
+    return start
+
+
+class Marks:
+    """A multiplexed stream's cursor in parts: ``entries[0]`` is the start (``2.`` and the
+    watermark), then one entry per job (``.<key><seq>``, or b"" while the cursor names no
+    state of it), at the position ``slots`` gives. ``cursor`` is their join, kept until
+    something changes (None: join again). A list joins several times faster than a dict's
+    values, and a delivery only overwrites one slot."""
+
+    __slots__ = ("cursor", "entries", "slots")
+
+    def __init__(self) -> None:
+        self.entries: list[bytes] = [cursor_start(0)]
+        self.slots: dict[str, int] = {}
+        self.cursor: bytes | None = None
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self.slots
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def get(self, job_id: str) -> bytes:
+        slot = self.slots.get(job_id)
+        return b"" if slot is None else self.entries[slot]
+
+    def set(self, job_id: str, entry: bytes) -> None:
+        slot = self.slots.get(job_id)
+        if slot is None:
+            self.slots[job_id] = len(self.entries)
+            self.entries.append(entry)
+        else:
+            self.entries[slot] = entry
+        self.cursor = None
+
+    def setdefault(self, job_id: str, entry: bytes) -> None:
+        if job_id not in self.slots:
+            self.set(job_id, entry)
+
+    def pop(self, job_id: str) -> None:
+        slot = self.slots.pop(job_id, None)
+        if slot is None:
+            return
+        del self.entries[slot]
+        for other, at in self.slots.items():
+            if at > slot:
+                self.slots[other] = at - 1
+        self.cursor = None
+
+    def set_watermark(self, watermark: int) -> None:
+        self.entries[0] = cursor_start(watermark)
+        self.cursor = None
+
+    def sort(self) -> None:
+        """One order for the same jobs, so streams of the same jobs hold equal cursors."""
+        ordered = sorted(self.slots)
+        self.entries[1:] = [self.entries[self.slots[job_id]] for job_id in ordered]
+        self.slots = {job_id: at for at, job_id in enumerate(ordered, 1)}
+        self.cursor = None
+
+    def joined(self) -> bytes:
+        cursor = self.cursor
+        if cursor is None:
+            cursor = self.cursor = b"".join(self.entries)
+        return cursor
+
+
+# Where a change takes a cursor: (the job's entry before, the cursor after, the event's bytes
+# as a detached stream writes them or None until one does).
+Move = tuple[bytes, bytes, bytes | None]
+
+
+class Moves:
+    """The cursor moves of the change being delivered, shared by every stream whose cursor
+    was the same before it: ``table`` maps the cursor before to the ``Move``.
+
+    A change is handed to all its watchers one after the other (``Hub.dispatch``), and
+    streams that watch the same jobs and are up to date hold equal cursors, so the first of
+    them builds the new cursor (and the event's bytes) and the others reuse both. A move is
+    reused only from the same cursor and the same old entry of the job: the cursor says which
+    entries the stream has, the old entry which one the change replaces (none: it is added),
+    so the cursor after is exactly the stream's own. Only the current change's moves are
+    kept, so this holds one change's worth of bytes at most. ``head`` is the change's event
+    up to its cursor (``event:``, ``data:``, ``id: ``), ``entry`` its part of a cursor."""
+
+    __slots__ = ("change", "entry", "head", "table")
+
+    def __init__(self) -> None:
+        self.change: object = None
+        self.entry = b""
+        self.head = b""
+        self.table: dict[bytes, Move] = {}
+
+    def begin(self, change: object, entry: bytes, body: bytes) -> None:
+        """``change`` is being delivered now: ``entry`` is its part of a cursor, ``body``
+        its event without the ``id:`` line."""
+        self.change = change
+        self.entry = entry
+        self.head = body + b"id: "
+        self.table = {}
+
+
+_CHUNK_SIZES: dict[int, bytes] = {}
+
+
+def chunk_size(size: int) -> bytes:
+    """The line that starts a chunk of ``size`` bytes (kept: events have few sizes)."""
+    line = _CHUNK_SIZES.get(size)
+    if line is None:
+        if len(_CHUNK_SIZES) > 4096:
+            _CHUNK_SIZES.clear()
+        line = _CHUNK_SIZES[size] = b"%x\r\n" % size
+    return line
 
 
 def cursor_prefix(watermark: int) -> bytes:
