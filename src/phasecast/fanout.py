@@ -19,12 +19,43 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from phasecast.engines.base import Change, ChangeFeed
 from phasecast.model import JobState
 
 log = logging.getLogger("phasecast.fanout")
+
+class Meter(Protocol):
+    """A transport's delivery counter, as ``Hub.dispatch`` updates it per message written
+    through a lane: one added to ``count``, and ``note(change)`` for a change it has not
+    seen in its current batch (``change is not meter.last``)."""
+
+    count: int
+    last: Change | None
+
+    def note(self, change: Change) -> None: ...
+
+
+class _NoMeter:
+    """The meter of a mailbox that never had a lane (nothing is counted through it)."""
+
+    __slots__ = ("count", "last")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: Change | None = None
+
+    def note(self, change: Change) -> None:
+        self.last = None
+
+
+_NO_METER = _NoMeter()
+
+
+def _no_lane_encoding(change: Change) -> bytes:
+    raise RuntimeError("this mailbox has no lane: Mailbox.open_lane sets its encoder")
+
 
 # Control messages (acknowledgements, errors, pings) a watcher may have waiting unread at
 # once. They are never dropped: a client needs every acknowledgement to make sense of the
@@ -46,12 +77,20 @@ class Mailbox:
       have it queued) and ``wakeup`` (called whenever something was queued), and drains the
       mailbox itself whenever it can write.
 
+    A transport that writes bytes to a socket can also open a *lane*
+    (``open_lane``): its write function, the encoder of its wire form and its delivery
+    meter. While the lane is open and nothing is queued or held, ``Hub.dispatch`` writes
+    a change's encoded bytes itself, with no call into the mailbox or the transport (the
+    hot path of the fan-out: once per delivered message). ``lane`` is the write function
+    while that holds and None otherwise; the mailbox keeps it so on every change of its
+    state, the transport by calling ``open_lane(None)`` while it cannot write.
+
     Control messages live in a short list that exists only while some are queued.
     """
 
     __slots__ = (
-        "_delivered", "_held", "_pending", "_waiter", "conflated", "control", "direct",
-        "overloaded", "wakeup",
+        "_delivered", "_held", "_lane", "_pending", "_waiter", "conflated", "control", "direct",
+        "encode", "lane", "last", "meter", "overloaded", "wakeup",
     )
 
     def __init__(self) -> None:
@@ -66,6 +105,40 @@ class Mailbox:
         self.overloaded = False
         self.direct: Callable[[Change], bool] | None = None
         self.wakeup: Callable[[], None] | None = None
+        # The lane (see the class docstring): the transport's write while it may be used
+        # right now (``lane``), the same whatever the mailbox holds (``_lane``).
+        self.lane: Callable[[bytes], object] | None = None
+        self._lane: Callable[[bytes], object] | None = None
+        self.encode: Callable[[Change], bytes] = _no_lane_encoding
+        self.meter: Meter = _NO_METER
+        # The newest state handed to the transport, on either path (for its keepalive).
+        self.last: Change | None = None
+
+    def open_lane(
+        self,
+        write: Callable[[bytes], object] | None,
+        encode: Callable[[Change], bytes] | None = None,
+        meter: Meter | None = None,
+    ) -> None:
+        """Let ``Hub.dispatch`` write ``encode(change)`` with ``write`` while nothing is
+        queued or held here, counting each message in ``meter``; ``open_lane(None)``
+        while the transport cannot take writes (paused, closing, closed). A terminal state
+        always takes the ``direct`` path: its transport has to end the subscription."""
+        if write is not None:
+            if encode is not None:
+                self.encode = encode
+            if meter is not None:
+                self.meter = meter
+            if self.encode is _no_lane_encoding or self.meter is _NO_METER:
+                raise ValueError("open_lane needs the encoder and the meter the first time")
+        self._lane = write
+        self._relane()
+
+    def _relane(self) -> None:
+        """``lane`` is the transport's write only while nothing is queued or held."""
+        self.lane = (
+            self._lane if self._held is None and not self._pending and not self.control else None
+        )
 
     def set_floor(self, job_id: str, seq: int) -> None:
         """The watcher already has everything up to ``seq`` of this job."""
@@ -87,6 +160,7 @@ class Mailbox:
         direct = self.direct
         if direct is not None and not self._pending and not self.control and direct(change):
             delivered[job_id] = seq
+            self.last = change
             return
         pending = self._pending.get(job_id)
         if pending is not None:
@@ -94,6 +168,7 @@ class Mailbox:
                 return
             self.conflated += 1
         self._pending[job_id] = change
+        self.lane = None
         self._wake()
 
     def say(self, frame: str) -> bool:
@@ -106,6 +181,7 @@ class Mailbox:
             control.append(frame)
             if len(control) > MAX_CONTROL_MESSAGES:
                 self.overloaded = True
+        self.lane = None
         self._wake()
         return not self.overloaded
 
@@ -115,6 +191,7 @@ class Mailbox:
         if control is None:
             return []
         self.control = None
+        self._relane()
         return control
 
     def take(self) -> list[Change]:
@@ -125,6 +202,7 @@ class Mailbox:
         self._pending.clear()
         for change in changes:
             self._delivered[change.job_id] = change.seq
+        self._relane()
         return changes
 
     def forget(self, job_id: str) -> None:
@@ -134,12 +212,14 @@ class Mailbox:
             self._held.pop(job_id, None)
             if not self._held:
                 self._held = None
+        self._relane()
 
     def hold(self, job_id: str) -> None:
         """Keep this job's changes back (the newest only) until ``release``."""
         if self._held is None:
             self._held = {}
         self._held.setdefault(job_id, None)
+        self.lane = None
 
     def release(self, job_id: str) -> None:
         """Deliver this job's changes from now on, starting with the newest one held."""
@@ -150,6 +230,7 @@ class Mailbox:
             self._held = None
         if kept is not None:
             self.offer(kept)
+        self._relane()
 
     @property
     def has_pending(self) -> bool:
@@ -262,12 +343,43 @@ class Hub:
         entry = self._jobs.get(change.job_id)
         if entry is None:
             return
+        seq = change.seq
         latest = entry.latest
-        if latest is None or change.seq > latest.seq:
+        if latest is None or seq > latest.seq:
             entry.latest, entry.latest_state = change, None
         # A copy: delivering a terminal state ends subscriptions, which leave this set.
-        for mailbox in tuple(entry.mailboxes):
-            mailbox.offer(change)
+        mailboxes = tuple(entry.mailboxes)
+        if change.terminal:
+            for mailbox in mailboxes:
+                mailbox.offer(change)
+            return
+        # The hot path, once per delivered message: a mailbox with an open lane gets the
+        # encoded bytes written here (what ``offer`` and the transport's ``direct`` would
+        # do, minus the calls and the checks its open lane already stands for). A mailbox
+        # not subscribed to the job (no delivered seq: it left while this loop runs) or
+        # that has this seq already is skipped, exactly as ``offer`` would skip it.
+        job_id = change.job_id
+        frame = b""
+        encoded_by = None
+        for mailbox in mailboxes:
+            write = mailbox.lane
+            if write is None:
+                mailbox.offer(change)
+                continue
+            delivered = mailbox._delivered
+            if seq <= delivered.get(job_id, seq):
+                continue
+            encode = mailbox.encode
+            if encode is not encoded_by:
+                frame = encode(change)
+                encoded_by = encode
+            write(frame)
+            delivered[job_id] = seq
+            mailbox.last = change
+            meter = mailbox.meter
+            meter.count += 1
+            if meter.last is not change:
+                meter.note(change)
 
     async def subscribe(
         self,

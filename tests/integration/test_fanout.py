@@ -289,3 +289,77 @@ def test_control_messages_are_never_dropped_and_a_flood_is_reported() -> None:
     assert not mailbox.say("one too many")
     assert mailbox.overloaded
     assert mailbox.take_control() == [str(n) for n in range(MAX_CONTROL_MESSAGES)] + ["one too many"]
+
+
+class _Meter:
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: Change | None = None
+        self.noted: list[int] = []
+
+    def note(self, change: Change) -> None:
+        self.last = change
+        self.noted.append(change.seq)
+
+
+async def test_the_lane_writes_only_while_nothing_is_queued_and_keeps_the_order(
+    tracker: ProgressTracker,
+) -> None:
+    await tracker.create(owner="alice", job_id="j")
+    mailbox, meter, wire = Mailbox(), _Meter(), []
+    mailbox.open_lane(wire.append, lambda c: b"state %d" % c.seq, meter)
+    assert mailbox.lane is not None
+    await tracker.hub.subscribe("j", mailbox)
+    # No ``direct``: the current state is queued, and the lane shut until it is taken.
+    assert mailbox.lane is None
+    assert [c.seq for c in mailbox.take()] == [1]
+    assert mailbox.lane is not None
+    await tracker.report("j", Phase.ANALYZING, 10)
+    assert wire == [b"state 2"]
+    assert (meter.count, meter.noted, mailbox.last and mailbox.last.seq) == (1, [2], 2)
+    assert mailbox.take() == []  # written through the lane: delivered, nothing pending
+    tracker.hub.dispatch(change(2))  # a seq the watcher has: skipped
+    assert wire == [b"state 2"]
+
+    # A control message queued: the next state waits behind it, on the mailbox's path.
+    mailbox.say("ack")
+    await tracker.report("j", Phase.ANALYZING, 20)
+    assert wire == [b"state 2"]
+    assert mailbox.take_control() == ["ack"]
+    assert mailbox.lane is None  # the state is still queued
+    assert [c.seq for c in mailbox.take()] == [3]
+    assert mailbox.lane is not None
+
+    # The transport backed up: nothing through the lane until it opens it again.
+    mailbox.open_lane(None)
+    await tracker.report("j", Phase.ANALYZING, 30)
+    await tracker.report("j", Phase.ANALYZING, 40)
+    assert wire == [b"state 2"]
+    mailbox.open_lane(wire.append)
+    assert mailbox.lane is None  # latest wins, queued: the transport drains it first
+    assert [c.seq for c in mailbox.take()] == [5]
+    await tracker.report("j", Phase.ANALYZING, 50)
+    assert wire == [b"state 2", b"state 6"]
+
+    # A terminal state never takes the lane: its transport ends the subscription.
+    await tracker.complete("j")
+    assert wire == [b"state 2", b"state 6"]
+    assert [c.terminal for c in mailbox.take()] == [True]
+    tracker.hub.unsubscribe("j", mailbox)
+    assert tracker.hub.watchers == 0
+
+
+async def test_the_lane_skips_a_mailbox_that_left_the_job(tracker: ProgressTracker) -> None:
+    await tracker.create(owner="alice", job_id="j")
+    staying, leaving, wire = Mailbox(), Mailbox(), []
+    for mailbox in (staying, leaving):
+        mailbox.open_lane(lambda data, box=mailbox: wire.append((box, data)), lambda c: b"s", _Meter())
+        await tracker.hub.subscribe("j", mailbox)
+        mailbox.take()
+    # ``leaving`` left while a dispatch already holds its copy of the watchers: it forgot
+    # the job, so the lane must not write to it.
+    leaving.forget("j")
+    await tracker.report("j", Phase.ANALYZING, 10)
+    assert wire == [(staying, b"s")]
+    tracker.hub.unsubscribe("j", staying)
+    tracker.hub.unsubscribe("j", leaving)

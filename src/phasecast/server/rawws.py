@@ -90,8 +90,8 @@ class RawWebSocketProtocol(asyncio.Protocol):
         "_heard_at",
         "_inbox",
         "_keepalive",
-        "_last_state",
         "_meter",
+        "_open",
         "_paused",
         "_reading_paused",
         "_refused",
@@ -103,7 +103,6 @@ class RawWebSocketProtocol(asyncio.Protocol):
         "app",
         "app_state",
         "config",
-        "open",
         "server_state",
         "session",
         "transport",
@@ -129,7 +128,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self._unsent: bytes | None = None  # the handshake response, until the session's first words join it
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
-        self.open = False  # handshake done, no Close sent or received: frames may be written
+        self._open = False  # handshake done, no Close sent or received: frames may be written
         self._closed_frame_sent = False
         self._paused = False
         self._reading_paused = False
@@ -145,7 +144,28 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self._fragments: list[bytes] | None = None
         self._fragment_text = False
         self._drained: asyncio.Future[None] | None = None
-        self._last_state: Change | None = None  # the newest state written (``last_state_at``)
+
+    @property
+    def open(self) -> bool:
+        """Handshake done, no Close sent or received: frames may be written."""
+        return self._open
+
+    @open.setter
+    def open(self, value: bool) -> None:
+        self._open = value
+        self._update_lane()
+
+    def _update_lane(self) -> None:
+        """The session's mailbox may write states straight to the socket (``Mailbox.lane``)
+        only while the connection is open and the socket not backed up."""
+        session = self.session
+        transport = self.transport
+        if session is None or session.mailbox.direct is None or transport is None:
+            return
+        if self._open and not self._paused:
+            session.mailbox.open_lane(transport.write, frames.ws_state_frame, self._meter)
+        else:
+            session.mailbox.open_lane(None)
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -168,12 +188,14 @@ class RawWebSocketProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        self._update_lane()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
         self._wake_drained()
         self._flush()
+        self._update_lane()
         self._update_reading()
 
     def _update_reading(self) -> None:
@@ -335,10 +357,11 @@ class RawWebSocketProtocol(asyncio.Protocol):
         """``Mailbox.direct``: write the change's frame now, unless the socket is backed up
         (then the mailbox keeps it, latest wins, until ``resume_writing``).
 
-        The hot path of the fan-out, once per delivered message: no call but the write and
-        the first encoding of a change (``frames.ws_state_frame``, cached on the change),
-        the message counted in the batch meter inline, the session only told of terminal
-        states (which end the subscription)."""
+        The hot path of the fan-out is the mailbox's lane (``_update_lane``: the hub writes
+        the frame itself); this is the path of a terminal state, and of a change arriving
+        while the lane is shut (something queued or held): the frame from the change's
+        cache (``frames.ws_state_frame``), the message counted in the batch meter inline,
+        the session told of terminal states (which end the subscription)."""
         if self._paused or not self.open:
             return False
         session = self.session
@@ -351,7 +374,6 @@ class RawWebSocketProtocol(asyncio.Protocol):
             transport = self.transport
             assert transport is not None
             transport.write(frame)
-            self._last_state = change
             if change.terminal:
                 session.sent(change)
             else:
@@ -390,13 +412,13 @@ class RawWebSocketProtocol(asyncio.Protocol):
         # One write (one system call, one segment) for everything queued.
         transport.write(out[0] if len(out) == 1 else b"".join(out))
         for change in written:
-            self._last_state = change
+            mailbox.last = change
             session.sent(change)
 
     def last_state_at(self) -> float | None:
         """``Link.last_state_at``: when the newest state written here went out
         (``time.monotonic``), or None if none has."""
-        change = self._last_state
+        change = None if self.session is None else self.session.mailbox.last
         return None if change is None else frames.ws_state_sent_at(change)
 
     # --- reading ------------------------------------------------------------------------
@@ -647,6 +669,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
                 transport.write(b"".join(out))
             mailbox.direct = self._direct
             mailbox.wakeup = self._flush
+            self._update_lane()
         self._update_reading()
 
     def _accept(self, headers: list[tuple[bytes, bytes]]) -> None:
