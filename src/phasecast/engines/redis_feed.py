@@ -65,6 +65,8 @@ def decode_change(payload: str) -> Change:
 
 # --- reading a subscriber connection -------------------------------------------------------
 
+_MESSAGE_KINDS = frozenset(("message", "smessage"))
+
 
 def _transport_of(connection: AbstractConnection) -> asyncio.Transport | None:
     """The connected socket's transport, once redis-py has done the connection's set-up
@@ -113,6 +115,7 @@ class _PushReader(asyncio.Protocol):
         lost: asyncio.Future[BaseException],
     ) -> None:
         self._handle = subscriber.handle
+        self._emit = subscriber.feed.emit
         self._parser = parser
         self._lost = lost
         self._stream_protocol = cast(asyncio.Protocol, transport.get_protocol())
@@ -122,11 +125,18 @@ class _PushReader(asyncio.Protocol):
         if self._lost.done():
             return
         parser = self._parser
+        handle = self._handle
+        emit = self._emit
         try:
             parser.feed(data)
             reply = parser.gets()
             while reply is not False:
-                self._handle(reply)
+                # A message (nearly every reply), decoded and emitted here: what ``handle``
+                # does with it, one call and a few checks less per change received.
+                if type(reply) is list and len(reply) == 3 and reply[0] in _MESSAGE_KINDS:
+                    emit(decode_change(reply[2]))
+                else:
+                    handle(reply)
                 reply = parser.gets()
         except Exception as exc:  # the subscriber fails, and its jobs are reloaded
             if not isinstance(exc, (RedisError, OSError)):

@@ -66,13 +66,31 @@ def ws_text_frame(text: str) -> bytes:
     return ws_frame(OP_TEXT, text.encode())
 
 
+_STATE_OPEN = b'{"type":"state","job":'
+_TEXT_FRAME_16 = bytes((0x80 | OP_TEXT, 126))
+
+
 def ws_state_frame(change: Change) -> bytes:
     """The complete text frame carrying ``change``'s state message, encoded once (and when,
-    on the monotonic clock: ``ws_state_sent_at``)."""
-    wire = _wire(change)
+    on the monotonic clock: ``ws_state_sent_at``).
+
+    Once per change received (each of its watchers gets these bytes): built in one go,
+    header and payload, without the text form in between (``ws_state_text`` gives the same
+    message as text, for the paths that want it)."""
+    wire = change.wire
+    if wire is None:
+        wire = change.wire = {}
     frame: bytes | None = wire.get("ws_frame")
     if frame is None:
-        frame = wire["ws_frame"] = ws_text_frame(ws_state_text(change))
+        payload = change.state_json.encode()
+        size = len(payload) + len(_STATE_OPEN) + 1
+        if size < 126:
+            header = bytes((0x80 | OP_TEXT, size))
+        elif size < 1 << 16:
+            header = _TEXT_FRAME_16 + size.to_bytes(2, "big")
+        else:
+            header = struct.pack("!BBQ", 0x80 | OP_TEXT, 127, size)
+        frame = wire["ws_frame"] = b"".join((header, _STATE_OPEN, payload, b"}"))
         wire["ws_at"] = time.monotonic()
     return frame
 
