@@ -82,8 +82,10 @@ async def main():
         return states[job_id]
 
     hub = Hub(Feed(), load)
+    counter = SimpleNamespace(labels=lambda *a: SimpleNamespace(inc=lambda n=1: None, dec=lambda n=1: None))
     metrics = SimpleNamespace(
-        messages=SimpleNamespace(labels=lambda *a: SimpleNamespace(inc=lambda n=1: None)),
+        messages=counter,
+        connections=counter,
         latency=SimpleNamespace(labels=lambda *a: SimpleNamespace(observe=lambda v: None)),
     )
     meter = websocket.DeliveryMeter(metrics, "websocket")
