@@ -318,11 +318,14 @@ class RedisClusterProcesses:
 class SentinelNode:
     """One ``redis-server --sentinel`` with a config file of its own (a sentinel rewrites it)."""
 
-    def __init__(self, primary: RedisNode, service: str, quorum: int) -> None:
+    def __init__(self, primary: RedisNode, service: str, quorum: int, password: str | None = None) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="phasecast-sentinel-"))
         self.process: subprocess.Popen[bytes] | None = None
-        (self.dir / "sentinel.conf").write_text(
+        self.password = password
+        # A sentinel with a password asks it of every client, and of the other sentinels.
+        secured = "" if password is None else f"requirepass {password}\nsentinel sentinel-pass {password}\n"
+        (self.dir / "sentinel.conf").write_text(secured +
             f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.dir}\n"
             f"sentinel monitor {service} 127.0.0.1 {primary.port} {quorum}\n"
             # A primary silent this long is down; an election that stalls is retried after
@@ -346,7 +349,7 @@ class SentinelNode:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
-                           socket_timeout=2)
+                           socket_timeout=2, password=self.password)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -362,18 +365,22 @@ class RedisSentinelProcesses:
 
     SERVICE = "phasecast"
 
-    def __init__(self, sentinels: int = 3, quorum: int = 2) -> None:
+    def __init__(self, sentinels: int = 3, quorum: int = 2, sentinel_password: str | None = None) -> None:
         self.primary = RedisNode(aof=True)
         self.replica = RedisNode(
             aof=True, extra=("--replicaof", "127.0.0.1", str(self.primary.port))
         )
         self.nodes = [self.primary, self.replica]
-        self.sentinels = [SentinelNode(self.primary, self.SERVICE, quorum) for _ in range(sentinels)]
+        self.sentinel_password = sentinel_password
+        self.sentinels = [SentinelNode(self.primary, self.SERVICE, quorum, sentinel_password)
+                          for _ in range(sentinels)]
 
     @property
     def url(self) -> str:
+        """The URL naming the deployment; with the sentinels' password when they have one."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
+        secret = "" if self.sentinel_password is None else f"?sentinel_password={self.sentinel_password}"
+        return f"redis+sentinel://{hosts}/{self.SERVICE}/0{secret}"
 
     def start(self, timeout: float = 30.0) -> RedisSentinelProcesses:
         try:

@@ -87,6 +87,7 @@ try:
     from redis.crc import key_slot
     from redis.exceptions import (
         AskError,
+        AuthenticationError,
         BusyLoadingError,
         ClusterDownError,
         MasterDownError,
@@ -148,12 +149,25 @@ class SentinelTarget:
     db: int
     username: str | None
     password: str | None
+    # The sentinels' own credentials (their requirepass / ACL user), which are not the data
+    # nodes': ``?sentinel_password=…[&sentinel_username=…]``.
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
 
     @classmethod
-    def parse(cls, parts: SplitResult) -> SentinelTarget:
+    def parse(cls, parts: SplitResult, query: dict[str, str] | None = None) -> SentinelTarget:
+        """The target of ``parts``; ``sentinel_username`` and ``sentinel_password`` are taken
+        out of ``query`` (the URL's other parameters)."""
         shape = (
             "redis+sentinel://[user:password@]host:port[,host:port...]/<service name>[/<db>]"
+            "[?sentinel_password=...]"
         )
+        query = {} if query is None else query
+        sentinel_username = query.pop("sentinel_username", None) or None
+        sentinel_password = query.pop("sentinel_password", None) or None
+        if sentinel_username is not None and sentinel_password is None:
+            raise ConfigurationError("sentinel_username needs sentinel_password too: the sentinels "
+                                     "authenticate a user by its password")
         userinfo, _, hosts = parts.netloc.rpartition("@")
         username = password = None
         if userinfo:
@@ -185,7 +199,7 @@ class SentinelTarget:
             if not path[1].isdigit():
                 raise ConfigurationError(f"database {path[1]!r} is not a number; use {shape}")
             db = int(path[1])
-        return cls(tuple(sentinels), path[0], db, username, password)
+        return cls(tuple(sentinels), path[0], db, username, password, sentinel_username, sentinel_password)
 
     def describe(self) -> str:
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
@@ -338,8 +352,12 @@ class RedisEngine(Engine):
         self.history_limit = history_limit
         self.wait_replicas, self.wait_timeout_ms = _replication_wait(query)
         self.sentinel_target = (
-            SentinelTarget.parse(parts) if parts.scheme == SENTINEL_SCHEME else None
+            SentinelTarget.parse(parts, query) if parts.scheme == SENTINEL_SCHEME else None
         )
+        for name in ("sentinel_username", "sentinel_password"):
+            if name in query:
+                raise ConfigurationError(f"{name} is for redis+sentinel:// URLs (the sentinels' "
+                                         "credentials); this URL names Redis directly")
         self._sentinel: Sentinel | None = None
         self._primary = ""  # host:port of the primary, as the sentinels last named it
         self._primary_watch: asyncio.Task[None] | None = None
@@ -467,6 +485,8 @@ class RedisEngine(Engine):
                 "socket_connect_timeout": SENTINEL_TIMEOUT_SECONDS,
                 "socket_timeout": SENTINEL_TIMEOUT_SECONDS,
                 "decode_responses": True,
+                "username": target.sentinel_username,
+                "password": target.sentinel_password,
             },
         )
         client: aioredis.Redis = self._sentinel.master_for(
@@ -500,8 +520,27 @@ class RedisEngine(Engine):
         except REDIS_ERRORS as exc:
             raise EngineUnavailable(
                 f"the sentinels at {self._redacted_url()} name no primary: {exc}"
+                f"{await self._sentinel_auth_hint()}"
             ) from exc
         self._primary = f"{host}:{port}"
+
+    async def _sentinel_auth_hint(self) -> str:
+        """Why no sentinel answered, when it is their password: redis-py reports only that
+        none named a primary."""
+        assert self._sentinel is not None
+        for sentinel in self._sentinel.sentinels:
+            try:
+                await sentinel.ping()
+            except AuthenticationError:
+                given = self.sentinel_target is not None and self.sentinel_target.sentinel_password
+                refused = "the password given" if given else "to answer without a password"
+                return (f"; the sentinels refused {refused}: set sentinel_password=<their requirepass> "
+                        "(and sentinel_username= for an ACL user) in the URL's query")
+            except REDIS_ERRORS as exc:
+                if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                    return ("; the sentinels ask for a password: set sentinel_password=<their requirepass> "
+                            "in the URL's query")
+        return ""
 
     async def _watch_primary(self) -> None:
         """Ask the sentinels every second where the primary is; when it moved, tell the
