@@ -8,10 +8,12 @@ from phasecast.errors import InvalidUpdate
 from phasecast.model import JobState, new_job, utc_now
 from phasecast.server.sse_cursor import (
     CURSOR_PATTERN,
+    MAX_MOVES,
     SEQ_RESUME_PATTERN,
     Cursor,
     Mark,
     Marks,
+    Moves,
     chunk_size,
     cursor_prefix,
     entry,
@@ -177,3 +179,16 @@ def test_a_chunk_size_line_is_the_size_in_hex() -> None:
     assert chunk_size(0) == b"0\r\n"
     assert chunk_size(764) == b"2fc\r\n"
     assert chunk_size(764) is chunk_size(764)
+
+
+def test_the_moves_of_a_change_are_bounded_and_start_over_with_the_next() -> None:
+    moves = Moves()
+    change = object()
+    moves.begin(change, b".key00001" + b"7", b"event: state\ndata: {}\n")
+    assert moves.head == b"event: state\ndata: {}\nid: "
+    for n in range(MAX_MOVES + 5):
+        moves.keep(b"2..c%d" % n, (b"", b"2..n%d" % n, None))
+    assert 0 < len(moves.table) <= MAX_MOVES
+    assert moves.table[b"2..c%d" % (MAX_MOVES + 4)][1] == b"2..n%d" % (MAX_MOVES + 4)
+    moves.begin(object(), b".key000018", b"")
+    assert moves.table == {} and moves.entry == b".key000018"

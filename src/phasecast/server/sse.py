@@ -55,6 +55,7 @@ from phasecast.server.metrics import Metrics
 from phasecast.server.openapi import ERROR_DESCRIPTIONS
 from phasecast.server.sse_cursor import (
     CURSOR_PATTERN,
+    MAX_MOVES,
     SEQ_RESUME_PATTERN,
     Cursor,
     Mark,
@@ -435,7 +436,8 @@ class EventStream(Response):
         entries[slot] = moves.entry
         move = moves.table.get(cursor)
         if move is None or move[0] != old:
-            move = moves.table[cursor] = (old, b"".join(entries), None)
+            move = (old, b"".join(entries), None)
+            moves.keep(cursor, move)
         marks.cursor = move[1]
         return move
 
@@ -598,7 +600,10 @@ class EventStream(Response):
                 # coalescing saved.)
                 head = moves.head
                 data = b"".join((chunk_size(len(head) + len(after) + 2), head, after, b"\n\n\r\n"))
-                moves.table[before] = (old, after, data)
+                table = moves.table  # ``moves.keep``, written out
+                if len(table) >= MAX_MOVES:
+                    table.clear()
+                table[before] = (old, after, data)
             marks.cursor = after
             transport.write(data)
         else:

@@ -193,6 +193,8 @@ class Marks:
         return cursor
 
 
+MAX_MOVES = 1024  # moves kept per change: ~1 MB of events at most
+
 # Where a change takes a cursor: (the job's entry before, the cursor after, the event's bytes
 # as a detached stream writes them or None until one does).
 Move = tuple[bytes, bytes, bytes | None]
@@ -208,8 +210,10 @@ class Moves:
     reused only from the same cursor and the same old entry of the job: the cursor says which
     entries the stream has, the old entry which one the change replaces (none: it is added),
     so the cursor after is exactly the stream's own. Only the current change's moves are
-    kept, so this holds one change's worth of bytes at most. ``head`` is the change's event
-    up to its cursor (``event:``, ``data:``, ``id: ``), ``entry`` its part of a cursor."""
+    kept, and at most ``MAX_MOVES`` of them (then it starts over: a change watched by
+    thousands of streams that share nothing does not hold a copy of every event it made).
+    ``head`` is the change's event up to its cursor (``event:``, ``data:``, ``id: ``),
+    ``entry`` its part of a cursor."""
 
     __slots__ = ("change", "entry", "head", "table")
 
@@ -226,6 +230,13 @@ class Moves:
         self.entry = entry
         self.head = body + b"id: "
         self.table = {}
+
+    def keep(self, before: bytes, move: Move) -> None:
+        """Remember ``move`` for the streams whose cursor is ``before``."""
+        table = self.table
+        if len(table) >= MAX_MOVES:
+            table.clear()
+        table[before] = move
 
 
 _CHUNK_SIZES: dict[int, bytes] = {}
