@@ -389,3 +389,22 @@ async def test_a_client_flooding_requests_without_reading_loses_no_answer(
             assert message["type"] == "ping", message
     print(f"flood: {answers} of {requests} answered, refused with 1008: {refused}")
     assert answers == requests or (refused and answers > 0)
+
+
+async def test_a_lone_empty_pong_is_read_and_the_connection_goes_on(client: RawClient) -> None:
+    # What a watcher answers the keepalive Ping with, alone in a read: the raw transport
+    # takes it without the library's parser; everything after must parse as before.
+    await client.send(frame(PONG))
+    await client.send(frame(TEXT, op({"op": "ping"})))
+    assert await client.text("pong") == {"type": "pong"}
+    await client.send(frame(PONG))
+    whole = op({"op": "ping"})
+    await client.send(frame(TEXT, whole[:4], fin=False))
+    await client.send(frame(PONG))  # between fragments: ignored
+    await client.send(frame(CONT, whole[4:], fin=True))
+    assert await client.text("pong") == {"type": "pong"}
+    await client.send(frame(PING, b"still there"))
+    assert (await client.next_of(PONG)).payload == b"still there"
+    # An unmasked Pong is still a protocol error.
+    await client.send(frame(PONG, mask=False))
+    await client.expect_close(1002)
