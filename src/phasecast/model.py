@@ -268,6 +268,8 @@ def validate_text(field: str, value: object, *, max_chars: int, min_chars: int =
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The rule of validate_text on NUL as a JSON Schema pattern, for the OpenAPI document.
+STORED_TEXT_PATTERN = "^[^\\u0000]*$"
 
 
 def storable_text(text: str, max_chars: int) -> str:

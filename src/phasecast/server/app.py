@@ -107,8 +107,9 @@ def create_app(
     app.include_router(sse.router)
     app.add_api_websocket_route(WS_PATH, websocket_endpoint)
 
-    @app.get(WS_PATH, tags=["streams"], status_code=426, response_model=None,
-             responses={426: {"description": "a WebSocket endpoint, asked without an upgrade"}})
+    # Not in the OpenAPI document: /v1/ws is a WebSocket (docs/protocol.md), this only
+    # answers HTTP that did not upgrade.
+    @app.get(WS_PATH, status_code=426, response_model=None, include_in_schema=False)
     async def websocket_without_upgrade() -> JSONResponse:
         """``/v1/ws`` is a WebSocket: asked as plain HTTP (or with an upgrade the server does
         not recognise) it answers 426, saying how to open it, rather than 404."""

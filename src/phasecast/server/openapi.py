@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
-from phasecast.model import JOB_ID_PATTERN, JOB_ID_RULE, STEP_STATUSES, Phase
+from phasecast.model import JOB_ID_PATTERN, JOB_ID_RULE, STEP_STATUSES, STORED_TEXT_PATTERN, Phase
 
 
 class FieldProblem(BaseModel):
@@ -106,6 +106,24 @@ def _error_response(status: int) -> dict[str, Any]:
     }
 
 
+METADATA_VALUE = "MetadataValue"
+METADATA_VALUE_REF = f"#/components/schemas/{METADATA_VALUE}"
+
+
+def _metadata_value_schema() -> dict[str, Any]:
+    """A value inside a job's metadata: any JSON whose strings and keys hold no NUL (the
+    archive cannot keep one; model.check_json with stored=True)."""
+    text = {"pattern": STORED_TEXT_PATTERN}
+    return {"anyOf": [
+        {"type": "string", **text},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "array", "items": {"$ref": METADATA_VALUE_REF}},
+        {"type": "object", "propertyNames": text, "additionalProperties": {"$ref": METADATA_VALUE_REF}},
+    ]}
+
+
 def install_openapi(app: FastAPI) -> None:
     """Generate the document once, then make it true for every operation: FastAPI's own
     validation-error body is replaced by ours, every operation may answer 413 (each route
@@ -122,6 +140,7 @@ def install_openapi(app: FastAPI) -> None:
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
         if "ErrorBody" not in schemas:
             schemas.update(_error_schemas())
+        schemas[METADATA_VALUE] = _metadata_value_schema()
         for operations in document.get("paths", {}).values():
             for operation in operations.values():
                 for parameter in operation.get("parameters", []):

@@ -24,6 +24,7 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
 )
+from pydantic.config import JsonDict
 
 from phasecast.errors import InvalidUpdate, PhasecastError
 from phasecast.model import (
@@ -39,6 +40,7 @@ from phasecast.model import (
     MAX_STEPS,
     STEP_ID_PATTERN,
     STEP_ID_RULE,
+    STORED_TEXT_PATTERN,
     TERMINAL_PHASES,
     WORKING_PHASES,
     Outcome,
@@ -53,7 +55,7 @@ from phasecast.server.auth import Forbidden, Principal
 from phasecast.server.deps import principal, services
 from phasecast.server.jsonbody import JSONRoute
 from phasecast.server.logs import job_id_var
-from phasecast.server.openapi import JobReply, JobStateModel, errors, ok
+from phasecast.server.openapi import METADATA_VALUE_REF, JobReply, JobStateModel, errors, ok
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=JSONRoute, strict_content_type=False)
 
@@ -108,7 +110,10 @@ def _integral(value: Any) -> Any:
 
 Percent = Annotated[StrictFloat, Field(ge=0, le=100, allow_inf_nan=False)]
 StepsTotal = Annotated[StrictInt, Field(ge=1, le=MAX_STEPS), BeforeValidator(_integral)]
-Message = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+# Text a job keeps: the OpenAPI document carries validate_text's NUL rule as a pattern
+# (the rule itself is applied, with its own message, by the model).
+_STORED: JsonDict = {"pattern": STORED_TEXT_PATTERN}
+Message = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS, json_schema_extra=_STORED)]
 JobIdPath = Annotated[
     str,
     Path(description=JOB_ID_RULE, json_schema_extra={"pattern": JOB_ID_PATTERN.pattern}),
@@ -146,9 +151,10 @@ class Strict(BaseModel):
 class CreateJob(Strict):
     kind: str = Field("comic", min_length=1, max_length=64, pattern=KIND_PATTERN.pattern)
     job_id: JobId | None = None
-    owner: str | None = Field(None, min_length=1, max_length=MAX_OWNER_CHARS)
+    owner: str | None = Field(None, min_length=1, max_length=MAX_OWNER_CHARS, json_schema_extra=_STORED)
     metadata: dict[str, Any] = Field(
         default_factory=dict,
+        json_schema_extra={"propertyNames": _STORED, "additionalProperties": {"$ref": METADATA_VALUE_REF}},
         description=f"free JSON object: at most {MAX_METADATA_BYTES} bytes encoded, nested at "
         f"most {MAX_JSON_DEPTH} levels, finite numbers and valid Unicode only",
     )
@@ -192,8 +198,8 @@ class CompleteJob(Strict):
 
 
 class ErrorInfo(Strict):
-    code: str = Field(min_length=1, max_length=MAX_ERROR_CODE_CHARS)
-    message: str = Field(min_length=1, max_length=MAX_ERROR_MESSAGE_CHARS)
+    code: str = Field(min_length=1, max_length=MAX_ERROR_CODE_CHARS, json_schema_extra=_STORED)
+    message: str = Field(min_length=1, max_length=MAX_ERROR_MESSAGE_CHARS, json_schema_extra=_STORED)
 
 
 class FailJob(Strict):
