@@ -216,6 +216,21 @@ def module_server(
 WS_TRANSPORTS = ("raw", "asgi")
 
 
+@pytest.fixture(scope="module")
+def ws_transport_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    """One SQLite server per WebSocket transport for a module's tests, by transport name,
+    for tests that compare what the two answer over raw sockets."""
+    with contextlib.ExitStack() as stack:
+        found = {}
+        for transport in WS_TRANSPORTS:
+            folder = tmp_path_factory.mktemp(f"ws-{transport}")
+            found[transport] = stack.enter_context(ServerProcess(
+                f"sqlite:///{folder / 'db.sqlite'}", env={"PHASECAST_WS_TRANSPORT": transport},
+                log_path=folder / "server.log",
+            ))
+        yield found
+
+
 @pytest.fixture(scope="module", params=engine_variants(WS_TRANSPORTS))
 def ws_module_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import parse_qsl, quote
 
 import pytest
@@ -26,19 +26,8 @@ GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
-    with contextlib.ExitStack() as stack:
-        found = {}
-        for transport in WS_TRANSPORTS:
-            folder = tmp_path_factory.mktemp(f"handshake-{transport}")
-            found[transport] = stack.enter_context(
-                ServerProcess(
-                    f"sqlite:///{folder / 'db.sqlite'}",
-                    env={"PHASECAST_WS_TRANSPORT": transport},
-                    log_path=folder / "server.log",
-                )
-            )
-        yield found
+def servers(ws_transport_servers: dict[str, ServerProcess]) -> dict[str, ServerProcess]:
+    return ws_transport_servers
 
 
 def key() -> str:

@@ -11,7 +11,6 @@ import base64
 import contextlib
 import json
 import os
-from collections.abc import Iterator
 
 import pytest
 from tests.conftest import WS_TRANSPORTS
@@ -21,16 +20,8 @@ WAIT = 10.0
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
-    with contextlib.ExitStack() as stack:
-        found = {}
-        for transport in WS_TRANSPORTS:
-            folder = tmp_path_factory.mktemp(f"edges-{transport}")
-            found[transport] = stack.enter_context(ServerProcess(
-                f"sqlite:///{folder / 'db.sqlite'}", env={"PHASECAST_WS_TRANSPORT": transport},
-                log_path=folder / "server.log",
-            ))
-        yield found
+def servers(ws_transport_servers: dict[str, ServerProcess]) -> dict[str, ServerProcess]:
+    return ws_transport_servers
 
 
 def upgrade(*extra: str, path: str = "/v1/ws") -> bytes:

@@ -5,8 +5,9 @@ no RunPod job running unobserved, and every malformed webhook gets its documente
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,21 +168,45 @@ async def test_a_crash_between_run_and_storing_its_answer_orphans_no_runpod_job(
         server.stop()
 
 
+@contextlib.asynccontextmanager
+async def run_in_flight(
+    engine_url: str, sim: RunPodSimulator, tmp_path: Path, comic_factory: ComicFactory, job_id: str,
+    **env: str,
+) -> AsyncIterator[tuple[ServerProcess, Comic]]:
+    """A server and a one-panel comic whose /run RunPod has started but not answered yet.
+    RunPod's job holds at step 5 of 10 until ``sim.resume()``: it can neither finish nor send
+    its webhook before the test has done what it does meanwhile, however slow the machine."""
+    sim.faults.hold_run_answers = True
+    server = ServerProcess(engine_url, env=runpod_env(sim, **env), log_path=tmp_path / "server.log")
+    server.start()
+    comic = comic_factory(server, job_id)
+    try:
+        await comic.start(panel_inputs(1, {1: {"steps": 10, "hold_at": 5}}))
+        await eventually(lambda: sim.held_runs == 1, 10, "the /run request in flight")
+        yield server, comic
+    finally:
+        sim.release_runs()
+        sim.resume()
+        await comic.close()
+        server.stop()
+
+
+async def only_panel(comic: Comic) -> dict[str, Any]:
+    (panel,) = (await comic.api.get(f"/v1/integrations/runpod/jobs/{comic.job_id}/panels")).json()["panels"]
+    return dict(panel)
+
+
+def webhook_delivered(sim: RunPodSimulator) -> bool:
+    return any(d.http_status == 200 for d in sim.deliveries)
+
+
 async def test_a_job_cancelled_while_a_submission_is_in_doubt_never_resubmits_it(
     sqlite_engine_url: str, sim: RunPodSimulator, tmp_path: Path, comic_factory: ComicFactory
 ) -> None:
     """The other way out: the job is cancelled while /run's answer is lost. The panel is not
     submitted again, and when RunPod's job shows up (its webhook names the submission) it is
     not adopted into the cancelled panel."""
-    sim.faults.hold_run_answers = True
-    server = ServerProcess(sqlite_engine_url, env=runpod_env(sim), log_path=tmp_path / "server.log")
-    server.start()
-    comic = comic_factory(server, "comic-doubt")
-    try:
-        # RunPod's job holds at step 5 of 10 until resumed: it can neither finish nor send its
-        # webhook before the cancel below, however slow the restart.
-        await comic.start(panel_inputs(1, {1: {"steps": 10, "hold_at": 5}}))
-        await eventually(lambda: sim.held_runs == 1, 10, "the /run request in flight")
+    async with run_in_flight(sqlite_engine_url, sim, tmp_path, comic_factory, "comic-doubt") as (server, comic):
         server.kill()
         assert comic.watcher is not None
         await comic.watcher.wait_closed()
@@ -190,17 +215,12 @@ async def test_a_job_cancelled_while_a_submission_is_in_doubt_never_resubmits_it
         assert reply.status_code == 200
         sim.release_runs()  # the answer goes to the killed process: nobody reads it
         sim.resume()
-        await eventually(lambda: any(d.http_status == 200 for d in sim.deliveries), 20, "the webhook delivered")
+        await eventually(lambda: webhook_delivered(sim), 20, "the webhook delivered")
         assert sim.running() == []
         assert len(sim.jobs) == 1
-        (panel,) = (await comic.api.get("/v1/integrations/runpod/jobs/comic-doubt/panels")).json()["panels"]
+        panel = await only_panel(comic)
         assert panel["status"] == "cancelled" and panel["runpod_id"] is None, panel
         assert (await comic.api.get("/v1/jobs/comic-doubt")).json()["phase"] == "CANCELLED"
-    finally:
-        sim.release_runs()
-        sim.resume()
-        await comic.close()
-        server.stop()
 
 
 async def test_a_job_ended_elsewhere_never_takes_a_runpod_job_in_doubt(
@@ -210,43 +230,27 @@ async def test_a_job_ended_elsewhere_never_takes_a_runpod_job_in_doubt(
     When that is not this instance (here a worker failed the job through its own tracker on the
     shared Redis while the instance was down), the panel still looks wanted when RunPod's job
     shows up; the job's own state decides, and the RunPod job is not adopted into it."""
-    sim.faults.hold_run_answers = True
     # The poller looks at the in-doubt panel only after three request timeouts: until then
     # only the webhook can touch it, so the test sees what the webhook path does.
-    env = runpod_env(sim, PHASECAST_RUNPOD_REQUEST_TIMEOUT="20")
-    server = ServerProcess(redis_engine_url, env=env, log_path=tmp_path / "server.log")
-    server.start()
-    comic = comic_factory(server, "comic-elsewhere")
-    try:
-        await comic.start(panel_inputs(1, {1: {"steps": 10, "hold_at": 5}}))
-        await eventually(lambda: sim.held_runs == 1, 10, "the /run request in flight")
+    async with run_in_flight(redis_engine_url, sim, tmp_path, comic_factory, "comic-elsewhere",
+                             PHASECAST_RUNPOD_REQUEST_TIMEOUT="20") as (server, comic):
         server.kill()
         async with ProgressTracker(open_engine(redis_engine_url)) as worker:
             await worker.fail("comic-elsewhere", "out_of_credit", "the customer ran out of credit")
         server.start()
         sim.release_runs()
         sim.resume()
-        await eventually(lambda: any(d.http_status == 200 for d in sim.deliveries), 20, "the webhook delivered")
-
-        async def panel() -> dict[str, Any]:
-            reply = await comic.api.get("/v1/integrations/runpod/jobs/comic-elsewhere/panels")
-            (found,) = reply.json()["panels"]
-            return dict(found)
+        await eventually(lambda: webhook_delivered(sim), 20, "the webhook delivered")
 
         async def stopped() -> bool:
-            return (await panel())["status"] == "cancelled"
+            return (await only_panel(comic))["status"] == "cancelled"
 
         # Only the webhook's handling stops the panel (the poller is not due yet).
         await eventually_async(stopped, 10, "the webhook handled")
-        stopped_panel = await panel()
-        assert stopped_panel["runpod_id"] is None, stopped_panel
+        panel = await only_panel(comic)
+        assert panel["runpod_id"] is None, panel
         assert len(sim.jobs) == 1
         assert (await comic.api.get("/v1/jobs/comic-elsewhere")).json()["phase"] == "FAILED"
-    finally:
-        sim.release_runs()
-        sim.resume()
-        await comic.close()
-        server.stop()
 
 
 async def test_a_run_answer_arriving_after_the_job_ended_elsewhere_is_cancelled_not_recorded(
@@ -255,26 +259,15 @@ async def test_a_run_answer_arriving_after_the_job_ended_elsewhere_is_cancelled_
     """The live sibling of the case above: /run answers after a worker ended the job on the
     shared Redis (this instance stored no end, so it stopped nothing). The answer must not
     make the panel look started: the RunPod job is cancelled at once and not recorded."""
-    sim.faults.hold_run_answers = True
-    server = ServerProcess(redis_engine_url, env=runpod_env(sim), log_path=tmp_path / "server.log")
-    server.start()
-    comic = comic_factory(server, "comic-late-answer")
-    try:
-        await comic.start(panel_inputs(1, {1: {"steps": 10, "hold_at": 5}}))
-        await eventually(lambda: sim.held_runs == 1, 10, "the /run request in flight")
+    async with run_in_flight(redis_engine_url, sim, tmp_path, comic_factory, "comic-late-answer") as (_, comic):
         async with ProgressTracker(open_engine(redis_engine_url)) as worker:
             await worker.cancel("comic-late-answer", "the reader closed the page")
         sim.release_runs()
         await eventually(lambda: len(sim.cancelled) == 1, 10, "the RunPod job cancelled")
         assert sim.cancelled == list(sim.jobs)
-        (panel,) = (await comic.api.get("/v1/integrations/runpod/jobs/comic-late-answer/panels")).json()["panels"]
+        panel = await only_panel(comic)
         assert panel["status"] == "cancelled" and panel["runpod_id"] is None, panel
         assert sim.requests["GET /status"] == 0  # nothing polled a job nobody wants
-    finally:
-        sim.release_runs()
-        sim.resume()
-        await comic.close()
-        server.stop()
 
 
 async def test_every_malformed_webhook_gets_its_documented_4xx(
