@@ -5,7 +5,6 @@ honour, malformed resume points). Real server processes on each engine."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import uuid
@@ -15,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import REDIS_URL, private_prefix
+from tests.conftest import REDIS_URL, engine_variants, module_server_on, private_prefix
 from tests.support.clients import SSEEvent, sse_events
 from tests.support.process import ServerProcess
 from tests.support.redis_servers import wipe_store
@@ -25,31 +24,16 @@ from phasecast.server.sse_cursor import entry, format_cursor, job_key, parse_cur
 TERMINAL = {"COMPLETE", "FAILED", "CANCELLED"}
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "sqlite-raw",
-        "sqlite-asgi",
-        pytest.param("redis-raw", marks=pytest.mark.redis),
-        pytest.param("redis-asgi", marks=pytest.mark.redis),
-    ],
-)
+@pytest.fixture(scope="module", params=engine_variants(("raw", "asgi")))
 def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     """One server per engine and per SSE write path for the module: ``raw`` (bytes
     written to the socket, server/sse_transport.py) and ``asgi`` (every event through ASGI
     ``send``, as under any other ASGI server)."""
-    engine, path = request.param.split("-")
-    folder = tmp_path_factory.mktemp("server")
-    with contextlib.ExitStack() as stack:
-        if engine == "sqlite":
-            url = f"sqlite:///{folder / 'phasecast.db'}"
-        else:
-            url = f"{REDIS_URL}?prefix={stack.enter_context(private_prefix())}"
-        env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_SSE_TRANSPORT": path}
-        process = ServerProcess(url, env=env, log_path=folder / "server.log")
-        stack.enter_context(process)
+    engine, path = request.param
+    env = {"PHASECAST_PING_INTERVAL": "1", "PHASECAST_SSE_TRANSPORT": path}
+    with module_server_on(engine, tmp_path_factory.mktemp("server"), env) as process:
         yield process
 
 
