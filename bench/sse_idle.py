@@ -134,7 +134,8 @@ def main() -> None:
     parser.add_argument("--engine", default="sqlite", choices=["sqlite", "redis"])
     parser.add_argument("--kinds", default="per-job,multiplexed")
     parser.add_argument("--transports", default="raw,asgi")
-    parser.add_argument("--ab", help="also measure this checkout's server (its src/), taking turns")
+    parser.add_argument("--baseline-src", "--ab", dest="ab",
+                        help="also measure the server of this src/ (another checkout's), taking turns")
     args = parser.parse_args()
     print(f"load: {os.getloadavg()}")
     for kind in args.kinds.split(","):
