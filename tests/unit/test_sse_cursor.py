@@ -15,7 +15,7 @@ from phasecast.server.sse_cursor import (
     Marks,
     Moves,
     chunk_size,
-    cursor_prefix,
+    cursor_start,
     entry,
     epoch_of,
     event_id,
@@ -142,11 +142,11 @@ def test_anything_else_is_refused_naming_the_field(text: str) -> None:
     assert refused.value.field == "last_event_id"
 
 
-def test_the_prefix_and_entries_make_the_same_cursor_as_format_cursor() -> None:
+def test_the_start_and_entries_make_the_same_cursor_as_format_cursor() -> None:
     entries = [entry("a", "e1", 3), entry("b", "e2", 4)]
     for watermark in (0, 1764400000):
-        line = cursor_prefix(watermark) + b"".join(e.encode() for e in entries)
-        assert line == b"id: " + format_cursor(watermark, entries).encode()
+        line = cursor_start(watermark) + b"".join(e.encode() for e in entries)
+        assert line == format_cursor(watermark, entries).encode()
     assert Cursor().empty
 
 

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from phasecast.engines.base import Change
-from phasecast.server.sse_cursor import cursor_prefix, epoch_of
 from phasecast.server.sse_cursor import entry as cursor_entry
+from phasecast.server.sse_cursor import epoch_of
 from phasecast.server.sse_cursor import event_id as sse_event_id
 
 OP_TEXT = 0x1
@@ -150,17 +150,6 @@ def sse_state_body(change: Change) -> bytes:
     if body is None:
         body = wire["sse_body"] = b"event: state\ndata: " + change.state_json.encode() + b"\n"
     return body
-
-
-def sse_multiplexed_head(change: Change) -> bytes:
-    """``sse_state_body(change)`` followed by the start of the ``id:`` line of a multiplexed
-    stream without a watermark (every ``job=`` stream): each such stream then adds only its
-    cursor's entries, so a delivery is one formatting of three byte strings. Encoded once."""
-    wire = _wire(change)
-    head: bytes | None = wire.get("sse_mux_head")
-    if head is None:
-        head = wire["sse_mux_head"] = sse_state_body(change) + cursor_prefix(0)
-    return head
 
 
 def sse_cursor_entry(change: Change) -> bytes:

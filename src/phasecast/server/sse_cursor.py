@@ -113,13 +113,13 @@ def format_cursor(watermark: int, entries: list[str]) -> str:
     return f"{VERSION}.{watermark or ''}" + "".join(entries)
 
 
-_PREFIXES: dict[int, bytes] = {}
 _STARTS: dict[int, bytes] = {}
 
 
 def cursor_start(watermark: int) -> bytes:
     """The cursor up to its first entry, as bytes: ``cursor_start(w) + b"".join(entries)``
-    is ``format_cursor(w, entries)`` encoded (kept, as ``cursor_prefix`` is)."""
+    is ``format_cursor(w, entries)`` encoded (the streams of one process share a few
+    watermarks at a time, so they are kept)."""
     start = _STARTS.get(watermark)
     if start is None:
         if len(_STARTS) > 1024:
@@ -250,18 +250,6 @@ def chunk_size(size: int) -> bytes:
             _CHUNK_SIZES.clear()
         line = _CHUNK_SIZES[size] = b"%x\r\n" % size
     return line
-
-
-def cursor_prefix(watermark: int) -> bytes:
-    """``id: `` and the cursor up to its first entry, as bytes: ``cursor_prefix(w) +
-    b"".join(entries)`` is the ``id:`` line of ``format_cursor(w, entries)`` (the streams of
-    one process share a few watermarks at a time, so they are kept)."""
-    prefix = _PREFIXES.get(watermark)
-    if prefix is None:
-        if len(_PREFIXES) > 1024:
-            _PREFIXES.clear()
-        prefix = _PREFIXES[watermark] = f"id: {VERSION}.{watermark or ''}".encode()
-    return prefix
 
 
 def epoch_of(state_json: str) -> str:
