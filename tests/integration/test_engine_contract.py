@@ -445,6 +445,58 @@ async def test_batches_issued_while_others_are_unanswered_keep_each_jobs_order(
         assert stored is not None and (stored.seq, stored.phase_progress) == (41, 40.0)
 
 
+async def test_one_turns_writes_of_many_jobs_apply_in_each_jobs_order(engine: Engine) -> None:
+    """Four reports of each of 30 jobs, interleaved, issued in one loop turn (on Redis, one
+    turn's writes go out as several pipelines at once, split by job): every report
+    applies, and each job's in the order issued."""
+    jobs = [make(f"job-{k}") for k in range(30)]
+    for state in jobs:
+        await engine.insert(state)
+    inputs = inputs_for(jobs[0])
+    calls = [
+        engine.apply(s.job_id, ProgressUpdate(Phase.ANALYZING, phase_progress=float(n)), utc_now(), inputs)
+        for n in range(1, 5)
+        for s in jobs
+    ]
+    answers = await asyncio.gather(*calls)
+    assert all(isinstance(d, Decided) and d.applied for d in answers), answers
+    for k, state in enumerate(jobs):
+        mine = [answers[n * len(jobs) + k] for n in range(4)]
+        assert [d.summary()[0] for d in mine if isinstance(d, Decided)] == [2, 3, 4, 5]
+        stored = await engine.load(state.job_id)
+        assert stored is not None and (stored.seq, stored.phase_progress) == (5, 4.0)
+
+
+def test_a_turns_writes_are_split_by_job_over_the_free_pipelines() -> None:
+    """The split itself (Redis): each job's writes in one part, in their order; no more
+    parts than pipelines free; small batches, and the writes of one job, whole."""
+    from phasecast.engines import redis as redis_engine
+
+    engine = redis_engine.RedisEngine("redis://127.0.0.1:1/0")
+
+    def entry(job: str, n: int) -> tuple[object, list[str], list[object], object]:
+        return (None, [f"pc:job:{{{job}}}"], [n], None)
+
+    batch = [entry(f"j{k % 13}", k) for k in range(100)]
+    parts = engine._split(batch)  # type: ignore[arg-type]
+    assert len(parts) == redis_engine.MAX_PIPELINES
+    assert sorted((e for part in parts for e in part), key=lambda e: e[2][0]) == batch
+    for part in parts:
+        assert len(part) >= redis_engine.MIN_PIPELINE
+        assert [e[2][0] for e in part] == sorted(e[2][0] for e in part)
+    homes = {e[1][0]: i for i, part in enumerate(parts) for e in part}
+    assert len(homes) == 13 and all(
+        sum(1 for part in parts if any(e[1][0] == key for e in part)) == 1 for key in homes
+    )
+    engine._pipelines = redis_engine.MAX_PIPELINES - 2
+    assert len(engine._split(batch)) == 2  # type: ignore[arg-type]
+    engine._pipelines = 0
+    small = batch[: 2 * redis_engine.MIN_PIPELINE - 1]
+    assert engine._split(small) == [small]  # type: ignore[arg-type]
+    one_job = [entry("j0", k) for k in range(100)]
+    assert engine._split(one_job) == [one_job]  # type: ignore[arg-type]
+
+
 async def test_apply_asks_again_for_another_kind_or_owner(engine: Engine) -> None:
     state = make()
     await engine.insert(state)

@@ -118,6 +118,8 @@ POOL_SIZE = 64
 POOL_WAIT_SECONDS = 10.0
 # Write pipelines in flight at once (each on its own pooled connection).
 MAX_PIPELINES = 4
+# The fewest writes worth a pipeline of their own when one loop turn's writes are split.
+MIN_PIPELINE = 8
 SINGLE_NODE = "redis"
 
 # A pooled connection idle for a second is checked with a PING before it is used, and may
@@ -869,8 +871,48 @@ class RedisEngine(Engine):
         # this process decides and answers the replies of another, instead of the two
         # taking turns (measured: one pipeline at a time capped ingest at 1 / (server +
         # Redis CPU per report); see docs/benchmarks.md, "Ingest: overlapping pipelines").
-        self._pipelines += 1
+        # What one loop turn gathered is split too (by job, so that one job's writes stay
+        # in one pipeline, in order): writers that are answered together write again
+        # together, and one pipeline per turn would keep this process and Redis in
+        # lock-step, each idle while the other works (see "Ingest: split pipelines").
+        parts = self._split(batch)
+        self._pipelines += len(parts)
         self._hold(batch)
+        if len(parts) > 1:
+            for part in parts[1:]:
+                task = asyncio.get_running_loop().create_task(self._send_pipeline(part))
+                self._flushers.add(task)
+                task.add_done_callback(self._flushers.discard)
+        await self._send_pipeline(parts[0])
+
+    def _split(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]]:
+        """``batch`` in parts, one per free pipeline but none meant to hold fewer than
+        ``MIN_PIPELINE`` writes: jobs dealt to the parts in turn, every job's writes in
+        one part, in their order (so a batch of few jobs makes few parts)."""
+        count = min(MAX_PIPELINES - self._pipelines, len(batch) // MIN_PIPELINE)
+        if count < 2:
+            return [batch]
+        parts: list[list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]] = [
+            [] for _ in range(count)
+        ]
+        where: dict[str, int] = {}
+        turn = 0
+        for entry in batch:
+            key = entry[1][0]
+            k = where.get(key)
+            if k is None:
+                k = where[key] = turn
+                turn = (turn + 1) % count
+            parts[k].append(entry)
+        return [part for part in parts if part]
+
+    async def _send_pipeline(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        """One pipeline of ``batch`` (counted in ``_pipelines`` and held by the caller):
+        sent, its writers answered, its jobs released."""
         alone: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
         try:
             try:
