@@ -34,14 +34,15 @@ def key() -> str:
     return base64.b64encode(os.urandom(16)).decode()
 
 
-def request(path: str, lines: list[str]) -> bytes:
-    return ("\r\n".join([f"GET {path} HTTP/1.1", "Host: 127.0.0.1", *lines]) + "\r\n\r\n").encode("latin-1")
+def request(path: str, lines: list[str], version: str = "HTTP/1.1") -> bytes:
+    return ("\r\n".join([f"GET {path} {version}", *lines]) + "\r\n\r\n").encode("latin-1")
 
 
 def plain(**replace: str | None) -> list[str]:
     """A browser-like upgrade request's header lines; ``replace`` changes or (None) drops
     one (``Sec_WebSocket_Key`` for ``Sec-WebSocket-Key``)."""
     headers = {
+        "Host": "127.0.0.1",
         "Upgrade": "websocket",
         "Connection": "Upgrade",
         "Sec-WebSocket-Key": key(),
@@ -86,6 +87,9 @@ REFUSED: dict[str, Callable[[], list[str]]] = {
     "two origins": lambda: [*plain(), "Origin: http://a.example", "Origin: http://b.example"],
     "two upgrade protocols": lambda: plain(Upgrade="websocket, h2c"),
     "a malformed subprotocol list": lambda: [*plain(), "Sec-WebSocket-Protocol: a b"],
+    # RFC 6455 4.1: exactly one Host (the library does not check it).
+    "no host": lambda: plain(Host=None),
+    "two hosts": lambda: [*plain(), "Host: 127.0.0.2"],
 }
 
 
@@ -136,6 +140,22 @@ async def test_both_transports_answer_every_upgrade_request_alike(
         assert headers["sec-websocket-accept"] == expected_accept(lines)
     else:
         assert not status.startswith("HTTP/1.1 101"), name
+        if "host" in name:
+            assert status.startswith("HTTP/1.1 400"), status
+            assert b"exactly one Host" in body
+
+
+async def test_an_http_1_0_upgrade_is_refused_with_400_by_both_transports(
+    servers: dict[str, ServerProcess],
+) -> None:
+    """RFC 6455 4.1: the opening handshake is HTTP/1.1 or higher. uvicorn writes every
+    upgrade out again as HTTP/1.1 before the WebSocket protocol sees it: without a check
+    at the hand-over, an HTTP/1.0 request was answered 101."""
+    for transport, server in servers.items():
+        status, headers, body = await exchange(server.port, request("/v1/ws", plain(), "HTTP/1.0"))
+        assert status.startswith("HTTP/1.1 400"), (transport, status)
+        assert headers.get("connection") == "close"
+        assert b"needs HTTP/1.1" in body, (transport, body)
 
 
 @pytest.mark.parametrize("transport", WS_TRANSPORTS)
@@ -221,7 +241,8 @@ def test_the_plain_request_path_answers_exactly_as_the_library(name: str) -> Non
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_the_plain_request_path_takes_nothing_the_library_refuses(name: str) -> None:
     raw = request("/v1/ws", REFUSED[name]())
-    assert library_answer(raw) is None
+    if "host" not in name:  # the library takes any Host; ``_on_request`` checks it
+        assert library_answer(raw) is None
     assert plain_upgrade(raw) is None
 
 

@@ -510,6 +510,11 @@ class RawWebSocketProtocol(asyncio.Protocol):
 
     def _on_request(self, request: Request) -> None:
         conn = self.conn
+        if len(request.headers.get_all("Host")) != 1:
+            # RFC 6455 4.1 and 4.2.1 (and RFC 9112 3.2): the opening handshake carries
+            # exactly one Host; the library does not check it.
+            self._reply(conn.reject(HTTPStatus.BAD_REQUEST, HOST_REQUIRED))
+            return
         version = request.headers.get_all("Sec-WebSocket-Version")
         if version != ["13"]:
             response = conn.reject(HTTPStatus.UPGRADE_REQUIRED, "Only WebSocket version 13 is supported\n")
@@ -790,6 +795,16 @@ class UpgradingHttpProtocol(ReportProtocol):
                     return
         super().data_received(data)
 
+    def handle_websocket_upgrade(self) -> None:
+        """uvicorn's upgrade, for requests that are not plain (``_hand_over``): it writes
+        the request out again as HTTP/1.1 whatever the client sent, so the version is
+        checked here. RFC 6455 4.1: the opening handshake is HTTP/1.1 or higher."""
+        if self.scope.get("http_version", "1.1") == "1.0":
+            self.connections.discard(self)
+            self.send_400_response(HTTP_1_1_REQUIRED)
+            return
+        super().handle_websocket_upgrade()
+
     def _hand_over(self, data: bytes, rest: bytes = b"") -> bool:
         ws_class = self.ws_protocol_class
         services = self.app_state.get(SERVICES_STATE)
@@ -823,6 +838,9 @@ class AsgiWebSocketProtocol(RawWebSocketProtocol):
 
 # --- the plain upgrade request (see ``RawWebSocketProtocol._upgrade_fast``) --------------------
 
+HOST_REQUIRED = "A WebSocket upgrade request needs exactly one Host header (RFC 6455 section 4.1)\n"
+HTTP_1_1_REQUIRED = "A WebSocket upgrade needs HTTP/1.1: send 'GET /v1/ws HTTP/1.1' (RFC 6455 section 4.1)\n"
+
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 _KEY = re.compile(rb"[A-Za-z0-9+/]{22}==")  # base64 of 16 bytes
@@ -840,7 +858,7 @@ _date_cache: tuple[int, bytes] = (0, b"")
 def plain_upgrade(data: bytes) -> tuple[str, str, str | None] | None:
     """``(target, Sec-WebSocket-Key, X-Request-ID)`` of a WebSocket upgrade request in its
     plain form: ``GET <target> HTTP/1.1``, printable ASCII header lines, exactly one
-    ``Upgrade: websocket``, ``Sec-WebSocket-Version: 13`` and a well-formed key, a
+    ``Host``, ``Upgrade: websocket``, ``Sec-WebSocket-Version: 13`` and a well-formed key, a
     ``Connection`` list naming ``upgrade``, at most one ``Origin``, no
     ``Sec-WebSocket-Protocol`` (we offer none, but the library parses it), no body. Every
     such request is one the websockets library accepts, with the same response. None for
@@ -864,6 +882,7 @@ def plain_upgrade(data: bytes) -> tuple[str, str, str | None] | None:
     upgrade: bytes | None = None
     connection_upgrade = False
     origins = 0
+    hosts = 0
     sent_id: str | None = None
     for line in lines[1:]:
         raw_name, colon, raw_value = line.partition(b":")
@@ -892,6 +911,8 @@ def plain_upgrade(data: bytes) -> tuple[str, str, str | None] | None:
                     return None
                 if option.lower() == b"upgrade":
                     connection_upgrade = True
+        elif name == b"host":
+            hosts += 1
         elif name == b"origin":
             origins += 1
             if origins > 1:
@@ -901,7 +922,8 @@ def plain_upgrade(data: bytes) -> tuple[str, str, str | None] | None:
         elif name == b"x-request-id" and sent_id is None:
             sent_id = value.decode("ascii")
     if (
-        not connection_upgrade
+        hosts != 1
+        or not connection_upgrade
         or upgrade is None
         or upgrade.lower() != b"websocket"
         or version != b"13"
