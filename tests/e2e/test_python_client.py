@@ -312,6 +312,31 @@ async def test_the_link_is_closed_by_the_time_the_watch_ends(
     assert client.stats.links[transport] == 6
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_watch_left_with_break_is_closed_when_the_client_closes(
+    module_server: ServerProcess, transport: Any, make_token: Callable[..., str], worker_token: str
+) -> None:
+    """``break`` out of ``async for`` leaves the watch's generator suspended, and Python
+    does not close it: its connection stayed open until the garbage collector found it
+    (never, while anything held it). The client closes such watches when it closes."""
+    job = new_id()
+    async with writer(module_server.url, worker_token) as api:
+        await api.post("/v1/jobs", json={"job_id": job, "owner": "alice"})
+    before = sockets_to(module_server.port)
+    client = PhasecastClient(module_server.url, token=make_token("alice"), transports=(transport,))
+    async with client:
+        watches = [client.watch(job) for _ in range(2)]  # held: never collected meanwhile
+        for watch in watches:
+            async for state in watch:
+                assert state.seq == 1
+                break
+        assert len(sockets_to(module_server.port) - before) == 2  # both links still open
+    assert sockets_to(module_server.port) - before == set()
+    for watch in watches:  # closed: nothing more comes
+        with pytest.raises(StopAsyncIteration):
+            await anext(watch)
+
+
 async def test_a_watch_cancelled_during_its_closing_handshake_drops_the_connection(
     module_server: ServerProcess, make_token: Callable[..., str], worker_token: str
 ) -> None:

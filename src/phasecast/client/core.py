@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+import weakref
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -64,7 +65,8 @@ class PhasecastClient:
     preference: by default the WebSocket, falling back to SSE when the WebSocket cannot be
     opened (``RetryPolicy.websocket_failures_before_fallback``).
 
-    Use it as an async context manager; each ``watch`` holds one connection while it runs.
+    Use it as an async context manager; each ``watch`` holds one connection while it runs,
+    and a watch left with ``break`` is closed when the client is, at the latest.
     """
 
     def __init__(
@@ -92,6 +94,8 @@ class PhasecastClient:
         self._tokens = TokenSource(token)
         self._sse_until = 0.0  # monotonic time until which new links use SSE
         self._http: httpx.AsyncClient | None = None
+        # Watches not yet finished: ``aclose`` closes those a consumer left with ``break``.
+        self._watches: weakref.WeakSet[AsyncGenerator[JobState, None]] = weakref.WeakSet()
 
     async def __aenter__(self) -> PhasecastClient:
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.open_timeout)
@@ -103,6 +107,14 @@ class PhasecastClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the client: first every watch a consumer left unfinished (``break`` out of
+        ``async for``: Python does not close the generator, and its connection would stay
+        open until the garbage collector found it), then the HTTP client."""
+        for watch in list(self._watches):
+            if getattr(watch, "ag_running", False):
+                continue  # being read by another task: cancelling that task closes it
+            with contextlib.suppress(Exception):
+                await watch.aclose()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -151,7 +163,13 @@ class PhasecastClient:
 
     # --- watching ---------------------------------------------------------------------------
 
-    async def watch(self, job_id: str) -> AsyncIterator[JobState]:
+    def watch(self, job_id: str) -> AsyncGenerator[JobState, None]:
+        """``async for state in client.watch(job_id)``: see ``_watch``."""
+        watch = self._watch(job_id)
+        self._watches.add(watch)
+        return watch
+
+    async def _watch(self, job_id: str) -> AsyncGenerator[JobState, None]:
         """Yield each new state of the job, ``seq`` strictly increasing, ending after the
         terminal state. Reconnects (resuming after the last ``seq``) across dropped links and
         server restarts; a consumer slower than the job gets the newest state, skipping
@@ -160,10 +178,10 @@ class PhasecastClient:
         ``seq``, and ``seq`` increases from there. Raises a ``ClientError`` subclass when
         retrying cannot help (refused token, no such job, server unreachable for too long).
 
-        The connection is closed when the watch ends, raises or is cancelled. To stop
-        watching early with ``break``, wrap the watch in ``contextlib.aclosing(...)``: Python
-        does not close an async generator left by ``break``, and the connection would stay
-        open until the garbage collector finds it."""
+        The connection is closed when the watch ends, raises or is cancelled. A watch left
+        early with ``break`` keeps its connection until the client is closed (Python does
+        not close an async generator left by ``break``); to close it at once, wrap the watch
+        in ``contextlib.aclosing(...)``."""
         _check_job_id(job_id)
         attempts = Attempts(self.retry, refreshable_token=self._tokens.refreshable, url=self.base_url)
         last_seq = 0
