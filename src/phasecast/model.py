@@ -303,6 +303,79 @@ def _check_unicode(field: str, text: str, *, stored: bool = False) -> None:
             ) from None
 
 
+class DuplicateKey(ValueError):
+    """An object of untrusted JSON names one key twice (``loads_untrusted``); ``field`` is
+    the key's path from the top (``updates.0.phase``, ``metadata.a``)."""
+
+    def __init__(self, key: str, field: str | None = None) -> None:
+        super().__init__(f"the key {key!r} appears more than once in one object")
+        self.key = key
+        self.field = field or key
+
+
+def unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses a key named twice in one object: parsers disagree
+    on which value wins (the first, the last, an error), so two readers of the same body
+    could act on different values."""
+    built = dict(pairs)
+    if len(built) != len(pairs):
+        raise DuplicateKey(_first_repeated(pairs))
+    return built
+
+
+def _first_repeated(pairs: list[tuple[str, Any]]) -> str:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise AssertionError("no key is repeated")
+
+
+class _Repeated(dict[str, Any]):
+    """An object that named ``key`` twice, kept while its path is looked for."""
+
+    key = ""
+
+
+def _marking_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    built = dict(pairs)
+    if len(built) == len(pairs):
+        return built
+    marked = _Repeated(built)
+    marked.key = _first_repeated(pairs)
+    return marked
+
+
+_UNTRUSTED = json.JSONDecoder(object_pairs_hook=unique_object)
+_MARKING = json.JSONDecoder(object_pairs_hook=_marking_object)
+
+
+def loads_untrusted(text: str) -> Any:
+    """``json.loads`` for JSON from outside (request bodies, WebSocket messages, webhooks):
+    the same, except that an object naming a key twice raises ``DuplicateKey`` with the
+    key's path (a ``ValueError``, as every other parse error)."""
+    try:
+        return _UNTRUSTED.decode(text)
+    except DuplicateKey:
+        pass
+    # Parsed again (only then) to name where: the first repeated key in document order.
+    stack: list[tuple[Any, str]] = [(_MARKING.decode(text), "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, _Repeated):
+            raise DuplicateKey(item.key, f"{path}.{item.key}" if path else item.key)
+        if isinstance(item, dict):
+            children: list[tuple[Any, Any]] = list(item.items())
+        elif isinstance(item, list):
+            children = list(enumerate(item))
+        else:
+            continue
+        for key, child in reversed(children):
+            stack.append((child, f"{path}.{key}" if path else str(key)))
+    raise AssertionError("a repeated key was found and then lost")
+
+
 def check_json(
     value: object, field: str, *, max_depth: int = MAX_JSON_DEPTH, level: int = 1,
     stored: bool = False,

@@ -221,6 +221,19 @@ async def test_websocket_protocol_errors_keep_the_socket_open(job_id: str,
     await watcher.wait_message("error", code="invalid", job_id=job_id)
     await watcher.subscribe("missing-job")
     await watcher.wait_message("error", code="not_found", job_id="missing-job")
+    # A key named twice: which value wins depends on the reader, so the message is refused
+    # like one that is not JSON, and nothing is subscribed.
+    await watcher.connection.send(
+        json.dumps({"op": "subscribe", "job_id": job_id})[:-1] + ', "job_id": "missing-job"}'
+    )
+    await watcher.wait_for(lambda w: sum(m.get("code") == "invalid_message" for m in w.messages) == 3)
+    # Messages are answered in order: once this one's answer is in, the refused message's
+    # would be too. Neither of its job ids was subscribed (no state, no second not_found
+    # before this one's).
+    await watcher.subscribe("missing-job")
+    await watcher.wait_for(lambda w: sum(m.get("code") == "not_found" for m in w.messages) == 2)
+    assert job_id not in watcher.states
+    assert [m.get("code") for m in watcher.messages][-2:] == ["invalid_message", "not_found"]
     await watcher.subscribe(job_id)
     await watcher.wait_seq(job_id, 2)
     await watcher.close()

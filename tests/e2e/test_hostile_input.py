@@ -372,6 +372,8 @@ REFUSED_CREATES: dict[str, tuple[str, int, str, str | None]] = {
     "depth-5000": ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", 422, "invalid", None),
     "not-an-object": ("[1, 2]", 422, "invalid", "metadata"),
     "too-big": (json.dumps({"blob": "x" * (16 * 1024)}), 422, "invalid", "metadata"),
+    # Readers disagree on which value of a repeated key wins: refused, with the key's path.
+    "repeated-key": ('{"a": {"b": 1, "b": 2}}', 422, "invalid", "metadata.a.b"),
 }
 
 
@@ -417,6 +419,8 @@ REFUSED_REPORTS: dict[str, tuple[str, str]] = {
     "terminal-phase": ('{"phase": "COMPLETE"}', "phase"),
     "lowercase-phase": ('{"phase": "generating"}', "phase"),
     "null-phase": ('{"phase": null}', "phase"),
+    "repeated-phase": ('{"phase": "ANALYZING", "phase": "GENERATING"}', "phase"),
+    "repeated-progress": ('{"phase": "GENERATING", "phase_progress": 10, "phase_progress": 90}', "phase_progress"),
 }
 
 

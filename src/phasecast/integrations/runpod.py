@@ -20,7 +20,14 @@ from urllib.parse import urlencode
 import httpx
 
 from phasecast.errors import InvalidUpdate, PhasecastError
-from phasecast.model import MAX_ERROR_CODE_CHARS, MAX_JSON_DEPTH, check_json, storable_text
+from phasecast.model import (
+    MAX_ERROR_CODE_CHARS,
+    MAX_JSON_DEPTH,
+    DuplicateKey,
+    check_json,
+    storable_text,
+    unique_object,
+)
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"
@@ -125,17 +132,24 @@ def _refuse_constant(name: str) -> Any:
     raise InvalidPayload("body", f"must not contain {name}: JSON numbers are finite")
 
 
+# RunPod bodies: NaN/Infinity and a key named twice are refused.
+_WEBHOOK_JSON = json.JSONDecoder(object_pairs_hook=unique_object, parse_constant=_refuse_constant)
+
+
 def load_json(raw: bytes) -> Any:
     """Parse a RunPod body strictly, by the rules every Phasecast body follows
     (``model.check_json``: finite numbers, valid Unicode, at most ``MAX_JSON_DEPTH`` levels),
     so whatever is stored from it can be served again. Raises ``ValueError`` when it is not
-    UTF-8 JSON, ``InvalidPayload`` (naming the field) when it is JSON we refuse."""
+    UTF-8 JSON, ``InvalidPayload`` (naming the field) when it is JSON we refuse (a key named
+    twice in one object among it)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = _WEBHOOK_JSON.decode(text)
+    except DuplicateKey as exc:
+        raise InvalidPayload(exc.field, "appears more than once in one object") from None
     except RecursionError:
         raise InvalidPayload("body", f"nests deeper than {MAX_JSON_DEPTH} levels; flatten it") from None
     try:

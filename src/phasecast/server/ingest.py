@@ -55,6 +55,7 @@ from phasecast.model import (
     STEP_STATUSES,
     WORKING_PHASES,
     ProgressUpdate,
+    loads_untrusted,
     validate_update,
 )
 from phasecast.server.deps import STATUS_BY_ERROR, Services, error_body
@@ -336,7 +337,7 @@ def _batch(body: bytes) -> list[tuple[str, ProgressUpdate]] | None:
     try:
         # Decoded as the route decodes (UTF-8, nothing else): json.loads of bytes would also
         # take UTF-16/32 and a byte-order mark, which the route refuses.
-        data = json.loads(body.decode("utf-8"))
+        data = loads_untrusted(body.decode("utf-8"))  # a key twice: the route refuses it
     except (ValueError, RecursionError):
         return None
     if type(data) is not dict or data.keys() != {"updates"}:
@@ -363,7 +364,7 @@ def _update(body: bytes) -> ProgressUpdate | None:
     try:
         # Decoded as the route decodes (UTF-8, nothing else): json.loads of bytes would also
         # take UTF-16/32 and a byte-order mark, which the route refuses.
-        data = json.loads(body.decode("utf-8"))
+        data = loads_untrusted(body.decode("utf-8"))  # a key twice: the route refuses it
     except (ValueError, RecursionError):
         return None
     return _update_of(data)

@@ -6,6 +6,7 @@ its model, the body is
 - refused with 415 ``unsupported_media_type`` if it carries a Content-Type other than JSON
   (no Content-Type at all is read as JSON, so ``curl -d '{}'`` works);
 - decoded as UTF-8 (400 ``invalid_json`` otherwise) and parsed (400 ``invalid_json``);
+- refused (422 naming the key) if an object in it names a key twice;
 - checked as JSON that every reader decodes the same way (``model.check_json``): finite
   numbers, valid Unicode, bounded nesting; 422 ``invalid`` naming the field otherwise;
 - refused (422) if a field of the body object is null: optional fields are left out.
@@ -18,7 +19,6 @@ from ``Content-Length`` or while it streams in (``server/guard.py``).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from phasecast.errors import InvalidJSON, InvalidUpdate, PhasecastError, UnsupportedMediaType
-from phasecast.model import MAX_JSON_DEPTH, check_json
+from phasecast.model import MAX_JSON_DEPTH, DuplicateKey, check_json, loads_untrusted
 from phasecast.server.deps import authenticate, principal, services
 from phasecast.server.guard import (
     PRINCIPAL_STATE_KEY,
@@ -63,7 +63,11 @@ def parse_json_body(raw: bytes, content_type: str | None) -> Any:
             f"the request body is not valid JSON: it is not UTF-8 (byte {exc.start})"
         ) from None
     try:
-        parsed = json.loads(text)
+        parsed = loads_untrusted(text)
+    except DuplicateKey as exc:
+        raise InvalidUpdate(
+            exc.field, "appears more than once in one object: send each field once"
+        ) from None
     except ValueError as exc:
         # JSONDecodeError, and a number too long to convert (Python's int digit limit).
         raise InvalidJSON(f"the request body is not valid JSON: {exc}") from None

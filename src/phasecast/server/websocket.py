@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import weakref
@@ -31,7 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from phasecast.engines.base import Change
 from phasecast.errors import InvalidUpdate, PhasecastError
 from phasecast.fanout import Mailbox
-from phasecast.model import JobState, validate_job_id
+from phasecast.model import JobState, loads_untrusted, validate_job_id
 from phasecast.server import frames
 from phasecast.server.auth import Forbidden, Principal, Unauthorized
 from phasecast.server.deps import Services
@@ -447,7 +446,7 @@ class _Gone(Exception):
 
 def _parse(raw: str) -> Any:
     try:
-        return json.loads(raw)
+        return loads_untrusted(raw)  # a key named twice is as unreadable as bad JSON
     except ValueError:
         return None
 

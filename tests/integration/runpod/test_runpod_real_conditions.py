@@ -307,6 +307,7 @@ async def test_every_malformed_webhook_gets_its_documented_4xx(
                 ("not JSON", b"{nope", 400, "invalid_json"),
                 ("not UTF-8", b'{"id": "\xff"}', 400, "invalid_json"),
                 ("NaN", b'{"id": "x", "status": "COMPLETED", "output": NaN}', 422, "invalid"),
+                ("a key twice", b'{"id": "x", "status": "FAILED", "status": "COMPLETED"}', 422, "invalid"),
                 ("lone surrogate", b'{"id": "x", "status": "COMPLETED", "output": "\\ud800"}', 422, "invalid"),
                 ("deep nesting", b'{"id": "x", "status": "COMPLETED", "output": ' + b"[" * 100_000
                  + b"]" * 100_000 + b"}", 422, "invalid"),
@@ -359,6 +360,8 @@ async def test_every_malformed_panel_submission_gets_its_documented_4xx_and_stor
             ("a form", b"panels=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
              "unsupported_media_type"),
             ("NaN", b'{"panels": [{"input": {"seed": NaN}}]}', json_type, 422, "invalid"),
+            ("a key twice", b'{"panels": [{"step": "p1", "step": "p2", "input": {}}]}', json_type, 422,
+             "invalid"),
             ("lone surrogate", b'{"panels": [{"input": {"p": "\\ud800"}}]}', json_type, 422, "invalid"),
             ("deep nesting", b'{"panels": [{"input": {"p": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}]}",
              json_type, 422, "invalid"),
