@@ -243,6 +243,44 @@ async def test_a_token_is_checked_before_the_body_is_parsed(server: ServerProces
             assert reply.headers["www-authenticate"] == "Bearer"
 
 
+async def test_a_request_with_two_credentials_is_refused_on_every_path(
+    server: ServerProcess, worker_token: str, make_token: Any
+) -> None:
+    """Two Authorization headers, ``access_token`` twice, or a token in the header and the
+    URL: which one counts would depend on who reads the request (a proxy may check one, the
+    server use another), so none does: 401 naming the problem, nothing stored. (Before:
+    the REST routes took the first header, the thin report path the last.)"""
+    job_id = new_id("two-tokens")
+    viewer = make_token("alice")
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        created = await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"},
+                                    headers={"Authorization": f"Bearer {worker_token}"})
+        assert created.status_code == 201, created.text
+        two = [("Authorization", f"Bearer {viewer}"), ("Authorization", f"Bearer {worker_token}")]
+        report = b'{"phase": "ANALYZING", "phase_progress": 50}'
+        cases: list[tuple[str, str, list[tuple[str, str]], bytes | None, str]] = [
+            ("GET", f"/v1/jobs/{job_id}", two, None, "Authorization headers"),
+            ("GET", "/v1/jobs", two, None, "Authorization headers"),
+            ("POST", f"/v1/jobs/{job_id}/progress", [*two, ("Content-Type", "application/json")], report,
+             "Authorization headers"),
+            ("POST", "/v1/progress", [*two, ("Content-Type", "application/json")],
+             b'{"updates": [{"job_id": "%s", "phase": "ANALYZING"}]}' % job_id.encode(), "Authorization headers"),
+            ("GET", f"/v1/jobs/{job_id}/events?access_token={viewer}&access_token={viewer}", [], None,
+             "more than once"),
+            ("GET", f"/v1/events?job={job_id}&access_token={viewer}", [("Authorization", f"Bearer {viewer}")],
+             None, "in one place"),
+            ("GET", f"/v1/jobs/{job_id}/events?access_token={viewer}", [("Authorization", f"Bearer {viewer}")],
+             None, "in one place"),
+        ]
+        for method, path, headers, body, says in cases:
+            reply = await client.request(method, path, headers=httpx.Headers(headers), content=body)
+            assert reply.status_code == 401, (method, path, reply.status_code, reply.text)
+            error = reply.json()["error"]
+            assert error["code"] == "unauthorized" and says in error["message"], (path, error)
+        stored = (await client.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {viewer}"})).json()
+        assert stored["seq"] == 1 and stored["phase"] == "QUEUED"  # no report was applied
+
+
 # --- 2. What is stored can always be read back, by every path --------------------------------
 
 

@@ -236,7 +236,9 @@ async def test_the_connection_closes_4401_when_its_token_expires(
     server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
 ) -> None:
     job_id = await new_job(api)
-    watcher = await WSWatcher(server.url, make_token("alice", ttl=2)).connect()
+    # 3 s: tokens are minted with whole-second times, so this one lives 2 to 3 s, long
+    # enough to be accepted on a loaded machine (2 left as little as 1 s).
+    watcher = await WSWatcher(server.url, make_token("alice", ttl=3)).connect()
     expires_at = (await watcher.wait_message("authenticated"))["expires_at"]
     await watcher.subscribe(job_id)
     await watcher.wait_seq(job_id, 1)
@@ -250,7 +252,7 @@ async def test_a_token_refreshed_before_expiry_keeps_the_connection_open(
     server: ServerProcess, api: httpx.AsyncClient, make_token: Callable[..., str]
 ) -> None:
     job_id = await new_job(api)
-    watcher = await WSWatcher(server.url, make_token("alice", ttl=2)).connect()
+    watcher = await WSWatcher(server.url, make_token("alice", ttl=3)).connect()
     old_expiry = (await watcher.wait_message("authenticated"))["expires_at"]
     await watcher.subscribe(job_id)
     await watcher.wait_seq(job_id, 1)

@@ -19,6 +19,7 @@ from tests.conftest import WS_TRANSPORTS
 from tests.support.process import ServerProcess
 from websockets.server import ServerProtocol
 
+from phasecast.server.deps import REPEATED_TOKEN, query_token
 from phasecast.server.rawws import _query_token, handshake_response, plain_upgrade
 
 WAIT = 10.0
@@ -201,6 +202,29 @@ async def test_a_bad_token_in_the_url_is_closed_with_4401_after_the_handshake(
             await writer.wait_closed()
 
 
+@pytest.mark.parametrize("transport", WS_TRANSPORTS)
+async def test_a_url_with_two_tokens_is_closed_with_4401_saying_so(
+    servers: dict[str, ServerProcess], transport: str, make_token: Callable[..., str]
+) -> None:
+    """Which of two ``access_token`` values counts would depend on the reader: neither
+    does, even when both are valid."""
+    token = quote(make_token("alice"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", servers[transport].port)
+    try:
+        writer.write(request(f"/v1/ws?access_token={token}&access_token={token}", plain()))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        first, size = await asyncio.wait_for(reader.readexactly(2), WAIT)
+        assert first == 0x88  # Close, before anything else (no "authenticated")
+        payload = await asyncio.wait_for(reader.readexactly(size), WAIT)
+        assert int.from_bytes(payload[:2], "big") == 4401
+        assert b"more than once" in payload
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
 # --- the fast path itself, against the library ---------------------------------------------
 
 
@@ -269,16 +293,15 @@ def test_the_plain_request_path_leaves_unusual_shapes_to_the_library() -> None:
     [
         "access_token=abc.def_ghi-1", "access_token=", "access_token", "access_token=a=b",
         "x=1&access_token=z", "access_token=a%20b", "access_token=a+b",
-        "access_token=1&access_token=2", "access_tokenx=1", "",
+        "access_token=1&access_token=2", "access_token=1&x=2&access_token=1", "access_tokenx=1", "",
     ],
 )
 def test_the_url_token_is_read_as_starlette_reads_it(query: str) -> None:
     """The raw upgrade reads ``access_token`` itself (a shortcut for the usual
     ``access_token=<jwt>`` query); whatever the query, the same value as the ASGI path,
-    which takes the last of the parsed pairs."""
-    expected = None
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == "access_token":
-            expected = value
+    which reads Starlette's parsed pairs: one value, none, or ``REPEATED_TOKEN``."""
+    values = [value for key, value in parse_qsl(query, keep_blank_values=True) if key == "access_token"]
+    expected = query_token(values)
     assert _query_token(query) == expected
+    assert (expected is REPEATED_TOKEN) == (len(values) > 1)
 

@@ -57,7 +57,9 @@ async def runpod_webhook(request: Request) -> JSONResponse:
     query = request.query_params
     job, step, token = query.get("job"), query.get("step"), query.get("token")
     submission = query.get("submission")
-    if (not job or not step or not token or len(token) > 128
+    # Each once: with a parameter repeated, which value counts would depend on the reader.
+    repeated = any(len(query.getlist(name)) > 1 for name in ("job", "step", "token", "submission"))
+    if (repeated or not job or not step or not token or len(token) > 128
             or not JOB_ID_PATTERN.fullmatch(job) or not STEP_ID_PATTERN.fullmatch(step)
             or (submission is not None and not SUBMISSION_PATTERN.fullmatch(submission))):
         log.warning("RunPod webhook refused: the URL is not one Phasecast issued")

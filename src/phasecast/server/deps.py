@@ -71,10 +71,33 @@ def services(request: Request) -> Services:
     return found
 
 
+class RepeatedToken:
+    """A URL that carries ``access_token`` more than once (``query_token``): refused, as
+    a request with two Authorization headers is, since which one counts would depend on
+    who reads it (a proxy may check the first, the server use the last)."""
+
+    message = "the URL carries access_token more than once: send it once"
+
+
+REPEATED_TOKEN = RepeatedToken()
+
+
+def query_token(values: list[str]) -> str | RepeatedToken | None:
+    """The ``access_token`` of a URL from all its values (in order): one, none, or
+    ``REPEATED_TOKEN``."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else REPEATED_TOKEN
+
+
 def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if header:
-        scheme, _, token = header.partition(" ")
+    headers = request.headers.getlist("authorization")
+    if len(headers) > 1:
+        raise Unauthorized(
+            f"the request carries {len(headers)} Authorization headers: send one"
+        )
+    if headers and headers[0]:
+        scheme, _, token = headers[0].partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("the Authorization header must be 'Bearer <token>'")
         return token.strip()
@@ -82,9 +105,21 @@ def bearer_token(request: Request) -> str | None:
 
 
 def authenticate(request: Request, *, allow_query: bool = False) -> Principal:
+    """The caller, by its one token: the Authorization header, or (``allow_query``, for
+    streams a browser opens without headers) ``?access_token=``. A token sent twice, or in
+    both places, is refused: which one counts must not depend on who reads the request."""
     token = bearer_token(request)
-    if token is None and allow_query:
-        token = request.query_params.get("access_token")
+    if allow_query:
+        queried = query_token(request.query_params.getlist("access_token"))
+        if isinstance(queried, RepeatedToken):
+            raise Unauthorized(queried.message)
+        if queried is not None and token is not None:
+            raise Unauthorized(
+                "the token came twice, in the Authorization header and as ?access_token=: "
+                "send it in one place"
+            )
+        if token is None:
+            token = queried
     if not token:
         where = "an Authorization: Bearer header" + (" or ?access_token=" if allow_query else "")
         raise Unauthorized(f"no token: send {where}")

@@ -142,8 +142,9 @@ class Thin:
         for name, value in headers:
             if name == b"authorization":
                 scheme, _, rest = value.partition(b" ")
-                if scheme.lower() == b"bearer" and rest.strip():
-                    token = rest.strip().decode("latin-1")
+                if token is not None or scheme.lower() != b"bearer" or not rest.strip():
+                    return None  # two of them, or not a bearer token: the route says why
+                token = rest.strip().decode("latin-1")
             elif name == b"content-type":
                 json_body = value.split(b";", 1)[0].strip().lower() == _JSON_TYPE
             elif name == b"content-length":

@@ -38,6 +38,7 @@ from websockets.utils import accept_key, apply_mask
 
 from phasecast.engines.base import Change
 from phasecast.server import frames
+from phasecast.server.deps import RepeatedToken, query_token
 from phasecast.server.ingest import ReportProtocol
 from phasecast.server.logs import _client_request_id, _next_request_id, request_id_var
 from phasecast.server.websocket import (
@@ -649,7 +650,7 @@ class RawWebSocketProtocol(asyncio.Protocol):
         elif self.open:
             self.close(1000, "")
 
-    def adopt(self, services: Services, query_token: str | None) -> None:
+    def adopt(self, services: Services, query_token: str | RepeatedToken | None) -> None:
         """Called by the ``/v1/ws`` endpoint: accept, and serve the connection from here on
         without ASGI."""
         response = self._response
@@ -658,7 +659,9 @@ class RawWebSocketProtocol(asyncio.Protocol):
         self.conn.send_response(response)
         self._start_session(services, query_token, b"".join(self.conn.data_to_send()))
 
-    def _start_session(self, services: Services, query_token: str | None, handshake: bytes) -> None:
+    def _start_session(
+        self, services: Services, query_token: str | RepeatedToken | None, handshake: bytes
+    ) -> None:
         """Open the connection as a ``Session``. The handshake response and what the session
         says first (``authenticated``) leave in one write: one segment, one wake-up of the
         client, instead of two."""
@@ -971,18 +974,15 @@ def _http_date() -> bytes:
     return _date_cache[1]
 
 
-def _query_token(query: str) -> str | None:
-    """The ``access_token`` query parameter as Starlette's ``query_params.get`` reads it
-    (the last one if repeated; blank values kept)."""
+def _query_token(query: str) -> str | RepeatedToken | None:
+    """The ``access_token`` query parameter as ``deps.query_token`` reads Starlette's
+    ``query_params.getlist`` (blank values kept; ``REPEATED_TOKEN`` if it comes twice)."""
     if "access_token" not in query:
         return None
     if query.startswith("access_token=") and not any(c in query for c in "&%+"):
         return query[13:]  # the usual form, which parse_qsl would read the same way
-    found = None
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == "access_token":
-            found = value
-    return found
+    return query_token([value for key, value in parse_qsl(query, keep_blank_values=True)
+                        if key == "access_token"])
 
 
 def _request_id(sent: str | None) -> str:

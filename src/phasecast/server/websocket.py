@@ -33,7 +33,7 @@ from phasecast.fanout import Mailbox
 from phasecast.model import JobState, loads_untrusted, validate_job_id
 from phasecast.server import frames
 from phasecast.server.auth import Forbidden, Principal, Unauthorized
-from phasecast.server.deps import Services
+from phasecast.server.deps import RepeatedToken, Services, query_token
 from phasecast.server.metrics import Metrics
 
 log = logging.getLogger("phasecast.ws")
@@ -159,7 +159,7 @@ class Session:
 
     # --- life ----------------------------------------------------------------------------
 
-    def start(self, query_token: str | None) -> None:
+    def start(self, query_token: str | RepeatedToken | None) -> None:
         """The connection is open: authenticate by the URL's token, or wait for an ``auth``
         message; ping from then on."""
         self._meter.connections.inc()
@@ -244,6 +244,10 @@ class Session:
     def _accept_token(self, token: object) -> bool:
         """Check ``token``; on success it becomes the connection's credential and
         ``authenticated`` is sent. Closes the connection and returns False otherwise."""
+        if isinstance(token, RepeatedToken):
+            self.services.metrics.rejected_requests.labels("unauthorized").inc()
+            self.close(CLOSE_UNAUTHORIZED, token.message)
+            return False
         if not isinstance(token, str) or not token:
             self.close(CLOSE_UNAUTHORIZED, "the token is missing")
             return False
@@ -483,7 +487,7 @@ class AsgiConnection:
         session = self.session
         writer: asyncio.Task[None] | None = None
         try:
-            session.start(self.ws.query_params.get("access_token"))
+            session.start(query_token(self.ws.query_params.getlist("access_token")))
             writer = asyncio.create_task(self._write_forever())
             await self._read_forever()
         except Exception:
@@ -563,6 +567,6 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     services: Services = websocket.app.state.services
     raw = websocket.scope.get("extensions", {}).get(RAW_EXTENSION)
     if raw is not None:
-        raw.adopt(services, websocket.query_params.get("access_token"))
+        raw.adopt(services, query_token(websocket.query_params.getlist("access_token")))
         return
     await AsgiConnection(websocket, services).run()

@@ -299,6 +299,11 @@ async def test_every_malformed_webhook_gets_its_documented_4xx(
                 reply = await attacker.post(base, params=params, json=done)
                 assert reply.status_code == 403, (what, reply.status_code, reply.text)
                 assert reply.json()["error"]["code"] == "forbidden", what
+            # A genuine URL with a parameter repeated: which value counts would depend on
+            # the reader, so the URL is not one Phasecast issued.
+            for extra in ("job=comic-hostile", "step=panel-1", "token=" + "0" * 64):
+                reply = await attacker.post(f"{genuine}&{extra}", json=done)
+                assert reply.status_code == 403, (extra, reply.status_code, reply.text)
             # A raw, undecodable query string.
             raw = await attacker.post(f"{base}?job=comic-hostile&step=panel-1&token=%FF%FE", json=done)
             assert raw.status_code == 403, raw.text
