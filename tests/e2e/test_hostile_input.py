@@ -606,6 +606,42 @@ async def test_a_malformed_request_gets_its_documented_status(
         assert (await client.get(f"/v1/jobs/{job_id}")).json() == before
 
 
+async def test_every_get_path_answers_head_and_allow_names_only_what_is_served(
+    server: ServerProcess, worker_token: str
+) -> None:
+    """RFC 9110: HEAD is the GET's status and headers without the body. It was refused 405
+    on every path while the 405's own ``Allow`` named it. The event streams, whose response
+    never ends, refuse HEAD with ``Allow: GET``; no ``Allow`` names a method that is then
+    refused. Each HEAD is followed by a GET on the same connection: a body sent after a HEAD
+    would garble that GET's response."""
+    job_id = new_id("head")
+    auth = {"Authorization": f"Bearer {worker_token}"}
+    limits = httpx.Limits(max_connections=1)
+    async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=10, limits=limits) as client:
+        assert (await client.post("/v1/jobs", json={"job_id": job_id, "owner": "alice"})).status_code == 201
+        stable = ["/healthz", "/", f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/history", "/openapi.json",
+                  f"/v1/jobs/{job_id}-missing", "/v1/nothing-here", "/docs"]
+        for path in [*stable, "/readyz", "/metrics", "/v1/jobs?owner=alice"]:
+            head = await client.head(path)
+            get = await client.get(path)
+            assert head.status_code == get.status_code, (path, head.status_code, get.status_code)
+            assert head.content == b"", path
+            assert head.headers.get("content-type") == get.headers.get("content-type"), path
+            if path in stable:
+                assert head.headers.get("content-length") == get.headers.get("content-length"), path
+        for path in (f"/v1/jobs/{job_id}/events", f"/v1/events?job={job_id}"):
+            reply = await client.head(path)
+            assert reply.status_code == 405 and reply.headers["allow"] == "GET", (path, reply.headers)
+        for method, path in (("HEAD", "/v1/progress"), ("PUT", f"/v1/jobs/{job_id}/progress"),
+                             ("DELETE", f"/v1/jobs/{job_id}"), ("POST", "/healthz")):
+            reply = await client.request(method, path)
+            assert reply.status_code == 405, (method, path, reply.status_code)
+            for allowed in (m.strip() for m in reply.headers["allow"].split(",")):
+                answered = await client.request(allowed, path, content=b"{}" if allowed == "POST" else None,
+                                                headers={"Content-Type": "application/json"})
+                assert answered.status_code != 405, (allowed, path)
+
+
 async def test_complete_fail_and_cancel_take_an_empty_body_or_one_without_content_type(
     server: ServerProcess, worker_token: str
 ) -> None:

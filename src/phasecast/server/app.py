@@ -24,6 +24,7 @@ from phasecast.server import routes, sse
 from phasecast.server.auth import TokenVerifier
 from phasecast.server.deps import Services, error_body, error_response, install_error_handlers
 from phasecast.server.guard import RequestGuard
+from phasecast.server.head import HeadAsGet
 from phasecast.server.ingest import ThinReports
 from phasecast.server.logs import RequestContextMiddleware
 from phasecast.server.metrics import Metrics
@@ -119,6 +120,8 @@ def create_app(
                        "Sec-WebSocket-Version: 13)"),
             status_code=426, headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         )
+    # Innermost: HEAD runs as GET (its body dropped), after the request's id and log line.
+    app.add_middleware(HeadAsGet)
     # Every body is capped before routing (the largest cap); each REST route then applies
     # its own cap after checking the token (server/jsonbody.py).
     app.add_middleware(RequestGuard, max_body_bytes=settings.largest_body_limit(), refuse=error_response,

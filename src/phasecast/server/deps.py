@@ -28,6 +28,7 @@ from phasecast.errors import (
 )
 from phasecast.server.auth import Forbidden, Principal, TokenVerifier, Unauthorized
 from phasecast.server.guard import PRINCIPAL_STATE_KEY, TimedOut, TooLarge, body_pending
+from phasecast.server.head import serves_head
 from phasecast.server.metrics import Metrics
 from phasecast.tracker import ProgressTracker
 
@@ -240,15 +241,14 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     if table is None:
         table = []
         for template, operations in app.openapi().get("paths", {}).items():
-            methods = {method.upper() for method in operations}
-            if "GET" in methods:
-                methods.add("HEAD")
-            table.append((compile_path(template)[0], methods))
+            table.append((compile_path(template)[0], {method.upper() for method in operations}))
         app.state.allowed_methods = table
     found: set[str] = set()
     for pattern, methods in table:
         if pattern.match(path):
             found |= methods
+    if "GET" in found and serves_head(path):
+        found.add("HEAD")  # server/head.py
     return sorted(found)
 
 
