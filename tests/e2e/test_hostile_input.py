@@ -153,6 +153,77 @@ def test_a_50_mb_body_is_refused_before_it_is_read(
     assert growth < 20 * MB
 
 
+def send_big_head(port: int, first: bytes, total: int, *, after: bytes = b"") -> tuple[bytes, int]:
+    """Send ``after`` (a complete request, answered first) then a request head of ``total``
+    bytes of headers, as fast as the server takes them; the answer to it (or b"" if the
+    connection closed without one) and how many head bytes were sent by then."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(10)
+    try:
+        if after:
+            sock.sendall(after)
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                answer += sock.recv(65536)
+        sock.sendall(first)
+        line = b"X-Padding: " + b"p" * 1000 + b"\r\n"
+        sent = 0
+        sock.setblocking(False)
+        received = b""
+        while sent < total:
+            try:
+                sent += sock.send(line * 64)
+            except BlockingIOError:
+                ready, _, _ = select.select([sock], [sock], [], 5)
+                if not ready:
+                    break
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                break
+            received += chunk
+            if not chunk or b"\r\n\r\n" in received:
+                break
+        sock.setblocking(True)
+        with contextlib.suppress(OSError):
+            while not received.endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        return received, sent
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/jobs", "/v1/progress"])
+def test_a_request_head_over_64_kib_is_refused_with_431_before_it_is_kept(
+    server: ServerProcess, path: str
+) -> None:
+    """The HTTP parser keeps a request's headers whatever their size: 20 MB of them were
+    read, kept and answered 200 (the server's memory grew with them). Now the head is capped
+    at 64 KiB: 431 ``headers_too_large`` and the connection closed, on a fresh connection
+    and on one that served a request before."""
+    before = rss_bytes(server.pid)
+    method = b"POST" if path != "/healthz" else b"GET"
+    first = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\n" % (method, path.encode())
+    plain = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    for after in (b"", plain):
+        answer, sent = send_big_head(server.port, first, 20 * MB, after=after)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert error_of(answer.split(b"\r\n\r\n", 1)[1])["code"] == "headers_too_large"
+        assert sent < 20 * MB
+    assert rss_bytes(server.pid) - before < 10 * MB
+    # Ordinary heads (a JWT, a few dozen headers) are far from it.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: %s\r\n" % (b"a" * 8000) * 6 + b"\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+
+
 @pytest.mark.parametrize(
     ("path", "limit"),
     [

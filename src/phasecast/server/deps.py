@@ -56,6 +56,7 @@ CODE_BY_STATUS: dict[int, str] = {
     408: "request_timeout",
     413: "too_large",
     415: "unsupported_media_type",
+    431: "headers_too_large",
 }
 
 

@@ -78,6 +78,8 @@ _BATCH_PATH = "/v1/progress"
 MAX_BATCH = 500  # as the batch route
 # A report of every field at its longest is under 2.5 KB; larger bodies take the full route.
 MAX_THIN_BODY = 4096
+# A request's line and headers together (``ReportProtocol``): a JWT is a few KiB at most.
+MAX_HEAD_BYTES = 64 * 1024
 _PHASES = {p.value: p for p in WORKING_PHASES}
 _FIELDS = frozenset(
     {"phase", "phase_progress", "step", "step_progress", "step_status", "steps_total", "message"}
@@ -594,6 +596,10 @@ class ReportProtocol(HttpProtocol):
     reading_since: float | None = None
     _begun = False
     _services: Services | None = None
+    # Bytes come in since the current request's head began (None while a body is read):
+    # the parser keeps a request's headers whatever their size, so they are bounded here.
+    _head_bytes: int | None = 0
+    _head_begun = False  # the current read began a request head
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -608,8 +614,44 @@ class ReportProtocol(HttpProtocol):
             sweep.start()
             self.reading_since = self.loop.time()
 
+    def data_received(self, data: bytes) -> None:
+        self._head_begun = False
+        super().data_received(data)
+        # Counted after parsing: a read that completes a head (what follows it is a body,
+        # capped elsewhere) or begins one (part of it may be the request before) is not;
+        # every other read while a head is incomplete is, so a head is refused within
+        # MAX_HEAD_BYTES and one read of where it began.
+        if self._head_bytes is not None and not self._head_begun:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        """A request head over ``MAX_HEAD_BYTES``: 431, and the connection closes (what
+        is left of the head is never read)."""
+        self._head_bytes = None
+        self.reading_since = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        message = (f"the request's headers are over {MAX_HEAD_BYTES // 1024} KiB: send fewer "
+                   "or shorter headers")
+        if self._services is not None:
+            self._services.metrics.rejected_requests.labels("headers_too_large").inc()
+        log.info("request rejected: %s", message, extra={"status": 431, "code": "headers_too_large"})
+        response = JSONResponse(error_body("headers_too_large", message), 431,
+                                headers={"Connection": "close"})
+        out = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        for name, value in [*self.server_state.default_headers, *response.raw_headers]:
+            out += (name, b": ", value, b"\r\n")
+        out += (b"\r\n", bytes(response.body))
+        transport.write(b"".join(out))
+        transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_bytes = 0
+        self._head_begun = True
         if self._services is not None:
             self._begun = True
             self.reading_since = self.loop.time()
@@ -645,6 +687,7 @@ class ReportProtocol(HttpProtocol):
         transport.close()
 
     def on_headers_complete(self) -> None:
+        self._head_bytes = None  # the body's size is the guard's (and the thin path's) to cap
         self.reading_since = None  # the body: the ASGI guard's deadline, or the thin one below
         self._taken = None
         thin = self.thin
