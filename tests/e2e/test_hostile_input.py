@@ -225,6 +225,36 @@ def test_a_request_head_over_64_kib_is_refused_with_431_before_it_is_kept(
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nBad Header Name: x\r\n\r\n",
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",
+        b"GET /v1/jobs/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=["not-http", "version-9.9", "space-in-name", "two-lengths", "100k-path"],
+)
+def test_bytes_the_http_parser_refuses_get_a_json_400(server: ServerProcess, raw: bytes) -> None:
+    """What the HTTP parser refuses never reaches the application; it was answered in
+    uvicorn's plain text. Now the same 400 carries the JSON error body every other refusal
+    has, and the connection closes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower()
+    error = error_of(body)
+    assert error["code"] == "bad_request" and "HTTP/1.1" in error["message"]
+
+
+@pytest.mark.parametrize(
     ("path", "limit"),
     [
         ("/v1/jobs", 32 * 1024),

@@ -631,17 +631,26 @@ class ReportProtocol(HttpProtocol):
         is left of the head is never read)."""
         self._head_bytes = None
         self.reading_since = None
+        self._answer_and_close(431, "headers_too_large", f"the request's headers are over "
+                               f"{MAX_HEAD_BYTES // 1024} KiB: send fewer or shorter headers")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refused, as JSON like every other error."""
+        self._head_bytes = None
+        self._answer_and_close(400, "bad_request", f"{msg.rstrip('.')}: the request is not "
+                               "valid HTTP/1.1 (request line, headers or framing)")
+
+    def _answer_and_close(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` with the JSON error body and ``Connection: close``, then close:
+        for what is refused before a request reaches the application."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        message = (f"the request's headers are over {MAX_HEAD_BYTES // 1024} KiB: send fewer "
-                   "or shorter headers")
         if self._services is not None:
-            self._services.metrics.rejected_requests.labels("headers_too_large").inc()
-        log.info("request rejected: %s", message, extra={"status": 431, "code": "headers_too_large"})
-        response = JSONResponse(error_body("headers_too_large", message), 431,
-                                headers={"Connection": "close"})
-        out = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+            self._services.metrics.rejected_requests.labels(code).inc()
+        log.info("request rejected: %s", message, extra={"status": status, "code": code, "path": None})
+        response = JSONResponse(error_body(code, message), status, headers={"Connection": "close"})
+        out = [STATUS_LINE[status]]
         for name, value in [*self.server_state.default_headers, *response.raw_headers]:
             out += (name, b": ", value, b"\r\n")
         out += (b"\r\n", bytes(response.body))
@@ -672,18 +681,8 @@ class ReportProtocol(HttpProtocol):
                 cycle.keep_alive = False
             return
         if self._begun:
-            timeout = services.settings.request_timeout
-            exc = TimedOut(timeout)
-            services.metrics.rejected_requests.labels(exc.code).inc()
-            log.info("request rejected: %s", exc.message,
-                     extra={"status": 408, "code": exc.code, "path": None})
-            response = JSONResponse(error_body(exc.code, exc.message), 408,
-                                    headers={"Connection": "close"})
-            out = [STATUS_LINE[408]]
-            for name, value in [*self.server_state.default_headers, *response.raw_headers]:
-                out += (name, b": ", value, b"\r\n")
-            out += (b"\r\n", bytes(response.body))
-            transport.write(b"".join(out))
+            exc = TimedOut(services.settings.request_timeout)
+            self._answer_and_close(408, exc.code, exc.message)
         transport.close()
 
     def on_headers_complete(self) -> None:

@@ -21,7 +21,7 @@ class FieldProblem(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(description="machine-readable: invalid, invalid_json, unauthorized, forbidden, "
                       "not_found, conflict, terminal, too_large, unsupported_media_type, "
-                      "method_not_allowed, request_timeout, headers_too_large, unavailable")
+                      "method_not_allowed, request_timeout, headers_too_large, bad_request, unavailable")
     message: str = Field(description="what is wrong and how to fix it")
     field: str | None = Field(None, description="the offending field, e.g. updates.3.phase_progress")
     details: list[FieldProblem] | None = Field(None, description="every problem found, for 422")

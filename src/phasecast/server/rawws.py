@@ -804,7 +804,7 @@ class UpgradingHttpProtocol(ReportProtocol):
         checked here. RFC 6455 4.1: the opening handshake is HTTP/1.1 or higher."""
         if self.scope.get("http_version", "1.1") == "1.0":
             self.connections.discard(self)
-            self.send_400_response(HTTP_1_1_REQUIRED)
+            self._answer_and_close(400, "bad_request", HTTP_1_1_REQUIRED)
             return
         super().handle_websocket_upgrade()
 
@@ -842,7 +842,7 @@ class AsgiWebSocketProtocol(RawWebSocketProtocol):
 # --- the plain upgrade request (see ``RawWebSocketProtocol._upgrade_fast``) --------------------
 
 HOST_REQUIRED = "A WebSocket upgrade request needs exactly one Host header (RFC 6455 section 4.1)\n"
-HTTP_1_1_REQUIRED = "A WebSocket upgrade needs HTTP/1.1: send 'GET /v1/ws HTTP/1.1' (RFC 6455 section 4.1)\n"
+HTTP_1_1_REQUIRED = "a WebSocket upgrade needs HTTP/1.1: send 'GET /v1/ws HTTP/1.1' (RFC 6455 section 4.1)"
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
