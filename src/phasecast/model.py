@@ -313,7 +313,7 @@ class DuplicateKey(ValueError):
         self.field = field or key
 
 
-def unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``object_pairs_hook`` that refuses a key named twice in one object: parsers disagree
     on which value wins (the first, the last, an error), so two readers of the same body
     could act on different values."""
@@ -347,7 +347,7 @@ def _marking_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
-_UNTRUSTED = json.JSONDecoder(object_pairs_hook=unique_object)
+_UNTRUSTED = json.JSONDecoder(object_pairs_hook=_unique_object)
 _MARKING = json.JSONDecoder(object_pairs_hook=_marking_object)
 
 

@@ -25,8 +25,8 @@ from phasecast.model import (
     MAX_JSON_DEPTH,
     DuplicateKey,
     check_json,
+    loads_untrusted,
     storable_text,
-    unique_object,
 )
 
 IN_QUEUE = "IN_QUEUE"
@@ -128,14 +128,6 @@ class RunPodStatus:
         )
 
 
-def _refuse_constant(name: str) -> Any:
-    raise InvalidPayload("body", f"must not contain {name}: JSON numbers are finite")
-
-
-# RunPod bodies: NaN/Infinity and a key named twice are refused.
-_WEBHOOK_JSON = json.JSONDecoder(object_pairs_hook=unique_object, parse_constant=_refuse_constant)
-
-
 def load_json(raw: bytes) -> Any:
     """Parse a RunPod body strictly, by the rules every Phasecast body follows
     (``model.check_json``: finite numbers, valid Unicode, at most ``MAX_JSON_DEPTH`` levels),
@@ -147,7 +139,7 @@ def load_json(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        value = _WEBHOOK_JSON.decode(text)
+        value = loads_untrusted(text)  # NaN and Infinity parse, and check_json refuses them
     except DuplicateKey as exc:
         raise InvalidPayload(exc.field, "appears more than once in one object") from None
     except RecursionError:
